@@ -1,0 +1,374 @@
+//! The command line: `serve`, `migrate`, `token`, and a small client (`group`, `send`,
+//! `history`, `tail`) built on the crate's own tonic client.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::auth::{self, AuthSettings, KeySource, TokenSpec, Verifier};
+use crate::config::*;
+use crate::domain::{Chat, Settings};
+use crate::fanout::Hub;
+use crate::proto::chat_service_client::ChatServiceClient;
+use crate::proto::group_service_client::GroupServiceClient;
+use crate::proto::{self, subscribe_response::Event};
+
+/// Where `serve` keeps the generated development secret, so tokens survive restarts.
+pub const DEV_SECRET_PATH: &str = "./data/dev-jwt-secret";
+
+/// Adds `authorization: Bearer <token>` to every call of a client.
+#[derive(Clone, Debug)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl Bearer {
+    /// Errors: a token with characters not allowed in metadata.
+    pub fn new(token: &str) -> Result<Bearer, String> {
+        format!("Bearer {token}")
+            .parse()
+            .map(Bearer)
+            .map_err(|_| "the token has characters not allowed in gRPC metadata".to_owned())
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// A ChatService client that sends a bearer token.
+pub type ChatClient = ChatServiceClient<InterceptedService<Channel, Bearer>>;
+/// A GroupService client that sends a bearer token.
+pub type GroupClient = GroupServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Connects both clients to `server` (`http://host:port`) with `token`.
+///
+/// Errors: a bad address or token, or a failed connection, as text.
+pub async fn connect(server: &str, token: &str) -> Result<(ChatClient, GroupClient), String> {
+    let channel = Channel::from_shared(server.to_owned())
+        .map_err(|e| format!("--server {server}: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {server}: {e}"))?;
+    let bearer = Bearer::new(token)?;
+    Ok((
+        ChatServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        GroupServiceClient::with_interceptor(channel, bearer),
+    ))
+}
+
+fn verifier_settings(a: &AuthArgs) -> Result<(AuthSettings, Option<String>), String> {
+    let set = [a.jwt_secret.is_some(), a.jwt_public_key.is_some(), a.jwt_jwks.is_some()];
+    if set.iter().filter(|s| **s).count() > 1 {
+        return Err("JWT_SECRET, JWT_PUBLIC_KEY and JWT_JWKS: set only one".into());
+    }
+    let mut dev_secret = None;
+    let key = if let Some(s) = &a.jwt_secret {
+        if s.len() < 16 {
+            return Err("JWT_SECRET: must be at least 16 bytes".into());
+        }
+        KeySource::Secret(s.as_bytes().to_vec())
+    } else if let Some(p) = &a.jwt_public_key {
+        KeySource::PublicKeyPem(p.clone())
+    } else if let Some(p) = &a.jwt_jwks {
+        KeySource::Jwks(p.clone())
+    } else {
+        let secret = match std::fs::read_to_string(DEV_SECRET_PATH) {
+            Ok(s) if s.trim().len() >= 32 => s.trim().to_owned(),
+            _ => {
+                let bytes: [u8; 32] = rand::random();
+                let s = hex::encode(bytes);
+                let _ = std::fs::create_dir_all("./data");
+                std::fs::write(DEV_SECRET_PATH, &s).map_err(|e| format!("{DEV_SECRET_PATH}: {e}"))?;
+                s
+            }
+        };
+        dev_secret = Some(secret.clone());
+        KeySource::Secret(secret.into_bytes())
+    };
+    Ok((
+        AuthSettings {
+            key,
+            issuer: a.jwt_issuer.clone(),
+            audience: a.jwt_audience.clone(),
+            enforce_permissions: a.auth_enforce_permissions,
+        },
+        dev_secret,
+    ))
+}
+
+/// `serve`: runs until SIGTERM or Ctrl-C.
+///
+/// Errors: a bad setting (one line naming the variable) or a failure to start.
+pub async fn serve(args: ServeArgs) -> Result<(), String> {
+    let url = args.db.url()?;
+    let (settings, dev_secret) = verifier_settings(&args.auth)?;
+    let verifier = Arc::new(Verifier::new(settings).map_err(|e| format!("JWT key: {e}"))?);
+    let store = crate::store::connect(&url, args.db.db_schema.as_deref(), !args.no_migrate)
+        .await
+        .map_err(|e| format!("DATABASE_URL: {e}"))?;
+    let chat = Arc::new(Chat::new(
+        store.clone(),
+        Arc::new(Hub::default()),
+        Settings {
+            heartbeat: Duration::from_secs(args.heartbeat_seconds),
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .map_err(|e| format!("GRPC_ADDR: cannot listen on {}: {e}", args.grpc_addr))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, database = %redact(&url), "chat-service listening");
+    if let Some(secret) = dev_secret {
+        let token = auth::mint_hs256(
+            secret.as_bytes(),
+            &TokenSpec {
+                sub: "alice",
+                tenant: "default",
+                permissions: auth::all_permission_names(),
+                ttl_seconds: 86_400,
+                issuer: args.auth.jwt_issuer.as_deref(),
+                audience: args.auth.jwt_audience.as_deref(),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        eprintln!(
+            "\n!!! WARNING: no JWT key configured (JWT_SECRET, JWT_PUBLIC_KEY or JWT_JWKS).\n\
+             !!! Using a generated DEVELOPMENT secret stored in {DEV_SECRET_PATH}. Never run like this in production.\n\n\
+             A token for user \"alice\" with every permission, valid 24 h:\n\n  export CHAT_TOKEN={token}\n\n\
+             Try it:\n  chat-service group create --name hello --member bob\n  \
+             grpcurl -plaintext -H \"authorization: Bearer $CHAT_TOKEN\" -d '{{\"name\":\"hello\"}}' {addr} chat.v1.GroupService/CreateGroup\n\
+             More tokens: chat-service token --sub bob\n"
+        );
+    }
+    crate::server::serve(listener, chat, verifier, shutdown_signal())
+        .await
+        .map_err(|e| format!("server: {e}"))?;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// `migrate`. Errors: a bad setting or a failed migration.
+pub async fn migrate(db: DbArgs) -> Result<(), String> {
+    let url = db.url()?;
+    let store = crate::store::connect(&url, db.db_schema.as_deref(), true)
+        .await
+        .map_err(|e| format!("DATABASE_URL: {e}"))?;
+    store.close().await;
+    println!("migrations applied to {}", redact(&url));
+    Ok(())
+}
+
+/// `token`: prints a token. Errors: no secret.
+pub fn token(args: TokenArgs) -> Result<(), String> {
+    let secret = match args.jwt_secret {
+        Some(s) => s,
+        None => std::fs::read_to_string(DEV_SECRET_PATH)
+            .map(|s| s.trim().to_owned())
+            .map_err(|_| format!("JWT_SECRET: not set, and no development secret at {DEV_SECRET_PATH}"))?,
+    };
+    let permissions = args.permissions.unwrap_or_else(auth::all_permission_names);
+    let token = auth::mint_hs256(
+        secret.as_bytes(),
+        &TokenSpec {
+            sub: &args.sub,
+            tenant: &args.tenant,
+            permissions,
+            ttl_seconds: args.ttl,
+            issuer: args.jwt_issuer.as_deref(),
+            audience: args.jwt_audience.as_deref(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    println!("{token}");
+    Ok(())
+}
+
+fn status_line(s: Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+/// `group create` / `group add`.
+pub async fn group(cmd: GroupCommand) -> Result<(), String> {
+    match cmd {
+        GroupCommand::Create { client, name, members } => {
+            let (_, mut groups) = connect(&client.server, &client.token).await?;
+            let resp = groups
+                .create_group(proto::CreateGroupRequest {
+                    name,
+                    member_ids: members,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            let ch = resp.channel.unwrap_or_default();
+            println!("{}", ch.id);
+        }
+        GroupCommand::Add { client, channel, users } => {
+            let (_, mut groups) = connect(&client.server, &client.token).await?;
+            let resp = groups
+                .add_members(proto::AddMembersRequest {
+                    channel_id: channel,
+                    user_ids: users,
+                    role: 0,
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            for m in resp.members {
+                println!("added {}", m.user_id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `send`: prints `channel_id sequence message_id`.
+pub async fn send(args: SendArgs) -> Result<(), String> {
+    let (mut chat, _) = connect(&args.client.server, &args.client.token).await?;
+    let m = chat
+        .send_message(proto::SendMessageRequest {
+            channel_id: args.channel.unwrap_or_default(),
+            recipient_id: args.to.unwrap_or_default(),
+            body: args.body,
+            ..Default::default()
+        })
+        .await
+        .map_err(status_line)?
+        .into_inner()
+        .message
+        .unwrap_or_default();
+    println!("{} {} {}", m.channel_id, m.sequence, m.id);
+    Ok(())
+}
+
+/// `history`: the latest messages, oldest first, one `#sequence sender: body` line each.
+pub async fn history(args: HistoryArgs) -> Result<(), String> {
+    let (mut chat, _) = connect(&args.client.server, &args.client.token).await?;
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    while all.len() < args.limit {
+        let resp = chat
+            .list_messages(proto::ListMessagesRequest {
+                channel_id: args.channel.clone(),
+                page_size: (args.limit - all.len()).min(200) as i32,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .map_err(status_line)?
+            .into_inner();
+        all.extend(resp.messages);
+        if resp.next_page_token.is_empty() {
+            break;
+        }
+        page_token = resp.next_page_token;
+    }
+    for m in all.iter().rev() {
+        println!("#{} {}: {}", m.sequence, m.sender_id, m.body);
+    }
+    Ok(())
+}
+
+/// `tail`: prints events; reconnects with its cursors after a dropped connection.
+pub async fn tail(args: TailArgs) -> Result<(), String> {
+    let mut cursors: HashMap<String, i64> = HashMap::new();
+    for c in &args.cursors {
+        let (ch, seq) = c
+            .split_once('=')
+            .and_then(|(ch, s)| s.parse::<i64>().ok().map(|s| (ch.to_owned(), s)))
+            .ok_or_else(|| format!("--cursor {c}: expected CHANNEL_ID=SEQUENCE"))?;
+        cursors.insert(ch, seq);
+    }
+    loop {
+        let result = async {
+            let (mut chat, _) = connect(&args.client.server, &args.client.token)
+                .await
+                .map_err(|e| Status::unavailable(e))?;
+            let mut stream = chat
+                .subscribe(proto::SubscribeRequest {
+                    channel_ids: args.channels.clone(),
+                    cursors: cursors.clone(),
+                })
+                .await?
+                .into_inner();
+            eprintln!("-- following (cursors: {cursors:?})");
+            while let Some(ev) = stream.message().await? {
+                print_event(&ev);
+                if ev.sequence > 0 {
+                    cursors.insert(ev.channel_id.clone(), ev.sequence);
+                }
+            }
+            Ok::<(), Status>(())
+        }
+        .await;
+        match result {
+            Ok(()) => eprintln!("-- the server ended the feed; resuming"),
+            Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied | Code::NotFound | Code::InvalidArgument | Code::OutOfRange) => {
+                return Err(status_line(s));
+            }
+            Err(s) => eprintln!("-- connection lost ({}); resuming in 1 s", status_line(s)),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn print_event(ev: &proto::SubscribeResponse) {
+    let ch = &ev.channel_id;
+    let seq = ev.sequence;
+    match &ev.event {
+        Some(Event::MessageCreated(e)) => {
+            let m = e.message.clone().unwrap_or_default();
+            println!("[{ch} #{seq}] {}: {}", m.sender_id, m.body);
+        }
+        Some(Event::MessageUpdated(e)) => {
+            let m = e.message.clone().unwrap_or_default();
+            println!("[{ch} #{seq}] {} edited {}: {}", m.sender_id, m.id, m.body);
+        }
+        Some(Event::MessageDeleted(e)) => {
+            let m = e.message.clone().unwrap_or_default();
+            println!("[{ch} #{seq}] {} deleted", m.id);
+        }
+        Some(Event::ReadMarkerUpdated(e)) => println!("[{ch}] {} read up to #{}", e.user_id, e.read_sequence),
+        Some(Event::MemberAdded(e)) => println!("[{ch} #{seq}] {} joined", e.member.clone().unwrap_or_default().user_id),
+        Some(Event::MemberRemoved(e)) => println!("[{ch} #{seq}] {} left", e.member.clone().unwrap_or_default().user_id),
+        Some(Event::Heartbeat(_)) | None => {}
+    }
+}

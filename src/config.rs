@@ -1,0 +1,259 @@
+//! Every setting, from the environment first (the seed's `DB_*`, `JWT_*`, `LOG_LEVEL` names plus
+//! `DATABASE_URL`, `GRPC_ADDR`, …), with command-line flags mirroring each variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+
+/// The `chat-service` command line.
+#[derive(Debug, Parser)]
+#[command(name = "chat-service", version, about = "A chat backend served over gRPC")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service.
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate(DbArgs),
+    /// Mint an HS256 token from JWT_SECRET (or the development secret under ./data).
+    Token(TokenArgs),
+    /// Create groups and add members (client).
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Send a message (client).
+    Send(SendArgs),
+    /// Print a channel's history, oldest first (client).
+    History(HistoryArgs),
+    /// Follow the live feed, resuming by cursor after a dropped connection (client).
+    Tail(TailArgs),
+}
+
+/// Where the database is.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// Full database URL (`sqlite://./data/chat.db`, `postgres://user@host/db`). Wins over DB_*.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// `sqlite`, `postgres` (`postgresql`) or `mysql` (not supported yet), as the seed's DB_CONNECTOR.
+    #[arg(long, env = "DB_CONNECTOR")]
+    pub db_connector: Option<String>,
+    /// Database host.
+    #[arg(long, env = "DB_HOST", default_value = "127.0.0.1")]
+    pub db_host: String,
+    /// Database port.
+    #[arg(long, env = "DB_PORT")]
+    pub db_port: Option<u16>,
+    /// Database user.
+    #[arg(long, env = "DB_USER")]
+    pub db_user: Option<String>,
+    /// Database password.
+    #[arg(long, env = "DB_PASSWORD", hide_env_values = true)]
+    pub db_password: Option<String>,
+    /// Database name (a file path for sqlite).
+    #[arg(long, env = "DB_DATABASE")]
+    pub db_database: Option<String>,
+    /// PostgreSQL schema (search_path) holding the tables.
+    #[arg(long, env = "DB_SCHEMA")]
+    pub db_schema: Option<String>,
+}
+
+/// The embedded default database.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://./data/chat.db";
+
+impl DbArgs {
+    /// The database URL these settings name.
+    ///
+    /// Errors: one line naming the bad variable.
+    pub fn url(&self) -> Result<String, String> {
+        if let Some(u) = &self.database_url {
+            if crate::store::Database::from_url(u).is_none() {
+                return Err("DATABASE_URL: must start with sqlite: or postgres:".into());
+            }
+            return Ok(u.clone());
+        }
+        let Some(connector) = &self.db_connector else {
+            return Ok(DEFAULT_DATABASE_URL.to_owned());
+        };
+        let enc = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
+        match connector.as_str() {
+            "sqlite" => Ok(format!("sqlite://{}", self.db_database.as_deref().unwrap_or("./data/chat.db"))),
+            "postgres" | "postgresql" => {
+                let user = self.db_user.as_deref().unwrap_or("postgres");
+                let auth = match &self.db_password {
+                    Some(p) => format!("{}:{}", enc(user), enc(p)),
+                    None => enc(user),
+                };
+                Ok(format!(
+                    "postgres://{auth}@{}:{}/{}",
+                    self.db_host,
+                    self.db_port.unwrap_or(5432),
+                    enc(self.db_database.as_deref().unwrap_or("chat"))
+                ))
+            }
+            "mysql" => Err("DB_CONNECTOR: mysql is not supported yet (use sqlite or postgres)".into()),
+            other => Err(format!("DB_CONNECTOR: unknown connector {other:?} (use sqlite or postgres)")),
+        }
+    }
+}
+
+/// How tokens are verified.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// HS256 shared secret.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Path of a PEM public key (RSA → RS256, EC P-256 → ES256, Ed25519 → EdDSA).
+    #[arg(long, env = "JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Path of a JWKS file; keys picked by `kid`; re-read when the file changes.
+    #[arg(long, env = "JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required member of the `aud` claim.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// `false` switches permission-key checks off (membership rules still apply).
+    #[arg(long, env = "AUTH_ENFORCE_PERMISSIONS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auth_enforce_permissions: bool,
+}
+
+/// `serve` settings.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Database.
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Tokens.
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Address to listen on (gRPC).
+    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or tracing directives).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Seconds between heartbeats on live feeds (1 to 3600).
+    #[arg(long, env = "HEARTBEAT_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_seconds: u64,
+    /// Live fan-out: `memory` (single node). `nats` and `postgres` come with multi-node support.
+    #[arg(long, env = "FANOUT", default_value = "memory", value_parser = ["memory"])]
+    pub fanout: String,
+    /// Do not apply migrations at start.
+    #[arg(long)]
+    pub no_migrate: bool,
+}
+
+/// `token` settings.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// HS256 secret; defaults to the development secret `serve` wrote under ./data.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// `iss` claim to include.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// `aud` claim to include.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// User id (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// Tenant id (`tenantId`).
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Comma-separated permission keys; default: all of them.
+    #[arg(long, value_delimiter = ',')]
+    pub permissions: Option<Vec<String>>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl: i64,
+}
+
+/// Where the client connects, and as whom.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Server address.
+    #[arg(long, env = "CHAT_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// Bearer token (see `chat-service token`).
+    #[arg(long, env = "CHAT_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+/// `group` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create a group; prints its id.
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Group name.
+        #[arg(long)]
+        name: String,
+        /// Users to add as members.
+        #[arg(long = "member")]
+        members: Vec<String>,
+    },
+    /// Add users to a group.
+    Add {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The group id.
+        #[arg(long)]
+        channel: String,
+        /// Users to add.
+        #[arg(long = "user", required = true)]
+        users: Vec<String>,
+    },
+}
+
+/// `send` settings.
+#[derive(Debug, Clone, Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Channel id to send to.
+    #[arg(long, conflicts_with = "to", required_unless_present = "to")]
+    pub channel: Option<String>,
+    /// User id to send to directly.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// The text.
+    pub body: String,
+}
+
+/// `history` settings.
+#[derive(Debug, Clone, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Channel id.
+    #[arg(long)]
+    pub channel: String,
+    /// How many of the latest messages.
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+}
+
+/// `tail` settings.
+#[derive(Debug, Clone, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Channels to follow; none means all of yours.
+    #[arg(long = "channel")]
+    pub channels: Vec<String>,
+    /// Resume cursors `CHANNEL_ID=SEQUENCE`.
+    #[arg(long = "cursor")]
+    pub cursors: Vec<String>,
+}

@@ -1,0 +1,296 @@
+//! The live feed (`Subscribe`): replay from storage after the client's cursors, then live events
+//! from the hub, with no gap and no duplicate at the seam.
+//!
+//! The order of steps is what makes the seam safe: the feed registers with the hub *before* it
+//! reads where each channel stands, so every event committed after that read arrives live; and
+//! every event is checked against the last sequence sent for its channel: at or below it is a
+//! duplicate (dropped), more than one above it is a hole (filled from storage first). Because a
+//! channel's sequences are taken under its row lock and committed in order, a published event
+//! with sequence `n` means `1..n` are all committed and readable.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use crate::auth::{Caller, Permission};
+use crate::error::{Error, Result};
+use crate::fanout::{Feed, Item};
+use crate::proto::{self, subscribe_response::Event};
+
+use super::validate::Check;
+use super::{convert, Chat};
+
+/// What a feed yields: events, or one final error (`UNAUTHENTICATED` on token expiry,
+/// `UNAVAILABLE` when storage fails).
+pub type FeedItem = Result<proto::SubscribeResponse>;
+
+/// Events read from storage per query while replaying or catching up.
+const REPLAY_PAGE: i64 = 256;
+/// Events the transport may hold before the feed waits for the client.
+const OUT_BUFFER: usize = 64;
+
+impl Chat {
+    /// Subscribe: validates, registers with the hub, checks cursors, then spawns the feed.
+    ///
+    /// Errors: `INVALID_ARGUMENT` (bad ids or cursors), `NOT_FOUND` (a listed channel the caller
+    /// is not in), `OUT_OF_RANGE` (a cursor beyond its channel's last sequence).
+    pub async fn subscribe(self: &Arc<Self>, caller: Caller, req: proto::SubscribeRequest) -> Result<mpsc::Receiver<FeedItem>> {
+        caller.require(Permission::ViewMessage)?;
+        let mut c = Check::new();
+        for (i, id) in req.channel_ids.iter().enumerate() {
+            c.id(&format!("channel_ids[{i}]"), id);
+        }
+        for (id, seq) in &req.cursors {
+            c.id(&format!("cursors[{id}]"), id);
+            if *seq < 0 {
+                c.fail(format!("cursors[{id}]"), "must not be negative");
+            }
+        }
+        c.done()?;
+        let all = req.channel_ids.is_empty();
+        let (feed, rx) = self.hub.register(&caller.tenant_id, &caller.user_id, all);
+        let (out, out_rx) = mpsc::channel(OUT_BUFFER);
+        let mut session = Session {
+            chat: self.clone(),
+            caller,
+            all,
+            feed,
+            sent: HashMap::new(),
+            out,
+        };
+        // Follow first, then read where each channel stands (see the module docs).
+        let mut heads: Vec<(String, i64)> = Vec::new();
+        if all {
+            let before = self.store.memberships(&session.caller.tenant_id, &session.caller.user_id).await?;
+            for (ch, _) in &before {
+                session.follow(&ch.id);
+            }
+            let now = self.store.memberships(&session.caller.tenant_id, &session.caller.user_id).await?;
+            for (ch, _) in now {
+                if session.sent.contains_key(&ch.id) {
+                    heads.push((ch.id, ch.last_sequence));
+                }
+            }
+            // Channels left between the two reads.
+            let gone: Vec<String> = session
+                .sent
+                .keys()
+                .filter(|id| !heads.iter().any(|(h, _)| h == *id))
+                .cloned()
+                .collect();
+            for id in gone {
+                session.unfollow(&id);
+            }
+        } else {
+            for id in &req.channel_ids {
+                session.follow(id);
+            }
+            for id in &req.channel_ids {
+                let (ch, _) = self.channel_as_member(&session.caller, id).await?;
+                heads.push((ch.id, ch.last_sequence));
+            }
+        }
+        let mut replay = Vec::new();
+        for (id, last) in &heads {
+            let start = match req.cursors.get(id) {
+                Some(&cursor) if cursor > *last => {
+                    return Err(Error::OutOfRange(format!(
+                        "cursor {cursor} of channel {id} is beyond its last sequence {last}"
+                    )));
+                }
+                Some(&cursor) => {
+                    replay.push(id.clone());
+                    cursor
+                }
+                None => *last,
+            };
+            session.sent.insert(id.clone(), start);
+        }
+        tokio::spawn(session.run(rx, replay));
+        Ok(out_rx)
+    }
+}
+
+/// One open feed. Dropping it unregisters it from the hub.
+struct Session {
+    chat: Arc<Chat>,
+    caller: Caller,
+    all: bool,
+    feed: Arc<Feed>,
+    /// Followed channel → last sequence sent to the client.
+    sent: HashMap<String, i64>,
+    out: mpsc::Sender<FeedItem>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.chat.hub.unregister(&self.feed, self.sent.keys());
+    }
+}
+
+/// Whether the feed goes on.
+type Go = Result<bool>;
+
+impl Session {
+    fn follow(&mut self, channel_id: &str) {
+        self.chat.hub.follow(&self.feed, channel_id);
+        self.sent.entry(channel_id.to_owned()).or_insert(0);
+    }
+
+    fn unfollow(&mut self, channel_id: &str) {
+        self.chat.hub.unfollow(&self.feed, channel_id);
+        self.sent.remove(channel_id);
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Item>, replay: Vec<String>) {
+        let heartbeat_every = self.chat.settings.heartbeat;
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat_every, heartbeat_every);
+        let expiry = tokio::time::sleep(self.caller.time_left());
+        tokio::pin!(expiry);
+        let mut shutdown = self.chat.hub.shutdown_signal();
+        let outcome = async {
+            for id in replay {
+                if !self.fill(&id, i64::MAX).await? {
+                    return Ok(());
+                }
+            }
+            loop {
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+                let go = tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => return Ok(()),
+                    _ = self.out.closed() => return Ok(()),
+                    _ = &mut expiry => return Err(Error::Unauthenticated("token expired; reconnect with a new token and your cursors".into())),
+                    _ = self.feed.wake.notified() => self.catch_up().await?,
+                    item = rx.recv() => match item {
+                        Some(Item::Event(ev)) => self.on_event(ev.response.clone()).await?,
+                        Some(Item::Joined { channel_id, sequence }) => self.on_joined(&channel_id, sequence).await?,
+                        None => return Ok(()),
+                    },
+                    _ = heartbeat.tick() => self.send(heartbeat_event()).await,
+                };
+                if !go {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        if let Err(e) = outcome {
+            let _ = self.out.send(Err(e)).await;
+        }
+    }
+
+    async fn send(&self, ev: proto::SubscribeResponse) -> bool {
+        self.out.send(Ok(ev)).await.is_ok()
+    }
+
+    /// Sends the next event of a channel and follows membership changes of the caller.
+    async fn emit(&mut self, ev: proto::SubscribeResponse) -> Go {
+        let channel_id = ev.channel_id.clone();
+        let sequence = ev.sequence;
+        let removes_me = matches!(
+            &ev.event,
+            Some(Event::MemberRemoved(r)) if r.member.as_ref().is_some_and(|m| m.user_id == self.caller.user_id)
+        );
+        if !self.send(ev).await {
+            return Ok(false);
+        }
+        if removes_me {
+            self.unfollow(&channel_id);
+            if !self.all && self.sent.is_empty() {
+                return Ok(false);
+            }
+        } else if let Some(s) = self.sent.get_mut(&channel_id) {
+            *s = sequence;
+        }
+        Ok(true)
+    }
+
+    /// Sends stored events of a channel after the last one sent, up to `up_to`.
+    async fn fill(&mut self, channel_id: &str, up_to: i64) -> Go {
+        loop {
+            let Some(&after) = self.sent.get(channel_id) else {
+                return Ok(true);
+            };
+            if after >= up_to {
+                return Ok(true);
+            }
+            let rows = self.chat.store.events(channel_id, after, up_to, REPLAY_PAGE).await?;
+            let full = rows.len() as i64 == REPLAY_PAGE;
+            for row in rows {
+                let ev = proto::SubscribeResponse::decode(row.payload.as_slice())
+                    .map_err(|e| Error::Internal(format!("stored event {channel_id}/{}: {e}", row.sequence)))?;
+                if !self.emit(ev).await? {
+                    return Ok(false);
+                }
+                if !self.sent.contains_key(channel_id) {
+                    return Ok(true);
+                }
+            }
+            if !full {
+                return Ok(true);
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: proto::SubscribeResponse) -> Go {
+        let Some(&last) = self.sent.get(&ev.channel_id) else {
+            return Ok(true);
+        };
+        if ev.sequence == 0 {
+            return Ok(self.send(ev).await);
+        }
+        if ev.sequence <= last {
+            return Ok(true);
+        }
+        if ev.sequence > last + 1 && !self.fill(&ev.channel_id.clone(), ev.sequence - 1).await? {
+            return Ok(false);
+        }
+        match self.sent.get(&ev.channel_id) {
+            Some(&now) if now + 1 == ev.sequence => self.emit(ev).await,
+            _ => Ok(true),
+        }
+    }
+
+    async fn on_joined(&mut self, channel_id: &str, sequence: i64) -> Go {
+        if !self.all || self.sent.contains_key(channel_id) {
+            return Ok(true);
+        }
+        self.follow(channel_id);
+        self.sent.insert(channel_id.to_owned(), sequence - 1);
+        self.fill(channel_id, i64::MAX).await
+    }
+
+    /// The hub could not queue some events: read them from storage.
+    async fn catch_up(&mut self) -> Go {
+        let lag = self.feed.take_lag();
+        for id in lag.channels {
+            if !self.fill(&id, i64::MAX).await? {
+                return Ok(false);
+            }
+        }
+        if lag.memberships && self.all {
+            let now = self.chat.store.memberships(&self.caller.tenant_id, &self.caller.user_id).await?;
+            for (ch, m) in now {
+                if !self.on_joined(&ch.id, m.join_sequence).await? {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn heartbeat_event() -> proto::SubscribeResponse {
+    proto::SubscribeResponse {
+        channel_id: String::new(),
+        sequence: 0,
+        event: Some(Event::Heartbeat(proto::Heartbeat {
+            server_time: Some(convert::timestamp(crate::store::now_micros())),
+        })),
+    }
+}

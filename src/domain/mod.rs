@@ -1,0 +1,186 @@
+//! The rules of the service, free of tonic and SQL: validate → authorize → store → publish.
+//!
+//! [`Chat`] holds the use cases of ChatService ([`messages`]), GroupService ([`groups`]) and
+//! the live feed ([`feed`]). Each change is one store call (one transaction) that returns the
+//! channel event(s) it wrote; those are then published to live feeds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message as _;
+
+use crate::auth::Caller;
+use crate::error::{Error, Result};
+use crate::fanout::{Hub, LiveEvent, MembershipChange, Publisher};
+use crate::proto::{self, subscribe_response::Event};
+use crate::store::{Actor, Changed, ChannelRow, MemberRow, MessageRow, Store};
+
+pub mod convert;
+pub mod feed;
+pub mod groups;
+pub mod messages;
+pub mod policy;
+pub mod validate;
+
+/// Settings of the use cases.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Interval between heartbeats on live feeds.
+    pub heartbeat: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            heartbeat: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The service's use cases. Cheap to share behind an `Arc`.
+pub struct Chat {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    publisher: Arc<dyn Publisher>,
+    settings: Settings,
+}
+
+impl std::fmt::Debug for Chat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chat").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// Which message event a change makes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum MessageEvent {
+    Created,
+    Updated,
+    Deleted,
+}
+
+pub(crate) fn encode_message_event(kind: MessageEvent, row: &MessageRow, sequence: i64) -> Vec<u8> {
+    let message = Some(convert::message(row));
+    let event = match kind {
+        MessageEvent::Created => Event::MessageCreated(proto::MessageCreated { message }),
+        MessageEvent::Updated => Event::MessageUpdated(proto::MessageUpdated { message }),
+        MessageEvent::Deleted => Event::MessageDeleted(proto::MessageDeleted { message }),
+    };
+    proto::SubscribeResponse {
+        channel_id: row.channel_id.clone(),
+        sequence,
+        event: Some(event),
+    }
+    .encode_to_vec()
+}
+
+pub(crate) fn encode_member_added(row: &MemberRow, sequence: i64) -> Vec<u8> {
+    proto::SubscribeResponse {
+        channel_id: row.channel_id.clone(),
+        sequence,
+        event: Some(Event::MemberAdded(proto::MemberAdded {
+            member: Some(convert::member(row)),
+        })),
+    }
+    .encode_to_vec()
+}
+
+pub(crate) fn encode_member_removed(row: &MemberRow, sequence: i64) -> Vec<u8> {
+    proto::SubscribeResponse {
+        channel_id: row.channel_id.clone(),
+        sequence,
+        event: Some(Event::MemberRemoved(proto::MemberRemoved {
+            member: Some(convert::member(row)),
+        })),
+    }
+    .encode_to_vec()
+}
+
+impl Chat {
+    /// Use cases over a store and a hub that both publishes and serves feeds.
+    pub fn new(store: Arc<dyn Store>, hub: Arc<Hub>, settings: Settings) -> Chat {
+        Chat {
+            store,
+            publisher: hub.clone(),
+            hub,
+            settings,
+        }
+    }
+
+    /// The store (for tools and tests).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The hub (for graceful shutdown).
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    fn actor(caller: &Caller) -> Actor<'_> {
+        Actor {
+            tenant_id: &caller.tenant_id,
+            user_id: &caller.user_id,
+        }
+    }
+
+    /// The caller's membership of a live channel, or `NOT_FOUND` (no leak of ids).
+    async fn membership(&self, caller: &Caller, channel_id: &str) -> Result<MemberRow> {
+        self.store
+            .member(&caller.tenant_id, channel_id, &caller.user_id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("channel {channel_id}")))
+    }
+
+    /// The channel and the caller's membership, or `NOT_FOUND`.
+    async fn channel_as_member(&self, caller: &Caller, channel_id: &str) -> Result<(ChannelRow, MemberRow)> {
+        let member = self.membership(caller, channel_id).await?;
+        let channel = self
+            .store
+            .channel(&caller.tenant_id, channel_id)
+            .await
+            .map_err(|_| Error::not_found(format!("channel {channel_id}")))?;
+        Ok((channel, member))
+    }
+
+    /// A message the caller may see (member of its channel), deleted or not; else `NOT_FOUND`.
+    async fn visible_message(&self, caller: &Caller, message_id: &str) -> Result<MessageRow> {
+        let nf = || Error::not_found(format!("message {message_id}"));
+        let msg = self
+            .store
+            .message(&caller.tenant_id, message_id)
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::NotFound => nf(),
+                e => e.into(),
+            })?;
+        self.membership(caller, &msg.channel_id).await.map_err(|_| nf())?;
+        Ok(msg)
+    }
+
+    fn publish(&self, tenant: &str, channel_id: &str, sequence: i64, payload: &[u8], membership: Option<MembershipChange>) {
+        match proto::SubscribeResponse::decode(payload) {
+            Ok(response) => self.publisher.publish(Arc::new(LiveEvent {
+                tenant_id: tenant.to_owned(),
+                channel_id: channel_id.to_owned(),
+                sequence,
+                response,
+                membership,
+            })),
+            // Cannot happen (we encoded it); feeds catch up from storage anyway.
+            Err(e) => tracing::error!(error = %e, "undecodable event payload"),
+        }
+    }
+
+    fn publish_members(&self, tenant: &str, changes: &[Changed<MemberRow>], added: bool) {
+        for c in changes {
+            let user = c.row.user_id.clone();
+            let change = if added {
+                MembershipChange::Added(user)
+            } else {
+                MembershipChange::Removed(user)
+            };
+            self.publish(tenant, &c.row.channel_id, c.sequence, &c.payload, Some(change));
+        }
+    }
+}

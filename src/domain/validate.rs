@@ -1,0 +1,147 @@
+//! Limits and input rules (DESIGN §3–4). Bodies count UTF-8 bytes; names and subjects count
+//! Unicode scalar values. What a database cannot store (NUL) is refused here, the same on
+//! every backend.
+
+use base64::Engine;
+
+use crate::error::{Error, FieldViolation, Result};
+
+/// Largest message body, in bytes of UTF-8.
+pub const MAX_BODY_BYTES: usize = 32 * 1024;
+/// Longest subject, in Unicode scalar values.
+pub const MAX_SUBJECT_CHARS: usize = 200;
+/// Longest group name, in Unicode scalar values.
+pub const MAX_NAME_CHARS: usize = 100;
+/// Longest group description, in Unicode scalar values.
+pub const MAX_DESCRIPTION_CHARS: usize = 1000;
+/// Longest channel label (`channel_type`), in Unicode scalar values.
+pub const MAX_CHANNEL_TYPE_CHARS: usize = 100;
+/// Longest `client_message_id`, in bytes.
+pub const MAX_CLIENT_MESSAGE_ID_BYTES: usize = 100;
+/// Longest user id, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 255;
+/// Most attachments on one message.
+pub const MAX_ATTACHMENTS: usize = 32;
+/// Most users in one CreateGroup / AddMembers call.
+pub const MAX_MEMBERS_PER_CALL: usize = 1000;
+/// Page size when the request gives 0 (AIP-158).
+pub const DEFAULT_PAGE_SIZE: i64 = 50;
+/// Largest page size.
+pub const MAX_PAGE_SIZE: i64 = 200;
+
+/// Collects field violations so one response can name every bad field.
+#[derive(Debug, Default)]
+pub struct Check(Vec<FieldViolation>);
+
+impl Check {
+    /// An empty collector.
+    pub fn new() -> Check {
+        Check::default()
+    }
+
+    /// Records a violation.
+    pub fn fail(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push(FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        });
+    }
+
+    /// `Err(INVALID_ARGUMENT)` with every violation, or `Ok`.
+    pub fn done(self) -> Result<()> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Invalid(self.0))
+        }
+    }
+
+    /// A required UUID.
+    pub fn id(&mut self, field: &str, v: &str) {
+        if v.is_empty() {
+            self.fail(field, "required");
+        } else if uuid::Uuid::try_parse(v).is_err() {
+            self.fail(field, "must be a UUID");
+        }
+    }
+
+    /// An optional UUID (empty is fine).
+    pub fn opt_id(&mut self, field: &str, v: &str) {
+        if !v.is_empty() {
+            self.id(field, v);
+        }
+    }
+
+    /// A required user id: 1 to 255 bytes, no control characters.
+    pub fn user_id(&mut self, field: &str, v: &str) {
+        if v.is_empty() {
+            self.fail(field, "required");
+        } else if v.len() > MAX_USER_ID_BYTES {
+            self.fail(field, format!("at most {MAX_USER_ID_BYTES} bytes"));
+        } else if v.chars().any(char::is_control) {
+            self.fail(field, "must not contain control characters");
+        }
+    }
+
+    /// Text of at most `max` Unicode scalar values without NUL (which PostgreSQL cannot store);
+    /// `required` also refuses the empty string.
+    pub fn text(&mut self, field: &str, v: &str, max: usize, required: bool) {
+        if required && v.trim().is_empty() {
+            self.fail(field, "required");
+        } else if v.chars().count() > max {
+            self.fail(field, format!("at most {max} characters"));
+        } else if v.contains('\0') {
+            self.fail(field, "must not contain NUL characters");
+        }
+    }
+
+    /// A message body: at most 32 KiB of UTF-8, no NUL; empty only when `may_be_empty`.
+    pub fn body(&mut self, field: &str, v: &str, may_be_empty: bool) {
+        if v.is_empty() && !may_be_empty {
+            self.fail(field, "required unless the message has attachments");
+        } else if v.len() > MAX_BODY_BYTES {
+            self.fail(field, format!("at most {MAX_BODY_BYTES} bytes of UTF-8 (got {})", v.len()));
+        } else if v.contains('\0') {
+            self.fail(field, "must not contain NUL characters");
+        }
+    }
+
+    /// A page size: 0 (default) to 200. Returns the size to use.
+    pub fn page_size(&mut self, field: &str, v: i32) -> i64 {
+        let v = i64::from(v);
+        if v < 0 || v > MAX_PAGE_SIZE {
+            self.fail(field, format!("must be between 0 and {MAX_PAGE_SIZE}"));
+            DEFAULT_PAGE_SIZE
+        } else if v == 0 {
+            DEFAULT_PAGE_SIZE
+        } else {
+            v
+        }
+    }
+}
+
+/// Page tokens: opaque to clients (base64url), bound to the request they came from so a token
+/// of one channel is refused on another.
+pub fn encode_page_token(scope: &str, key: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{scope}\n{key}"))
+}
+
+/// Decodes a page token of `scope`; an empty token is the first page (`None`).
+///
+/// Errors: `INVALID_ARGUMENT` on `page_token` for a token that is not ours or is of another
+/// request.
+pub fn decode_page_token(token: &str, scope: &str) -> Result<Option<String>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Error::invalid("page_token", "not a page token of this request");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let (s, key) = text.split_once('\n').ok_or_else(bad)?;
+    if s != scope {
+        return Err(bad());
+    }
+    Ok(Some(key.to_owned()))
+}

@@ -1,0 +1,237 @@
+//! Live delivery of committed events to open feeds, from memory.
+//!
+//! The [`Hub`] keeps, per channel, the feeds following it, and per user the feeds that follow
+//! "all my channels" (so a channel joined while a feed is open starts flowing). Publishing never
+//! waits: each feed has a bounded buffer, and when it is full the event is not queued but the
+//! feed is marked *lagged* for that channel and woken; the feed then reads what it missed from
+//! storage (the event log is the source of truth, the hub only a fast path). So a slow reader
+//! never blocks a sender, and never loses an event.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::proto::SubscribeResponse;
+
+/// A membership change carried by an event, so feeds can follow it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// The user joined the channel at the event's sequence.
+    Added(String),
+    /// The user left or was removed.
+    Removed(String),
+}
+
+/// One committed event, as every feed sends it.
+#[derive(Debug)]
+pub struct LiveEvent {
+    /// Tenant of the channel (feeds of "all my channels" are keyed by tenant and user).
+    pub tenant_id: String,
+    /// The channel.
+    pub channel_id: String,
+    /// Channel sequence; 0 for live-only events (read markers).
+    pub sequence: i64,
+    /// The event as sent.
+    pub response: SubscribeResponse,
+    /// Set on MemberAdded / MemberRemoved.
+    pub membership: Option<MembershipChange>,
+}
+
+/// What a feed receives from the hub.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// An event of a followed channel.
+    Event(Arc<LiveEvent>),
+    /// The feed's user joined `channel_id` at `sequence` (feeds of all channels only).
+    Joined { channel_id: String, sequence: i64 },
+}
+
+/// Publishes committed events to live feeds: the domain's view of fan-out, so a multi-node
+/// transport can stand behind it.
+pub trait Publisher: Send + Sync {
+    /// Delivers an event to every feed following its channel. Never blocks.
+    fn publish(&self, event: Arc<LiveEvent>);
+}
+
+/// What a lagged feed must read back from storage.
+#[derive(Debug, Default)]
+pub struct Lag {
+    /// Channels whose events were not queued.
+    pub channels: HashSet<String>,
+    /// A join notification was not queued: re-read memberships.
+    pub memberships: bool,
+}
+
+/// One open feed's registration.
+#[derive(Debug)]
+pub struct Feed {
+    id: u64,
+    user_key: Option<String>,
+    tx: mpsc::Sender<Item>,
+    lag: Mutex<Lag>,
+    /// Woken when `lag` gains an entry.
+    pub wake: Notify,
+}
+
+impl Feed {
+    /// Takes what the feed missed so far.
+    pub fn take_lag(&self) -> Lag {
+        std::mem::take(&mut *self.lag.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn mark(&self, f: impl FnOnce(&mut Lag)) {
+        f(&mut self.lag.lock().unwrap_or_else(|p| p.into_inner()));
+        self.wake.notify_one();
+    }
+
+    fn offer(&self, item: Item, channel: Option<&str>) {
+        match self.tx.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.mark(|lag| match channel {
+                Some(c) => {
+                    lag.channels.insert(c.to_owned());
+                }
+                None => lag.memberships = true,
+            }),
+            // The feed is closing; its guard removes it.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+type FeedMap = HashMap<String, HashMap<u64, Arc<Feed>>>;
+
+/// The in-process fan-out hub.
+#[derive(Debug)]
+pub struct Hub {
+    /// channel id → feeds. A read-write lock: publishing (read) far outnumbers joins (write).
+    channels: RwLock<FeedMap>,
+    /// `tenant \n user` → feeds of all that user's channels.
+    users: RwLock<FeedMap>,
+    next_id: AtomicU64,
+    /// Per-feed buffer, in events. Large enough to ride out bursts, small enough that a stuck
+    /// reader costs little memory before it is switched to catching up from storage.
+    buffer: usize,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Default per-feed buffer, in events.
+pub const DEFAULT_FEED_BUFFER: usize = 256;
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new(DEFAULT_FEED_BUFFER)
+    }
+}
+
+impl Hub {
+    /// A hub whose feeds buffer up to `buffer` events each.
+    pub fn new(buffer: usize) -> Hub {
+        Hub {
+            channels: RwLock::default(),
+            users: RwLock::default(),
+            next_id: AtomicU64::new(1),
+            buffer: buffer.max(1),
+            shutdown: watch::channel(false).0,
+        }
+    }
+
+    /// Registers a feed; with `all_channels`, it also hears of channels the user joins.
+    pub fn register(&self, tenant: &str, user: &str, all_channels: bool) -> (Arc<Feed>, mpsc::Receiver<Item>) {
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let user_key = all_channels.then(|| format!("{tenant}\n{user}"));
+        let feed = Arc::new(Feed {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            user_key: user_key.clone(),
+            tx,
+            lag: Mutex::default(),
+            wake: Notify::new(),
+        });
+        if let Some(k) = user_key {
+            write(&self.users).entry(k).or_default().insert(feed.id, feed.clone());
+        }
+        (feed, rx)
+    }
+
+    /// Starts delivering a channel's events to a feed.
+    pub fn follow(&self, feed: &Arc<Feed>, channel_id: &str) {
+        write(&self.channels)
+            .entry(channel_id.to_owned())
+            .or_default()
+            .insert(feed.id, feed.clone());
+    }
+
+    /// Stops delivering a channel's events to a feed.
+    pub fn unfollow(&self, feed: &Feed, channel_id: &str) {
+        let mut map = write(&self.channels);
+        if let Some(feeds) = map.get_mut(channel_id) {
+            feeds.remove(&feed.id);
+            if feeds.is_empty() {
+                map.remove(channel_id);
+            }
+        }
+    }
+
+    /// Removes a feed entirely (its channels and its user registration).
+    pub fn unregister<'a>(&self, feed: &Feed, channels: impl IntoIterator<Item = &'a String>) {
+        for c in channels {
+            self.unfollow(feed, c);
+        }
+        if let Some(k) = &feed.user_key {
+            let mut map = write(&self.users);
+            if let Some(feeds) = map.get_mut(k) {
+                feeds.remove(&feed.id);
+                if feeds.is_empty() {
+                    map.remove(k);
+                }
+            }
+        }
+    }
+
+    /// Number of channels with at least one feed (for metrics and tests).
+    pub fn followed_channels(&self) -> usize {
+        read(&self.channels).len()
+    }
+
+    /// A receiver that turns true when the server shuts down; feeds end cleanly then.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Ends every feed (graceful shutdown).
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+impl Publisher for Hub {
+    fn publish(&self, event: Arc<LiveEvent>) {
+        if let Some(feeds) = read(&self.channels).get(&event.channel_id) {
+            for feed in feeds.values() {
+                feed.offer(Item::Event(event.clone()), Some(&event.channel_id));
+            }
+        }
+        if let Some(MembershipChange::Added(user)) = &event.membership {
+            let key = format!("{}\n{user}", event.tenant_id);
+            if let Some(feeds) = read(&self.users).get(&key) {
+                for feed in feeds.values() {
+                    let item = Item::Joined {
+                        channel_id: event.channel_id.clone(),
+                        sequence: event.sequence,
+                    };
+                    feed.offer(item, None);
+                }
+            }
+        }
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}

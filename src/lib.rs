@@ -1,0 +1,55 @@
+//! # chat-service
+//!
+//! A chat backend served over gRPC (and grpc-web): groups and direct conversations, messages
+//! with threads, read markers and favourites, and a live feed per user that resumes from
+//! per-channel cursors without gaps or duplicates. It re-creates the LoopBack microservice
+//! `@sourceloop/chat-service` (permission keys in a JWT, per-recipient state, audit rows) in
+//! Rust.
+//!
+//! ## How a request flows
+//!
+//! ```text
+//! tonic service (api::*)  -- decode, validate shape, map errors
+//!    │  Caller (from api::auth, verified once per request)
+//!    ▼
+//! domain::Chat            -- permission keys, membership, limits; one store call per change
+//!    ├──► store::Store    -- one transaction: row + audit row + the channel's next event
+//!    └──► fanout::Hub     -- the committed event, fanned out from memory to live feeds
+//! ```
+//!
+//! A live feed (`Subscribe`) registers with the hub first, then replays stored events after the
+//! client's cursors, then forwards live events, dropping any it has already sent and filling any
+//! hole from storage; a reader that falls behind is caught up from storage rather than slowing
+//! senders.
+//!
+//! # Layout
+//!
+//! - [`config`]: every setting, from the environment with flags mirroring it.
+//! - [`error`]: the domain error and its one mapping to `tonic::Status`.
+//! - [`auth`]: JWT verification (HS256, PEM keys, JWKS files) into a typed [`auth::Caller`].
+//! - [`domain`]: the rules: validation, policy, use cases, the live feed session.
+//! - [`store`]: repository traits and their SQLite / PostgreSQL implementation.
+//! - [`fanout`]: in-process delivery of committed events to live feeds.
+//! - [`api`]: the thin tonic services.
+//! - [`server`]: assembles services, auth, health and reflection on one listener.
+//! - [`cli`]: the `chat-service` command line, including a small client.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod fanout;
+pub mod server;
+pub mod store;
+
+/// Generated protobuf types and tonic clients/servers of package `chat.v1`.
+pub mod proto {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("chat.v1");
+
+    /// The encoded `FileDescriptorSet` of `proto/`, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/chat_descriptor.bin"));
+}

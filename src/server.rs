@@ -1,0 +1,57 @@
+//! Assembles the gRPC server: ChatService and GroupService behind the auth layer, plus health
+//! and reflection (no auth, so probes and `grpcurl list` work) on one listener.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::api::auth::AuthInterceptor;
+use crate::api::chat::ChatApi;
+use crate::api::group::GroupApi;
+use crate::auth::Verifier;
+use crate::domain::Chat;
+use crate::proto::chat_service_server::ChatServiceServer;
+use crate::proto::group_service_server::GroupServiceServer;
+
+/// Serves on `listener` until `shutdown` resolves; then live feeds end cleanly and in-flight
+/// calls finish before this returns.
+///
+/// Errors: the transport's, when serving fails.
+pub async fn serve(
+    listener: TcpListener,
+    chat: Arc<Chat>,
+    verifier: Arc<Verifier>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let auth = AuthInterceptor::new(verifier);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ChatServiceServer<ChatApi>>().await;
+    health.set_serving::<GroupServiceServer<GroupApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| {
+            tracing::error!(error = %e, "reflection descriptors are broken");
+            e
+        });
+    let hub = chat.hub().clone();
+    let mut router = Server::builder()
+        .add_service(health_service)
+        .add_service(ChatServiceServer::with_interceptor(ChatApi::new(chat.clone()), auth.clone()))
+        .add_service(GroupServiceServer::with_interceptor(GroupApi::new(chat), auth));
+    if let Ok(reflection) = reflection {
+        router = router.add_service(reflection);
+    }
+    router
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            tracing::info!("shutting down: ending live feeds, finishing in-flight calls");
+            health.set_not_serving::<ChatServiceServer<ChatApi>>().await;
+            hub.shutdown();
+        })
+        .await
+}

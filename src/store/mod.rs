@@ -1,0 +1,392 @@
+//! Persistence: one repository trait per entity, one implementation per database.
+//!
+//! Every method that changes data is one transaction that also writes the audit row and, for
+//! anything a live feed shows, the channel's next event: the channel row's `last_sequence` is
+//! bumped inside the transaction, so sequences are gap-free and in commit order (PostgreSQL holds
+//! the channel row lock until commit; SQLite has one writer).
+//!
+//! SQL is written once ([`sql`]) and instantiated for SQLite and PostgreSQL; both accept `$n`
+//! placeholders. Times are microseconds since the Unix epoch, ids UUID text.
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+mod sql;
+
+pub use sql::{connect, now_micros, Database, PostgresStore, SqliteStore};
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row the operation needs does not exist (or is not visible to the tenant).
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness rule would be broken (for example a repeated `client_message_id`).
+    #[error("conflict")]
+    Conflict,
+    /// The row changed since the version the caller gave (a stale etag).
+    #[error("stale version")]
+    Stale,
+    /// The attachment at this index of `attachment_ids` cannot be linked: unknown, another
+    /// channel's or uploader's, or linked already.
+    #[error("attachment {0} cannot be linked")]
+    Unlinkable(usize),
+    /// The database could not be reached or timed out: retryable.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Any other database error: a bug or a broken schema.
+    #[error("database error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                StoreError::Unavailable(e.to_string())
+            }
+            sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
+            _ => StoreError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Result of the storage layer.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// `group` or `direct`, as stored in `channels.kind`.
+pub const KIND_GROUP: &str = "group";
+/// See [`KIND_GROUP`].
+pub const KIND_DIRECT: &str = "direct";
+
+/// A channel row.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ChannelRow {
+    pub id: String,
+    pub tenant_id: String,
+    /// [`KIND_GROUP`] or [`KIND_DIRECT`].
+    pub kind: String,
+    pub name: String,
+    pub description: String,
+    pub channel_type: String,
+    /// `tenant\nuser-a\nuser-b` (users sorted) for direct channels.
+    pub direct_key: Option<String>,
+    pub last_sequence: i64,
+    pub create_time: i64,
+    pub update_time: i64,
+}
+
+/// Role names as stored in `members.role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Full control of the group.
+    Owner,
+    /// Manages members and content.
+    Admin,
+    /// Reads and writes.
+    Member,
+}
+
+impl Role {
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+    /// Parses the stored text; unknown text (which the schema's CHECK forbids) reads as Member.
+    pub fn parse(s: &str) -> Role {
+        match s {
+            "owner" => Role::Owner,
+            "admin" => Role::Admin,
+            _ => Role::Member,
+        }
+    }
+    /// Owner or admin.
+    pub fn is_manager(self) -> bool {
+        matches!(self, Role::Owner | Role::Admin)
+    }
+}
+
+/// A member row.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct MemberRow {
+    pub channel_id: String,
+    pub user_id: String,
+    pub role: String,
+    pub join_time: i64,
+    pub join_sequence: i64,
+    pub read_sequence: i64,
+}
+
+impl MemberRow {
+    /// The parsed role.
+    pub fn role(&self) -> Role {
+        Role::parse(&self.role)
+    }
+}
+
+/// A message row.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct MessageRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub channel_id: String,
+    pub sender_id: String,
+    pub body: String,
+    pub subject: String,
+    pub parent_message_id: Option<String>,
+    /// JSON array of attachment ids.
+    pub attachment_ids: String,
+    pub client_message_id: Option<String>,
+    pub forwarded_from_message_id: Option<String>,
+    pub sequence: i64,
+    /// Bumped on every change; the API's `etag`.
+    pub version: i64,
+    pub create_time: i64,
+    pub update_time: Option<i64>,
+    pub delete_time: Option<i64>,
+    pub deleted_by: Option<String>,
+}
+
+/// One stored event of a channel's feed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    pub channel_id: String,
+    pub sequence: i64,
+    /// The encoded `chat.v1.SubscribeResponse`.
+    pub payload: Vec<u8>,
+}
+
+/// Turns a committed change into the bytes of its feed event. The store calls it inside the
+/// transaction, once the sequence is known, so the stored event and the live one are the same.
+pub type Encoder<'a, T> = &'a (dyn Fn(&T, i64) -> Vec<u8> + Send + Sync);
+
+/// Who is acting, for the audit log and tenancy.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    pub tenant_id: &'a str,
+    pub user_id: &'a str,
+}
+
+/// A message to store.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub channel_id: String,
+    pub body: String,
+    pub subject: String,
+    pub parent_message_id: Option<String>,
+    pub attachment_ids: Vec<String>,
+    pub client_message_id: Option<String>,
+    pub forwarded_from_message_id: Option<String>,
+}
+
+/// What happened to an insert.
+#[derive(Debug, Clone)]
+pub enum Inserted {
+    /// A new message, with its event payload.
+    New(MessageRow, Vec<u8>),
+    /// The sender's `client_message_id` was seen before: the first message.
+    Existing(MessageRow),
+}
+
+/// The result of a change that made a feed event.
+#[derive(Debug, Clone)]
+pub struct Changed<T> {
+    pub row: T,
+    pub sequence: i64,
+    pub payload: Vec<u8>,
+}
+
+/// Fields of a message to change.
+#[derive(Debug, Clone, Default)]
+pub struct MessagePatch {
+    pub body: Option<String>,
+    pub subject: Option<String>,
+    /// Refuse the change (`StoreError::Conflict`) unless the version is still this.
+    pub expected_version: Option<i64>,
+}
+
+/// Fields of a group to change.
+#[derive(Debug, Clone, Default)]
+pub struct GroupPatch {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub channel_type: Option<String>,
+}
+
+/// Per-member state of one message.
+#[derive(Debug, Clone)]
+pub struct RecipientState {
+    pub user_id: String,
+    pub read: bool,
+    pub favorite: bool,
+}
+
+/// Channels and their membership.
+#[async_trait]
+pub trait ChannelStore: Send + Sync {
+    /// Creates a group with the creator as owner and `members` as members, writing a
+    /// MemberAdded event per member. Returns the channel and the events, in sequence order.
+    async fn create_group(
+        &self,
+        actor: Actor<'_>,
+        channel: ChannelRow,
+        members: &[String],
+        enc: Encoder<'_, MemberRow>,
+    ) -> StoreResult<(ChannelRow, Vec<Changed<MemberRow>>)>;
+    /// Finds or makes the direct channel of two users (events for the two MemberAdded when made).
+    async fn direct_channel(
+        &self,
+        actor: Actor<'_>,
+        peer: &str,
+        enc: Encoder<'_, MemberRow>,
+    ) -> StoreResult<(ChannelRow, Vec<Changed<MemberRow>>)>;
+    /// A live (not deleted) channel of the tenant.
+    async fn channel(&self, tenant: &str, channel_id: &str) -> StoreResult<ChannelRow>;
+    /// Changes a group's fields.
+    async fn update_group(
+        &self,
+        actor: Actor<'_>,
+        channel_id: &str,
+        patch: GroupPatch,
+    ) -> StoreResult<ChannelRow>;
+    /// Marks a group deleted and removes every member, writing their MemberRemoved events.
+    async fn delete_group(
+        &self,
+        actor: Actor<'_>,
+        channel_id: &str,
+        enc: Encoder<'_, MemberRow>,
+    ) -> StoreResult<Vec<Changed<MemberRow>>>;
+    /// The caller's channels, newest first, ids below `before` (exclusive) when given.
+    async fn list_channels(
+        &self,
+        tenant: &str,
+        user: &str,
+        before: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<ChannelRow>>;
+    /// The membership row, if the user is a member of the live channel.
+    async fn member(&self, tenant: &str, channel_id: &str, user: &str)
+        -> StoreResult<Option<MemberRow>>;
+    /// Channel rows and membership rows of all the user's channels.
+    async fn memberships(&self, tenant: &str, user: &str) -> StoreResult<Vec<(ChannelRow, MemberRow)>>;
+    /// Members in join order, after the `(join_time, user_id)` key when given.
+    async fn list_members(
+        &self,
+        channel_id: &str,
+        after: Option<(i64, &str)>,
+        limit: i64,
+    ) -> StoreResult<Vec<MemberRow>>;
+    /// Adds members (existing ones are skipped), writing a MemberAdded event each.
+    async fn add_members(
+        &self,
+        actor: Actor<'_>,
+        channel_id: &str,
+        users: &[String],
+        role: Role,
+        enc: Encoder<'_, MemberRow>,
+    ) -> StoreResult<Vec<Changed<MemberRow>>>;
+    /// Removes a member, writing a MemberRemoved event.
+    async fn remove_member(
+        &self,
+        actor: Actor<'_>,
+        channel_id: &str,
+        user: &str,
+        enc: Encoder<'_, MemberRow>,
+    ) -> StoreResult<Changed<MemberRow>>;
+    /// Changes a member's role.
+    async fn set_role(
+        &self,
+        actor: Actor<'_>,
+        channel_id: &str,
+        user: &str,
+        role: Role,
+    ) -> StoreResult<MemberRow>;
+    /// How many owners the channel has.
+    async fn owner_count(&self, channel_id: &str) -> StoreResult<i64>;
+}
+
+/// Messages.
+#[async_trait]
+pub trait MessageStore: Send + Sync {
+    /// Stores a message as the channel's next event, links its attachments, writes the audit row.
+    /// `StoreError::NotFound` when the sender is not a member; a repeated `client_message_id`
+    /// gives `Inserted::Existing`; an attachment that cannot be linked gives
+    /// `StoreError::Conflict`.
+    async fn insert_message(
+        &self,
+        actor: Actor<'_>,
+        msg: NewMessage,
+        enc: Encoder<'_, MessageRow>,
+    ) -> StoreResult<Inserted>;
+    /// One message of the tenant (deleted ones included).
+    async fn message(&self, tenant: &str, message_id: &str) -> StoreResult<MessageRow>;
+    /// Live messages of a channel (or one thread), newest first, below `before_sequence`.
+    async fn list_messages(
+        &self,
+        channel_id: &str,
+        parent: Option<&str>,
+        before_sequence: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<MessageRow>>;
+    /// Edits a message as a new event.
+    async fn update_message(
+        &self,
+        actor: Actor<'_>,
+        message_id: &str,
+        patch: MessagePatch,
+        enc: Encoder<'_, MessageRow>,
+    ) -> StoreResult<Changed<MessageRow>>;
+    /// Soft-deletes a message as a new event.
+    async fn delete_message(
+        &self,
+        actor: Actor<'_>,
+        message_id: &str,
+        enc: Encoder<'_, MessageRow>,
+    ) -> StoreResult<Changed<MessageRow>>;
+    /// Live messages in a channel.
+    async fn count_messages(&self, channel_id: &str) -> StoreResult<i64>;
+}
+
+/// Read markers and favourites: the seed's per-recipient state.
+#[async_trait]
+pub trait ReadStateStore: Send + Sync {
+    /// Moves the marker forward to `sequence` (never back); returns the marker after the call.
+    async fn mark_read(&self, channel_id: &str, user: &str, sequence: i64) -> StoreResult<i64>;
+    /// Stars or unstars.
+    async fn set_favorite(
+        &self,
+        tenant: &str,
+        user: &str,
+        message_id: &str,
+        favorite: bool,
+    ) -> StoreResult<()>;
+    /// Each member's state for one message.
+    async fn recipients(&self, msg: &MessageRow) -> StoreResult<Vec<RecipientState>>;
+    /// `(channel_id, unread)` for every channel of the user.
+    async fn unread_counts(&self, tenant: &str, user: &str) -> StoreResult<Vec<(String, i64)>>;
+}
+
+/// The per-channel event log that feeds replay from.
+#[async_trait]
+pub trait EventStore: Send + Sync {
+    /// Events of a channel with `after < sequence <= up_to`, in order, at most `limit`.
+    async fn events(
+        &self,
+        channel_id: &str,
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<EventRow>>;
+}
+
+/// Everything the domain needs from a database.
+pub trait Store: ChannelStore + MessageStore + ReadStateStore + EventStore {
+    /// Closes the pools.
+    fn close(&self) -> futures::future::BoxFuture<'_, ()>;
+}

@@ -1,0 +1,997 @@
+//! The SQL of every repository trait, written once and instantiated for SQLite and PostgreSQL
+//! by `impl_store!`. Both databases accept `$n` placeholders, `RETURNING` and
+//! `ON CONFLICT DO NOTHING`, so the text is shared; the differences (pools, pragmas, migration
+//! folders) live in [`connect`].
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{Postgres, Sqlite, Transaction};
+use uuid::Uuid;
+
+use super::*;
+
+/// Microseconds since the Unix epoch, the unit of every stored time.
+pub fn now_micros() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn to_json<T: Serialize>(v: &T) -> Option<String> {
+    serde_json::to_string(v).ok()
+}
+
+/// SQLite: one writer connection (SQLite allows one writer; queueing in the pool instead of
+/// in `SQLITE_BUSY` retries keeps writes fair and fast) and a pool of readers (WAL lets them
+/// run beside the writer).
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+/// PostgreSQL: one pool; row locks on `channels` order each channel's writes.
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    write: PgPool,
+    read: PgPool,
+}
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    /// `sqlite:` URLs.
+    Sqlite,
+    /// `postgres:` / `postgresql:` URLs.
+    Postgres,
+}
+
+impl Database {
+    /// Picks the database from a URL's scheme; `None` for an unknown scheme.
+    pub fn from_url(url: &str) -> Option<Database> {
+        if url.starts_with("sqlite:") {
+            Some(Database::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Some(Database::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// Opens the database at `url` (creating a SQLite file and its folder when missing), with
+/// PostgreSQL's `search_path` set to `schema` when given, and applies the embedded migrations
+/// unless `migrate` is false.
+///
+/// Errors: an unknown scheme or a bad URL (`StoreError::Internal`), an unreachable server
+/// (`StoreError::Unavailable`), a failed migration (`StoreError::Internal`).
+pub async fn connect(url: &str, schema: Option<&str>, migrate: bool) -> StoreResult<Arc<dyn Store>> {
+    match Database::from_url(url) {
+        Some(Database::Sqlite) => {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(10));
+            if let Some(parent) = std::path::Path::new(opts.get_filename()).parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| StoreError::Unavailable(format!("{}: {e}", parent.display())))?;
+                }
+            }
+            let write = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts.clone())
+                .await?;
+            if migrate {
+                sqlx::migrate!("migrations/sqlite")
+                    .run(&write)
+                    .await
+                    .map_err(|e| StoreError::Internal(e.to_string()))?;
+            }
+            let read = SqlitePoolOptions::new()
+                .max_connections(8)
+                .connect_with(opts.read_only(true))
+                .await?;
+            Ok(Arc::new(SqliteStore { write, read }))
+        }
+        Some(Database::Postgres) => {
+            let mut opts = PgConnectOptions::from_str(url)?;
+            if let Some(schema) = schema {
+                opts = opts.options([("search_path", schema)]);
+            }
+            let pool = PgPoolOptions::new()
+                .max_connections(32)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await?;
+            if migrate {
+                sqlx::migrate!("migrations/postgres")
+                    .run(&pool)
+                    .await
+                    .map_err(|e| StoreError::Internal(e.to_string()))?;
+            }
+            Ok(Arc::new(PostgresStore {
+                write: pool.clone(),
+                read: pool,
+            }))
+        }
+        None => Err(StoreError::Internal(format!(
+            "unsupported database URL scheme in {:?} (use sqlite: or postgres:)",
+            url.split(':').next().unwrap_or_default()
+        ))),
+    }
+}
+
+macro_rules! impl_store {
+    ($store:ty, $db:ty) => {
+        impl $store {
+            async fn audit(
+                tx: &mut Transaction<'_, $db>,
+                actor: Actor<'_>,
+                operation: &str,
+                table: &str,
+                entity_id: &str,
+                before: Option<String>,
+                after: Option<String>,
+            ) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO audit_logs (id, tenant_id, operation, table_name, entity_id, \
+                     actor_id, before_json, after_json, create_time) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(Uuid::now_v7().to_string())
+                .bind(actor.tenant_id)
+                .bind(operation)
+                .bind(table)
+                .bind(entity_id)
+                .bind(actor.user_id)
+                .bind(before)
+                .bind(after)
+                .bind(now_micros())
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            }
+
+            /// Takes the next `n` sequences of a live channel; returns the last one taken.
+            async fn bump(
+                tx: &mut Transaction<'_, $db>,
+                channel_id: &str,
+                n: i64,
+            ) -> StoreResult<i64> {
+                sqlx::query_scalar(
+                    "UPDATE channels SET last_sequence = last_sequence + $2 \
+                     WHERE id = $1 AND delete_time IS NULL RETURNING last_sequence",
+                )
+                .bind(channel_id)
+                .bind(n)
+                .fetch_optional(&mut **tx)
+                .await?
+                .ok_or(StoreError::NotFound)
+            }
+
+            async fn event(
+                tx: &mut Transaction<'_, $db>,
+                channel_id: &str,
+                sequence: i64,
+                payload: &[u8],
+            ) -> StoreResult<()> {
+                sqlx::query("INSERT INTO events (channel_id, sequence, payload) VALUES ($1, $2, $3)")
+                    .bind(channel_id)
+                    .bind(sequence)
+                    .bind(payload)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
+            /// Inserts members with consecutive sequences ending at `last`, one event each.
+            async fn insert_members(
+                tx: &mut Transaction<'_, $db>,
+                actor: Actor<'_>,
+                channel_id: &str,
+                users: &[(String, Role)],
+                last: i64,
+                enc: Encoder<'_, MemberRow>,
+            ) -> StoreResult<Vec<Changed<MemberRow>>> {
+                let now = now_micros();
+                let first = last - users.len() as i64 + 1;
+                let mut out = Vec::with_capacity(users.len());
+                for (i, (user, role)) in users.iter().enumerate() {
+                    let sequence = first + i as i64;
+                    let row = MemberRow {
+                        channel_id: channel_id.to_owned(),
+                        user_id: user.clone(),
+                        role: role.as_str().to_owned(),
+                        join_time: now,
+                        join_sequence: sequence,
+                        read_sequence: 0,
+                    };
+                    sqlx::query(
+                        "INSERT INTO members (channel_id, tenant_id, user_id, role, join_time, \
+                         join_sequence, read_sequence) VALUES ($1, $2, $3, $4, $5, $6, 0)",
+                    )
+                    .bind(channel_id)
+                    .bind(actor.tenant_id)
+                    .bind(user)
+                    .bind(role.as_str())
+                    .bind(now)
+                    .bind(sequence)
+                    .execute(&mut **tx)
+                    .await?;
+                    let payload = enc(&row, sequence);
+                    Self::event(tx, channel_id, sequence, &payload).await?;
+                    Self::audit(tx, actor, "create", "members", &format!("{channel_id}/{user}"), None, to_json(&row)).await?;
+                    out.push(Changed { row, sequence, payload });
+                }
+                Ok(out)
+            }
+
+            /// Deletes members with consecutive sequences ending at `last`, one event each.
+            async fn delete_members(
+                tx: &mut Transaction<'_, $db>,
+                actor: Actor<'_>,
+                rows: Vec<MemberRow>,
+                last: i64,
+                enc: Encoder<'_, MemberRow>,
+            ) -> StoreResult<Vec<Changed<MemberRow>>> {
+                let first = last - rows.len() as i64 + 1;
+                let mut out = Vec::with_capacity(rows.len());
+                for (i, row) in rows.into_iter().enumerate() {
+                    let sequence = first + i as i64;
+                    sqlx::query("DELETE FROM members WHERE channel_id = $1 AND user_id = $2")
+                        .bind(&row.channel_id)
+                        .bind(&row.user_id)
+                        .execute(&mut **tx)
+                        .await?;
+                    let payload = enc(&row, sequence);
+                    Self::event(tx, &row.channel_id, sequence, &payload).await?;
+                    let entity = format!("{}/{}", row.channel_id, row.user_id);
+                    Self::audit(tx, actor, "delete", "members", &entity, to_json(&row), None).await?;
+                    out.push(Changed { row, sequence, payload });
+                }
+                Ok(out)
+            }
+
+            async fn find_direct(&self, key: &str) -> StoreResult<Option<ChannelRow>> {
+                Ok(sqlx::query_as("SELECT * FROM channels WHERE direct_key = $1 AND delete_time IS NULL")
+                    .bind(key)
+                    .fetch_optional(&self.write)
+                    .await?)
+            }
+
+            async fn find_idempotent(
+                &self,
+                channel_id: &str,
+                sender: &str,
+                client_message_id: &str,
+            ) -> StoreResult<Option<MessageRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT * FROM messages WHERE channel_id = $1 AND sender_id = $2 \
+                     AND client_message_id = $3",
+                )
+                .bind(channel_id)
+                .bind(sender)
+                .bind(client_message_id)
+                .fetch_optional(&self.write)
+                .await?)
+            }
+
+            /// Locks the message's channel (by taking its next sequence) and reads the message
+            /// after the lock, so checks on it see every earlier change.
+            async fn lock_message(
+                &self,
+                tx: &mut Transaction<'_, $db>,
+                tenant: &str,
+                message_id: &str,
+            ) -> StoreResult<(MessageRow, i64)> {
+                let channel_id: String = sqlx::query_scalar(
+                    "SELECT channel_id FROM messages WHERE id = $1 AND tenant_id = $2",
+                )
+                .bind(message_id)
+                .bind(tenant)
+                .fetch_optional(&mut **tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+                let sequence = Self::bump(tx, &channel_id, 1).await?;
+                let before: MessageRow = sqlx::query_as("SELECT * FROM messages WHERE id = $1")
+                    .bind(message_id)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                if before.delete_time.is_some() {
+                    return Err(StoreError::NotFound);
+                }
+                Ok((before, sequence))
+            }
+        }
+
+        #[async_trait]
+        impl ChannelStore for $store {
+            async fn create_group(
+                &self,
+                actor: Actor<'_>,
+                channel: ChannelRow,
+                members: &[String],
+                enc: Encoder<'_, MemberRow>,
+            ) -> StoreResult<(ChannelRow, Vec<Changed<MemberRow>>)> {
+                let mut users = vec![(actor.user_id.to_owned(), Role::Owner)];
+                for m in members {
+                    if !users.iter().any(|(u, _)| u == m) {
+                        users.push((m.clone(), Role::Member));
+                    }
+                }
+                let mut tx = self.write.begin().await?;
+                sqlx::query(
+                    "INSERT INTO channels (id, tenant_id, kind, name, description, channel_type, \
+                     direct_key, last_sequence, create_time, update_time) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9)",
+                )
+                .bind(&channel.id)
+                .bind(&channel.tenant_id)
+                .bind(&channel.kind)
+                .bind(&channel.name)
+                .bind(&channel.description)
+                .bind(&channel.channel_type)
+                .bind(&channel.direct_key)
+                .bind(channel.create_time)
+                .bind(channel.update_time)
+                .execute(&mut *tx)
+                .await?;
+                let last = Self::bump(&mut tx, &channel.id, users.len() as i64).await?;
+                let added = Self::insert_members(&mut tx, actor, &channel.id, &users, last, enc).await?;
+                let mut channel = channel;
+                channel.last_sequence = last;
+                Self::audit(&mut tx, actor, "create", "channels", &channel.id, None, to_json(&channel)).await?;
+                tx.commit().await?;
+                Ok((channel, added))
+            }
+
+            async fn direct_channel(
+                &self,
+                actor: Actor<'_>,
+                peer: &str,
+                enc: Encoder<'_, MemberRow>,
+            ) -> StoreResult<(ChannelRow, Vec<Changed<MemberRow>>)> {
+                let (a, b) = if actor.user_id <= peer { (actor.user_id, peer) } else { (peer, actor.user_id) };
+                let key = format!("{}\n{a}\n{b}", actor.tenant_id);
+                if let Some(found) = self.find_direct(&key).await? {
+                    return Ok((found, Vec::new()));
+                }
+                let now = now_micros();
+                let mut channel = ChannelRow {
+                    id: Uuid::now_v7().to_string(),
+                    tenant_id: actor.tenant_id.to_owned(),
+                    kind: KIND_DIRECT.to_owned(),
+                    name: String::new(),
+                    description: String::new(),
+                    channel_type: String::new(),
+                    direct_key: Some(key.clone()),
+                    last_sequence: 0,
+                    create_time: now,
+                    update_time: now,
+                };
+                let mut tx = self.write.begin().await?;
+                let made = sqlx::query(
+                    "INSERT INTO channels (id, tenant_id, kind, name, description, channel_type, \
+                     direct_key, last_sequence, create_time, update_time) \
+                     VALUES ($1, $2, $3, '', '', '', $4, 0, $5, $5) ON CONFLICT (direct_key) DO NOTHING",
+                )
+                .bind(&channel.id)
+                .bind(&channel.tenant_id)
+                .bind(KIND_DIRECT)
+                .bind(&key)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if made == 0 {
+                    tx.rollback().await?;
+                    let found = self.find_direct(&key).await?.ok_or(StoreError::NotFound)?;
+                    return Ok((found, Vec::new()));
+                }
+                let users = [(a.to_owned(), Role::Member), (b.to_owned(), Role::Member)];
+                let last = Self::bump(&mut tx, &channel.id, 2).await?;
+                let added = Self::insert_members(&mut tx, actor, &channel.id, &users, last, enc).await?;
+                channel.last_sequence = last;
+                Self::audit(&mut tx, actor, "create", "channels", &channel.id, None, to_json(&channel)).await?;
+                tx.commit().await?;
+                Ok((channel, added))
+            }
+
+            async fn channel(&self, tenant: &str, channel_id: &str) -> StoreResult<ChannelRow> {
+                sqlx::query_as(
+                    "SELECT * FROM channels WHERE id = $1 AND tenant_id = $2 AND delete_time IS NULL",
+                )
+                .bind(channel_id)
+                .bind(tenant)
+                .fetch_optional(&self.read)
+                .await?
+                .ok_or(StoreError::NotFound)
+            }
+
+            async fn update_group(
+                &self,
+                actor: Actor<'_>,
+                channel_id: &str,
+                patch: GroupPatch,
+            ) -> StoreResult<ChannelRow> {
+                let mut tx = self.write.begin().await?;
+                let before: ChannelRow = sqlx::query_as(
+                    "SELECT * FROM channels WHERE id = $1 AND tenant_id = $2 AND delete_time IS NULL",
+                )
+                .bind(channel_id)
+                .bind(actor.tenant_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+                let after: ChannelRow = sqlx::query_as(
+                    "UPDATE channels SET name = COALESCE($2, name), \
+                     description = COALESCE($3, description), \
+                     channel_type = COALESCE($4, channel_type), update_time = $5 \
+                     WHERE id = $1 RETURNING *",
+                )
+                .bind(channel_id)
+                .bind(patch.name)
+                .bind(patch.description)
+                .bind(patch.channel_type)
+                .bind(now_micros())
+                .fetch_one(&mut *tx)
+                .await?;
+                Self::audit(&mut tx, actor, "update", "channels", channel_id, to_json(&before), to_json(&after)).await?;
+                tx.commit().await?;
+                Ok(after)
+            }
+
+            async fn delete_group(
+                &self,
+                actor: Actor<'_>,
+                channel_id: &str,
+                enc: Encoder<'_, MemberRow>,
+            ) -> StoreResult<Vec<Changed<MemberRow>>> {
+                let mut tx = self.write.begin().await?;
+                let before: ChannelRow = sqlx::query_as(
+                    "SELECT * FROM channels WHERE id = $1 AND tenant_id = $2 AND delete_time IS NULL",
+                )
+                .bind(channel_id)
+                .bind(actor.tenant_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+                let rows: Vec<MemberRow> = sqlx::query_as(
+                    "SELECT * FROM members WHERE channel_id = $1 ORDER BY join_time, user_id",
+                )
+                .bind(channel_id)
+                .fetch_all(&mut *tx)
+                .await?;
+                let last = Self::bump(&mut tx, channel_id, rows.len() as i64).await?;
+                let removed = Self::delete_members(&mut tx, actor, rows, last, enc).await?;
+                sqlx::query("UPDATE channels SET delete_time = $2 WHERE id = $1")
+                    .bind(channel_id)
+                    .bind(now_micros())
+                    .execute(&mut *tx)
+                    .await?;
+                Self::audit(&mut tx, actor, "delete", "channels", channel_id, to_json(&before), None).await?;
+                tx.commit().await?;
+                Ok(removed)
+            }
+
+            async fn list_channels(
+                &self,
+                tenant: &str,
+                user: &str,
+                before: Option<&str>,
+                limit: i64,
+            ) -> StoreResult<Vec<ChannelRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT c.* FROM channels c JOIN members m ON m.channel_id = c.id \
+                     WHERE m.tenant_id = $1 AND m.user_id = $2 AND c.delete_time IS NULL \
+                     AND c.id < $3 ORDER BY c.id DESC LIMIT $4",
+                )
+                .bind(tenant)
+                .bind(user)
+                // Every id sorts below "~" (ids are hex and hyphens).
+                .bind(before.unwrap_or("~"))
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?)
+            }
+
+            async fn member(
+                &self,
+                tenant: &str,
+                channel_id: &str,
+                user: &str,
+            ) -> StoreResult<Option<MemberRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT * FROM members WHERE channel_id = $1 AND user_id = $2 AND tenant_id = $3",
+                )
+                .bind(channel_id)
+                .bind(user)
+                .bind(tenant)
+                .fetch_optional(&self.read)
+                .await?)
+            }
+
+            async fn memberships(
+                &self,
+                tenant: &str,
+                user: &str,
+            ) -> StoreResult<Vec<(ChannelRow, MemberRow)>> {
+                let members: Vec<MemberRow> = sqlx::query_as(
+                    "SELECT * FROM members WHERE tenant_id = $1 AND user_id = $2",
+                )
+                .bind(tenant)
+                .bind(user)
+                .fetch_all(&self.read)
+                .await?;
+                let channels: Vec<ChannelRow> = sqlx::query_as(
+                    "SELECT c.* FROM channels c JOIN members m ON m.channel_id = c.id \
+                     WHERE m.tenant_id = $1 AND m.user_id = $2 AND c.delete_time IS NULL",
+                )
+                .bind(tenant)
+                .bind(user)
+                .fetch_all(&self.read)
+                .await?;
+                let mut by_id: std::collections::HashMap<String, MemberRow> =
+                    members.into_iter().map(|m| (m.channel_id.clone(), m)).collect();
+                Ok(channels
+                    .into_iter()
+                    .filter_map(|c| by_id.remove(&c.id).map(|m| (c, m)))
+                    .collect())
+            }
+
+            async fn list_members(
+                &self,
+                channel_id: &str,
+                after: Option<(i64, &str)>,
+                limit: i64,
+            ) -> StoreResult<Vec<MemberRow>> {
+                let (t, u) = after.unwrap_or((i64::MIN, ""));
+                Ok(sqlx::query_as(
+                    "SELECT * FROM members WHERE channel_id = $1 \
+                     AND (join_time > $2 OR (join_time = $2 AND user_id > $3)) \
+                     ORDER BY join_time, user_id LIMIT $4",
+                )
+                .bind(channel_id)
+                .bind(t)
+                .bind(u)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?)
+            }
+
+            async fn add_members(
+                &self,
+                actor: Actor<'_>,
+                channel_id: &str,
+                users: &[String],
+                role: Role,
+                enc: Encoder<'_, MemberRow>,
+            ) -> StoreResult<Vec<Changed<MemberRow>>> {
+                let mut tx = self.write.begin().await?;
+                let existing: Vec<String> =
+                    sqlx::query_scalar("SELECT user_id FROM members WHERE channel_id = $1")
+                        .bind(channel_id)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                let mut new: Vec<(String, Role)> = Vec::new();
+                for u in users {
+                    if !existing.contains(u) && !new.iter().any(|(n, _)| n == u) {
+                        new.push((u.clone(), role));
+                    }
+                }
+                if new.is_empty() {
+                    tx.rollback().await?;
+                    return Ok(Vec::new());
+                }
+                let last = Self::bump(&mut tx, channel_id, new.len() as i64).await?;
+                let added = Self::insert_members(&mut tx, actor, channel_id, &new, last, enc).await?;
+                tx.commit().await?;
+                Ok(added)
+            }
+
+            async fn remove_member(
+                &self,
+                actor: Actor<'_>,
+                channel_id: &str,
+                user: &str,
+                enc: Encoder<'_, MemberRow>,
+            ) -> StoreResult<Changed<MemberRow>> {
+                let mut tx = self.write.begin().await?;
+                let last = Self::bump(&mut tx, channel_id, 1).await?;
+                let row: MemberRow = sqlx::query_as(
+                    "SELECT * FROM members WHERE channel_id = $1 AND user_id = $2",
+                )
+                .bind(channel_id)
+                .bind(user)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+                let mut removed = Self::delete_members(&mut tx, actor, vec![row], last, enc).await?;
+                tx.commit().await?;
+                removed.pop().ok_or(StoreError::NotFound)
+            }
+
+            async fn set_role(
+                &self,
+                actor: Actor<'_>,
+                channel_id: &str,
+                user: &str,
+                role: Role,
+            ) -> StoreResult<MemberRow> {
+                let mut tx = self.write.begin().await?;
+                let before: MemberRow = sqlx::query_as(
+                    "SELECT * FROM members WHERE channel_id = $1 AND user_id = $2",
+                )
+                .bind(channel_id)
+                .bind(user)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+                let after: MemberRow = sqlx::query_as(
+                    "UPDATE members SET role = $3 WHERE channel_id = $1 AND user_id = $2 RETURNING *",
+                )
+                .bind(channel_id)
+                .bind(user)
+                .bind(role.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+                let entity = format!("{channel_id}/{user}");
+                Self::audit(&mut tx, actor, "update", "members", &entity, to_json(&before), to_json(&after)).await?;
+                tx.commit().await?;
+                Ok(after)
+            }
+
+            async fn owner_count(&self, channel_id: &str) -> StoreResult<i64> {
+                Ok(sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM members WHERE channel_id = $1 AND role = 'owner'",
+                )
+                .bind(channel_id)
+                .fetch_one(&self.read)
+                .await?)
+            }
+        }
+
+        #[async_trait]
+        impl MessageStore for $store {
+            async fn insert_message(
+                &self,
+                actor: Actor<'_>,
+                msg: NewMessage,
+                enc: Encoder<'_, MessageRow>,
+            ) -> StoreResult<Inserted> {
+                if let Some(key) = &msg.client_message_id {
+                    if let Some(first) = self.find_idempotent(&msg.channel_id, actor.user_id, key).await? {
+                        return Ok(Inserted::Existing(first));
+                    }
+                }
+                let mut tx = self.write.begin().await?;
+                let sequence: i64 = sqlx::query_scalar(
+                    "UPDATE channels SET last_sequence = last_sequence + 1 \
+                     WHERE id = $1 AND tenant_id = $2 AND delete_time IS NULL \
+                     AND EXISTS (SELECT 1 FROM members WHERE channel_id = $1 AND user_id = $3) \
+                     RETURNING last_sequence",
+                )
+                .bind(&msg.channel_id)
+                .bind(actor.tenant_id)
+                .bind(actor.user_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+                let row = MessageRow {
+                    id: Uuid::now_v7().to_string(),
+                    tenant_id: actor.tenant_id.to_owned(),
+                    channel_id: msg.channel_id,
+                    sender_id: actor.user_id.to_owned(),
+                    body: msg.body,
+                    subject: msg.subject,
+                    parent_message_id: msg.parent_message_id,
+                    attachment_ids: serde_json::to_string(&msg.attachment_ids)
+                        .unwrap_or_else(|_| "[]".to_owned()),
+                    client_message_id: msg.client_message_id,
+                    forwarded_from_message_id: msg.forwarded_from_message_id,
+                    sequence,
+                    version: 1,
+                    create_time: now_micros(),
+                    update_time: None,
+                    delete_time: None,
+                    deleted_by: None,
+                };
+                let inserted = sqlx::query(
+                    "INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, subject, \
+                     parent_message_id, attachment_ids, client_message_id, \
+                     forwarded_from_message_id, sequence, version, create_time) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12)",
+                )
+                .bind(&row.id)
+                .bind(&row.tenant_id)
+                .bind(&row.channel_id)
+                .bind(&row.sender_id)
+                .bind(&row.body)
+                .bind(&row.subject)
+                .bind(&row.parent_message_id)
+                .bind(&row.attachment_ids)
+                .bind(&row.client_message_id)
+                .bind(&row.forwarded_from_message_id)
+                .bind(row.sequence)
+                .bind(row.create_time)
+                .execute(&mut *tx)
+                .await;
+                match inserted.map_err(StoreError::from) {
+                    Ok(_) => {}
+                    Err(StoreError::Conflict) => {
+                        // A concurrent send with the same client_message_id won the race.
+                        tx.rollback().await?;
+                        let key = row.client_message_id.as_deref().unwrap_or_default();
+                        let first = self
+                            .find_idempotent(&row.channel_id, &row.sender_id, key)
+                            .await?
+                            .ok_or(StoreError::Conflict)?;
+                        return Ok(Inserted::Existing(first));
+                    }
+                    Err(e) => return Err(e),
+                }
+                for (i, attachment_id) in msg.attachment_ids.iter().enumerate() {
+                    let linked = sqlx::query(
+                        "UPDATE attachments SET message_id = $1 WHERE id = $2 AND channel_id = $3 \
+                         AND uploader_id = $4 AND tenant_id = $5 AND message_id IS NULL",
+                    )
+                    .bind(&row.id)
+                    .bind(attachment_id)
+                    .bind(&row.channel_id)
+                    .bind(&row.sender_id)
+                    .bind(&row.tenant_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if linked != 1 {
+                        return Err(StoreError::Unlinkable(i));
+                    }
+                }
+                let payload = enc(&row, sequence);
+                Self::event(&mut tx, &row.channel_id, sequence, &payload).await?;
+                Self::audit(&mut tx, actor, "create", "messages", &row.id, None, to_json(&row)).await?;
+                tx.commit().await?;
+                Ok(Inserted::New(row, payload))
+            }
+
+            async fn message(&self, tenant: &str, message_id: &str) -> StoreResult<MessageRow> {
+                sqlx::query_as("SELECT * FROM messages WHERE id = $1 AND tenant_id = $2")
+                    .bind(message_id)
+                    .bind(tenant)
+                    .fetch_optional(&self.read)
+                    .await?
+                    .ok_or(StoreError::NotFound)
+            }
+
+            async fn list_messages(
+                &self,
+                channel_id: &str,
+                parent: Option<&str>,
+                before_sequence: Option<i64>,
+                limit: i64,
+            ) -> StoreResult<Vec<MessageRow>> {
+                let before = before_sequence.unwrap_or(i64::MAX);
+                let rows = match parent {
+                    None => {
+                        sqlx::query_as(
+                            "SELECT * FROM messages WHERE channel_id = $1 AND sequence < $2 \
+                             AND delete_time IS NULL ORDER BY sequence DESC LIMIT $3",
+                        )
+                        .bind(channel_id)
+                        .bind(before)
+                        .bind(limit)
+                        .fetch_all(&self.read)
+                        .await?
+                    }
+                    Some(parent) => {
+                        sqlx::query_as(
+                            "SELECT * FROM messages WHERE channel_id = $1 AND parent_message_id = $4 \
+                             AND sequence < $2 AND delete_time IS NULL ORDER BY sequence DESC LIMIT $3",
+                        )
+                        .bind(channel_id)
+                        .bind(before)
+                        .bind(limit)
+                        .bind(parent)
+                        .fetch_all(&self.read)
+                        .await?
+                    }
+                };
+                Ok(rows)
+            }
+
+            async fn update_message(
+                &self,
+                actor: Actor<'_>,
+                message_id: &str,
+                patch: MessagePatch,
+                enc: Encoder<'_, MessageRow>,
+            ) -> StoreResult<Changed<MessageRow>> {
+                let mut tx = self.write.begin().await?;
+                let (before, sequence) = self.lock_message(&mut tx, actor.tenant_id, message_id).await?;
+                if patch.expected_version.is_some_and(|v| v != before.version) {
+                    return Err(StoreError::Stale);
+                }
+                let row: MessageRow = sqlx::query_as(
+                    "UPDATE messages SET body = COALESCE($2, body), subject = COALESCE($3, subject), \
+                     version = version + 1, update_time = $4 WHERE id = $1 RETURNING *",
+                )
+                .bind(message_id)
+                .bind(patch.body)
+                .bind(patch.subject)
+                .bind(now_micros())
+                .fetch_one(&mut *tx)
+                .await?;
+                let payload = enc(&row, sequence);
+                Self::event(&mut tx, &row.channel_id, sequence, &payload).await?;
+                Self::audit(&mut tx, actor, "update", "messages", message_id, to_json(&before), to_json(&row)).await?;
+                tx.commit().await?;
+                Ok(Changed { row, sequence, payload })
+            }
+
+            async fn delete_message(
+                &self,
+                actor: Actor<'_>,
+                message_id: &str,
+                enc: Encoder<'_, MessageRow>,
+            ) -> StoreResult<Changed<MessageRow>> {
+                let mut tx = self.write.begin().await?;
+                let (before, sequence) = self.lock_message(&mut tx, actor.tenant_id, message_id).await?;
+                let row: MessageRow = sqlx::query_as(
+                    "UPDATE messages SET version = version + 1, delete_time = $2, deleted_by = $3 \
+                     WHERE id = $1 RETURNING *",
+                )
+                .bind(message_id)
+                .bind(now_micros())
+                .bind(actor.user_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                let payload = enc(&row, sequence);
+                Self::event(&mut tx, &row.channel_id, sequence, &payload).await?;
+                Self::audit(&mut tx, actor, "delete", "messages", message_id, to_json(&before), to_json(&row)).await?;
+                tx.commit().await?;
+                Ok(Changed { row, sequence, payload })
+            }
+
+            async fn count_messages(&self, channel_id: &str) -> StoreResult<i64> {
+                Ok(sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM messages WHERE channel_id = $1 AND delete_time IS NULL",
+                )
+                .bind(channel_id)
+                .fetch_one(&self.read)
+                .await?)
+            }
+        }
+
+        #[async_trait]
+        impl ReadStateStore for $store {
+            async fn mark_read(&self, channel_id: &str, user: &str, sequence: i64) -> StoreResult<i64> {
+                let mut tx = self.write.begin().await?;
+                sqlx::query(
+                    "UPDATE members SET read_sequence = $3 \
+                     WHERE channel_id = $1 AND user_id = $2 AND read_sequence < $3",
+                )
+                .bind(channel_id)
+                .bind(user)
+                .bind(sequence)
+                .execute(&mut *tx)
+                .await?;
+                let marker: i64 = sqlx::query_scalar(
+                    "SELECT read_sequence FROM members WHERE channel_id = $1 AND user_id = $2",
+                )
+                .bind(channel_id)
+                .bind(user)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+                tx.commit().await?;
+                Ok(marker)
+            }
+
+            async fn set_favorite(
+                &self,
+                tenant: &str,
+                user: &str,
+                message_id: &str,
+                favorite: bool,
+            ) -> StoreResult<()> {
+                if favorite {
+                    sqlx::query(
+                        "INSERT INTO favorites (tenant_id, user_id, message_id, create_time) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (message_id, user_id) DO NOTHING",
+                    )
+                    .bind(tenant)
+                    .bind(user)
+                    .bind(message_id)
+                    .bind(now_micros())
+                    .execute(&self.write)
+                    .await?;
+                } else {
+                    sqlx::query("DELETE FROM favorites WHERE message_id = $1 AND user_id = $2")
+                        .bind(message_id)
+                        .bind(user)
+                        .execute(&self.write)
+                        .await?;
+                }
+                Ok(())
+            }
+
+            async fn recipients(&self, msg: &MessageRow) -> StoreResult<Vec<RecipientState>> {
+                let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+                    "SELECT m.user_id, m.read_sequence, \
+                     (SELECT COUNT(*) FROM favorites f WHERE f.message_id = $2 AND f.user_id = m.user_id) \
+                     FROM members m WHERE m.channel_id = $1 ORDER BY m.join_time, m.user_id",
+                )
+                .bind(&msg.channel_id)
+                .bind(&msg.id)
+                .fetch_all(&self.read)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(user_id, read_sequence, favorites)| RecipientState {
+                        read: user_id == msg.sender_id || read_sequence >= msg.sequence,
+                        favorite: favorites > 0,
+                        user_id,
+                    })
+                    .collect())
+            }
+
+            async fn unread_counts(&self, tenant: &str, user: &str) -> StoreResult<Vec<(String, i64)>> {
+                Ok(sqlx::query_as(
+                    "SELECT m.channel_id, COUNT(msg.id) FROM members m \
+                     LEFT JOIN messages msg ON msg.channel_id = m.channel_id \
+                     AND msg.sequence > m.read_sequence AND msg.sender_id <> m.user_id \
+                     AND msg.delete_time IS NULL \
+                     WHERE m.tenant_id = $1 AND m.user_id = $2 \
+                     GROUP BY m.channel_id ORDER BY m.channel_id",
+                )
+                .bind(tenant)
+                .bind(user)
+                .fetch_all(&self.read)
+                .await?)
+            }
+        }
+
+        #[async_trait]
+        impl EventStore for $store {
+            async fn events(
+                &self,
+                channel_id: &str,
+                after: i64,
+                up_to: i64,
+                limit: i64,
+            ) -> StoreResult<Vec<EventRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT * FROM events WHERE channel_id = $1 AND sequence > $2 \
+                     AND sequence <= $3 ORDER BY sequence LIMIT $4",
+                )
+                .bind(channel_id)
+                .bind(after)
+                .bind(up_to)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?)
+            }
+        }
+
+        impl Store for $store {
+            fn close(&self) -> BoxFuture<'_, ()> {
+                Box::pin(async move {
+                    self.write.close().await;
+                    self.read.close().await;
+                })
+            }
+        }
+    };
+}
+
+impl_store!(SqliteStore, Sqlite);
+impl_store!(PostgresStore, Postgres);
