@@ -115,7 +115,12 @@ pub struct Caller {
 
 impl Caller {
     /// A caller with the given keys, for tests and tools.
-    pub fn new(user_id: &str, tenant_id: &str, permissions: &[Permission], expires_at: u64) -> Caller {
+    pub fn new(
+        user_id: &str,
+        tenant_id: &str,
+        permissions: &[Permission],
+        expires_at: u64,
+    ) -> Caller {
         Caller {
             user_id: user_id.to_owned(),
             tenant_id: tenant_id.to_owned(),
@@ -130,7 +135,10 @@ impl Caller {
         if !self.enforce || self.permissions & p.bit() != 0 {
             Ok(())
         } else {
-            Err(Error::PermissionDenied(format!("the token lacks the permission key {}", p.name())))
+            Err(Error::PermissionDenied(format!(
+                "the token lacks the permission key {}",
+                p.name()
+            )))
         }
     }
 
@@ -190,7 +198,9 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("issuer", &self.settings.issuer).finish_non_exhaustive()
+        f.debug_struct("Verifier")
+            .field("issuer", &self.settings.issuer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -208,18 +218,23 @@ fn pem_key(path: &PathBuf) -> Result<(DecodingKey, Algorithm), String> {
     if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
         return Ok((k, Algorithm::EdDSA));
     }
-    Err(format!("{}: not an RSA, EC or Ed25519 public key in PEM form", path.display()))
+    Err(format!(
+        "{}: not an RSA, EC or Ed25519 public key in PEM form",
+        path.display()
+    ))
 }
 
 fn load_jwks(path: &PathBuf) -> Result<Keys, String> {
     let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let set: JwkSet =
-        serde_json::from_slice(&text).map_err(|e| format!("{}: not a JWKS: {e}", path.display()))?;
+    let set: JwkSet = serde_json::from_slice(&text)
+        .map_err(|e| format!("{}: not a JWKS: {e}", path.display()))?;
     let mut by_kid = HashMap::new();
     for jwk in &set.keys {
         let alg = match &jwk.algorithm {
             AlgorithmParameters::RSA(_) => Algorithm::RS256,
-            AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P384 => Algorithm::ES384,
+            AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P384 => {
+                Algorithm::ES384
+            }
             AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
             AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
             // Shared secrets in a JWKS file would let anyone who reads it mint tokens.
@@ -231,11 +246,15 @@ fn load_jwks(path: &PathBuf) -> Result<Keys, String> {
             .and_then(|ka| serde_json::to_value(ka).ok())
             .and_then(|v| v.as_str().and_then(|s| s.parse::<Algorithm>().ok()))
             .unwrap_or(alg);
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("{}: bad key: {e}", path.display()))?;
+        let key =
+            DecodingKey::from_jwk(jwk).map_err(|e| format!("{}: bad key: {e}", path.display()))?;
         by_kid.insert(jwk.common.key_id.clone().unwrap_or_default(), (key, alg));
     }
     if by_kid.is_empty() {
-        return Err(format!("{}: the JWKS holds no usable public key", path.display()));
+        return Err(format!(
+            "{}: the JWKS holds no usable public key",
+            path.display()
+        ));
     }
     Ok(Keys { by_kid })
 }
@@ -255,7 +274,10 @@ impl Verifier {
                     return Err("JWT_SECRET is empty".into());
                 }
                 let mut by_kid = HashMap::new();
-                by_kid.insert(String::new(), (DecodingKey::from_secret(s), Algorithm::HS256));
+                by_kid.insert(
+                    String::new(),
+                    (DecodingKey::from_secret(s), Algorithm::HS256),
+                );
                 (Some(Arc::new(Keys { by_kid })), None)
             }
             KeySource::PublicKeyPem(p) => {
@@ -274,7 +296,11 @@ impl Verifier {
                 (None, Some(Mutex::new(cache)))
             }
         };
-        Ok(Verifier { settings, fixed, jwks })
+        Ok(Verifier {
+            settings,
+            fixed,
+            jwks,
+        })
     }
 
     fn keys(&self) -> Arc<Keys> {
@@ -282,7 +308,9 @@ impl Verifier {
             return k.clone();
         }
         let Some(m) = &self.jwks else {
-            return Arc::new(Keys { by_kid: HashMap::new() });
+            return Arc::new(Keys {
+                by_kid: HashMap::new(),
+            });
         };
         let mut cache = m.lock().unwrap_or_else(|p| p.into_inner());
         if cache.checked.elapsed() >= JWKS_CHECK_INTERVAL {
@@ -296,7 +324,9 @@ impl Verifier {
                         cache.modified = now;
                         tracing::info!(path = %cache.path.display(), "JWKS reloaded");
                     }
-                    Err(e) => tracing::warn!(error = %e, "JWKS reload failed; keeping the old keys"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "JWKS reload failed; keeping the old keys")
+                    }
                 }
             }
         }
@@ -309,7 +339,8 @@ impl Verifier {
     /// unknown `kid`, bad signature, expired, not yet valid, wrong issuer, wrong audience,
     /// no user id).
     pub fn verify_header(&self, header: Option<&str>) -> Result<Caller, Error> {
-        let header = header.ok_or_else(|| unauth("missing authorization metadata (expected `Bearer <JWT>`)"))?;
+        let header = header
+            .ok_or_else(|| unauth("missing authorization metadata (expected `Bearer <JWT>`)"))?;
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
@@ -325,16 +356,28 @@ impl Verifier {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| unauth("malformed token"))?;
-        let alg = header_json.get("alg").and_then(Value::as_str).unwrap_or_default();
+        let alg = header_json
+            .get("alg")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if alg.eq_ignore_ascii_case("none") {
             return Err(unauth("unsigned tokens (alg none) are refused"));
         }
-        let kid = header_json.get("kid").and_then(Value::as_str).unwrap_or_default();
+        let kid = header_json
+            .get("kid")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let keys = self.keys();
         let (key, key_alg) = keys
             .by_kid
             .get(kid)
-            .or_else(|| if keys.by_kid.len() == 1 { keys.by_kid.values().next() } else { None })
+            .or_else(|| {
+                if keys.by_kid.len() == 1 {
+                    keys.by_kid.values().next()
+                } else {
+                    None
+                }
+            })
             .ok_or_else(|| unauth(format!("no key with kid {kid:?}")))?;
         let mut v = Validation::new(*key_alg);
         v.leeway = LEEWAY_SECONDS;
@@ -356,7 +399,9 @@ impl Verifier {
                 K::InvalidIssuer => "wrong issuer".to_owned(),
                 K::InvalidAudience => "wrong audience".to_owned(),
                 K::ImmatureSignature => "token not valid yet (nbf)".to_owned(),
-                K::InvalidAlgorithm => format!("algorithm {alg} not accepted (expected {key_alg:?})"),
+                K::InvalidAlgorithm => {
+                    format!("algorithm {alg} not accepted (expected {key_alg:?})")
+                }
                 K::MissingRequiredClaim(c) => format!("missing claim {c}"),
                 _ => "malformed token".to_owned(),
             })
@@ -415,13 +460,19 @@ pub struct TokenSpec<'a> {
 
 /// Every permission key by name, for development tokens.
 pub fn all_permission_names() -> Vec<String> {
-    ALL_PERMISSIONS.iter().map(|p| p.name().to_owned()).collect()
+    ALL_PERMISSIONS
+        .iter()
+        .map(|p| p.name().to_owned())
+        .collect()
 }
 
 /// Mints an HS256 token (the `token` subcommand and tests).
 ///
 /// Errors: only if signing fails, which HS256 with any secret does not.
-pub fn mint_hs256(secret: &[u8], spec: &TokenSpec<'_>) -> Result<String, jsonwebtoken::errors::Error> {
+pub fn mint_hs256(
+    secret: &[u8],
+    spec: &TokenSpec<'_>,
+) -> Result<String, jsonwebtoken::errors::Error> {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
@@ -439,5 +490,9 @@ pub fn mint_hs256(secret: &[u8], spec: &TokenSpec<'_>) -> Result<String, jsonweb
     if let Some(aud) = spec.audience {
         claims["aud"] = Value::from(aud);
     }
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
 }

@@ -65,7 +65,11 @@ pub async fn connect(server: &str, token: &str) -> Result<(ChatClient, GroupClie
 }
 
 fn verifier_settings(a: &AuthArgs) -> Result<(AuthSettings, Option<String>), String> {
-    let set = [a.jwt_secret.is_some(), a.jwt_public_key.is_some(), a.jwt_jwks.is_some()];
+    let set = [
+        a.jwt_secret.is_some(),
+        a.jwt_public_key.is_some(),
+        a.jwt_jwks.is_some(),
+    ];
     if set.iter().filter(|s| **s).count() > 1 {
         return Err("JWT_SECRET, JWT_PUBLIC_KEY and JWT_JWKS: set only one".into());
     }
@@ -86,7 +90,8 @@ fn verifier_settings(a: &AuthArgs) -> Result<(AuthSettings, Option<String>), Str
                 let bytes: [u8; 32] = rand::random();
                 let s = hex::encode(bytes);
                 let _ = std::fs::create_dir_all("./data");
-                std::fs::write(DEV_SECRET_PATH, &s).map_err(|e| format!("{DEV_SECRET_PATH}: {e}"))?;
+                std::fs::write(DEV_SECRET_PATH, &s)
+                    .map_err(|e| format!("{DEV_SECRET_PATH}: {e}"))?;
                 s
             }
         };
@@ -201,7 +206,9 @@ pub fn token(args: TokenArgs) -> Result<(), String> {
         Some(s) => s,
         None => std::fs::read_to_string(DEV_SECRET_PATH)
             .map(|s| s.trim().to_owned())
-            .map_err(|_| format!("JWT_SECRET: not set, and no development secret at {DEV_SECRET_PATH}"))?,
+            .map_err(|_| {
+                format!("JWT_SECRET: not set, and no development secret at {DEV_SECRET_PATH}")
+            })?,
     };
     let permissions = args.permissions.unwrap_or_else(auth::all_permission_names);
     let token = auth::mint_hs256(
@@ -227,7 +234,11 @@ fn status_line(s: Status) -> String {
 /// `group create` / `group add`.
 pub async fn group(cmd: GroupCommand) -> Result<(), String> {
     match cmd {
-        GroupCommand::Create { client, name, members } => {
+        GroupCommand::Create {
+            client,
+            name,
+            members,
+        } => {
             let (_, mut groups) = connect(&client.server, &client.token).await?;
             let resp = groups
                 .create_group(proto::CreateGroupRequest {
@@ -241,7 +252,11 @@ pub async fn group(cmd: GroupCommand) -> Result<(), String> {
             let ch = resp.channel.unwrap_or_default();
             println!("{}", ch.id);
         }
-        GroupCommand::Add { client, channel, users } => {
+        GroupCommand::Add {
+            client,
+            channel,
+            users,
+        } => {
             let (_, mut groups) = connect(&client.server, &client.token).await?;
             let resp = groups
                 .add_members(proto::AddMembersRequest {
@@ -321,7 +336,7 @@ pub async fn tail(args: TailArgs) -> Result<(), String> {
         let result = async {
             let (mut chat, _) = connect(&args.client.server, &args.client.token)
                 .await
-                .map_err(|e| Status::unavailable(e))?;
+                .map_err(Status::unavailable)?;
             let mut stream = chat
                 .subscribe(proto::SubscribeRequest {
                     channel_ids: args.channels.clone(),
@@ -341,7 +356,16 @@ pub async fn tail(args: TailArgs) -> Result<(), String> {
         .await;
         match result {
             Ok(()) => eprintln!("-- the server ended the feed; resuming"),
-            Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied | Code::NotFound | Code::InvalidArgument | Code::OutOfRange) => {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unauthenticated
+                        | Code::PermissionDenied
+                        | Code::NotFound
+                        | Code::InvalidArgument
+                        | Code::OutOfRange
+                ) =>
+            {
                 return Err(status_line(s));
             }
             Err(s) => eprintln!("-- connection lost ({}); resuming in 1 s", status_line(s)),
@@ -366,9 +390,17 @@ fn print_event(ev: &proto::SubscribeResponse) {
             let m = e.message.clone().unwrap_or_default();
             println!("[{ch} #{seq}] {} deleted", m.id);
         }
-        Some(Event::ReadMarkerUpdated(e)) => println!("[{ch}] {} read up to #{}", e.user_id, e.read_sequence),
-        Some(Event::MemberAdded(e)) => println!("[{ch} #{seq}] {} joined", e.member.clone().unwrap_or_default().user_id),
-        Some(Event::MemberRemoved(e)) => println!("[{ch} #{seq}] {} left", e.member.clone().unwrap_or_default().user_id),
+        Some(Event::ReadMarkerUpdated(e)) => {
+            println!("[{ch}] {} read up to #{}", e.user_id, e.read_sequence)
+        }
+        Some(Event::MemberAdded(e)) => println!(
+            "[{ch} #{seq}] {} joined",
+            e.member.clone().unwrap_or_default().user_id
+        ),
+        Some(Event::MemberRemoved(e)) => println!(
+            "[{ch} #{seq}] {} left",
+            e.member.clone().unwrap_or_default().user_id
+        ),
         Some(Event::Heartbeat(_)) | None => {}
     }
 }

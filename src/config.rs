@@ -9,7 +9,11 @@ use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 /// The `chat-service` command line.
 #[derive(Debug, Parser)]
-#[command(name = "chat-service", version, about = "A chat backend served over gRPC")]
+#[command(
+    name = "chat-service",
+    version,
+    about = "A chat backend served over gRPC"
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -20,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate(DbArgs),
     /// Mint an HS256 token from JWT_SECRET (or the development secret under ./data).
@@ -84,7 +88,10 @@ impl DbArgs {
         };
         let enc = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
         match connector.as_str() {
-            "sqlite" => Ok(format!("sqlite://{}", self.db_database.as_deref().unwrap_or("./data/chat.db"))),
+            "sqlite" => Ok(format!(
+                "sqlite://{}",
+                self.db_database.as_deref().unwrap_or("./data/chat.db")
+            )),
             "postgres" | "postgresql" => {
                 let user = self.db_user.as_deref().unwrap_or("postgres");
                 let auth = match &self.db_password {
@@ -98,8 +105,12 @@ impl DbArgs {
                     enc(self.db_database.as_deref().unwrap_or("chat"))
                 ))
             }
-            "mysql" => Err("DB_CONNECTOR: mysql is not supported yet (use sqlite or postgres)".into()),
-            other => Err(format!("DB_CONNECTOR: unknown connector {other:?} (use sqlite or postgres)")),
+            "mysql" => {
+                Err("DB_CONNECTOR: mysql is not supported yet (use sqlite or postgres)".into())
+            }
+            other => Err(format!(
+                "DB_CONNECTOR: unknown connector {other:?} (use sqlite or postgres)"
+            )),
         }
     }
 }

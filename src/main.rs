@@ -1,8 +1,8 @@
 //! The `chat-service` binary: parse the command line, start tracing, run the subcommand.
 
-use clap::Parser;
 use chat_service::cli;
 use chat_service::config::{Cli, Command};
+use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -19,9 +19,12 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
-        Command::Serve(a) => cli::serve(a).await,
+        Command::Serve(a) => cli::serve(*a).await,
         Command::Migrate(a) => cli::migrate(a).await,
         Command::Token(a) => cli::token(a),
         Command::Group(c) => cli::group(c).await,

@@ -41,8 +41,14 @@ pub async fn serve(
     let hub = chat.hub().clone();
     let mut router = Server::builder()
         .add_service(health_service)
-        .add_service(ChatServiceServer::with_interceptor(ChatApi::new(chat.clone()), auth.clone()))
-        .add_service(GroupServiceServer::with_interceptor(GroupApi::new(chat), auth));
+        .add_service(ChatServiceServer::with_interceptor(
+            ChatApi::new(chat.clone()),
+            auth.clone(),
+        ))
+        .add_service(GroupServiceServer::with_interceptor(
+            GroupApi::new(chat),
+            auth,
+        ));
     if let Ok(reflection) = reflection {
         router = router.add_service(reflection);
     }

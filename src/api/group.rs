@@ -25,31 +25,58 @@ impl GroupApi {
 
 #[tonic::async_trait]
 impl GroupService for GroupApi {
-    async fn create_group(&self, req: Request<CreateGroupRequest>) -> Result<Response<CreateGroupResponse>, Status> {
+    async fn create_group(
+        &self,
+        req: Request<CreateGroupRequest>,
+    ) -> Result<Response<CreateGroupResponse>, Status> {
         unary!(self, req, create_group)
     }
-    async fn get_group(&self, req: Request<GetGroupRequest>) -> Result<Response<GetGroupResponse>, Status> {
+    async fn get_group(
+        &self,
+        req: Request<GetGroupRequest>,
+    ) -> Result<Response<GetGroupResponse>, Status> {
         unary!(self, req, get_group)
     }
-    async fn list_groups(&self, req: Request<ListGroupsRequest>) -> Result<Response<ListGroupsResponse>, Status> {
+    async fn list_groups(
+        &self,
+        req: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
         unary!(self, req, list_groups)
     }
-    async fn update_group(&self, req: Request<UpdateGroupRequest>) -> Result<Response<UpdateGroupResponse>, Status> {
+    async fn update_group(
+        &self,
+        req: Request<UpdateGroupRequest>,
+    ) -> Result<Response<UpdateGroupResponse>, Status> {
         unary!(self, req, update_group)
     }
-    async fn delete_group(&self, req: Request<DeleteGroupRequest>) -> Result<Response<DeleteGroupResponse>, Status> {
+    async fn delete_group(
+        &self,
+        req: Request<DeleteGroupRequest>,
+    ) -> Result<Response<DeleteGroupResponse>, Status> {
         unary!(self, req, delete_group)
     }
-    async fn add_members(&self, req: Request<AddMembersRequest>) -> Result<Response<AddMembersResponse>, Status> {
+    async fn add_members(
+        &self,
+        req: Request<AddMembersRequest>,
+    ) -> Result<Response<AddMembersResponse>, Status> {
         unary!(self, req, add_members)
     }
-    async fn remove_member(&self, req: Request<RemoveMemberRequest>) -> Result<Response<RemoveMemberResponse>, Status> {
+    async fn remove_member(
+        &self,
+        req: Request<RemoveMemberRequest>,
+    ) -> Result<Response<RemoveMemberResponse>, Status> {
         unary!(self, req, remove_member)
     }
-    async fn list_members(&self, req: Request<ListMembersRequest>) -> Result<Response<ListMembersResponse>, Status> {
+    async fn list_members(
+        &self,
+        req: Request<ListMembersRequest>,
+    ) -> Result<Response<ListMembersResponse>, Status> {
         unary!(self, req, list_members)
     }
-    async fn update_member_role(&self, req: Request<UpdateMemberRoleRequest>) -> Result<Response<UpdateMemberRoleResponse>, Status> {
+    async fn update_member_role(
+        &self,
+        req: Request<UpdateMemberRoleRequest>,
+    ) -> Result<Response<UpdateMemberRoleResponse>, Status> {
         unary!(self, req, update_member_role)
     }
 }

@@ -61,8 +61,16 @@ pub fn message(m: &MessageRow) -> proto::Message {
         id: m.id.clone(),
         channel_id: m.channel_id.clone(),
         sender_id: m.sender_id.clone(),
-        body: if deleted { String::new() } else { m.body.clone() },
-        subject: if deleted { String::new() } else { m.subject.clone() },
+        body: if deleted {
+            String::new()
+        } else {
+            m.body.clone()
+        },
+        subject: if deleted {
+            String::new()
+        } else {
+            m.subject.clone()
+        },
         parent_message_id: m.parent_message_id.clone().unwrap_or_default(),
         attachment_ids: serde_json::from_str(&m.attachment_ids).unwrap_or_default(),
         client_message_id: m.client_message_id.clone().unwrap_or_default(),

@@ -36,7 +36,11 @@ impl Chat {
     ///
     /// Errors: `INVALID_ARGUMENT` (bad ids or cursors), `NOT_FOUND` (a listed channel the caller
     /// is not in), `OUT_OF_RANGE` (a cursor beyond its channel's last sequence).
-    pub async fn subscribe(self: &Arc<Self>, caller: Caller, req: proto::SubscribeRequest) -> Result<mpsc::Receiver<FeedItem>> {
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        caller: Caller,
+        req: proto::SubscribeRequest,
+    ) -> Result<mpsc::Receiver<FeedItem>> {
         caller.require(Permission::ViewMessage)?;
         let mut c = Check::new();
         for (i, id) in req.channel_ids.iter().enumerate() {
@@ -63,11 +67,17 @@ impl Chat {
         // Follow first, then read where each channel stands (see the module docs).
         let mut heads: Vec<(String, i64)> = Vec::new();
         if all {
-            let before = self.store.memberships(&session.caller.tenant_id, &session.caller.user_id).await?;
+            let before = self
+                .store
+                .memberships(&session.caller.tenant_id, &session.caller.user_id)
+                .await?;
             for (ch, _) in &before {
                 session.follow(&ch.id);
             }
-            let now = self.store.memberships(&session.caller.tenant_id, &session.caller.user_id).await?;
+            let now = self
+                .store
+                .memberships(&session.caller.tenant_id, &session.caller.user_id)
+                .await?;
             for (ch, _) in now {
                 if session.sent.contains_key(&ch.id) {
                     heads.push((ch.id, ch.last_sequence));
@@ -146,7 +156,10 @@ impl Session {
 
     async fn run(mut self, mut rx: mpsc::Receiver<Item>, replay: Vec<String>) {
         let heartbeat_every = self.chat.settings.heartbeat;
-        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat_every, heartbeat_every);
+        let mut heartbeat = tokio::time::interval_at(
+            tokio::time::Instant::now() + heartbeat_every,
+            heartbeat_every,
+        );
         let expiry = tokio::time::sleep(self.caller.time_left());
         tokio::pin!(expiry);
         let mut shutdown = self.chat.hub.shutdown_signal();
@@ -219,11 +232,16 @@ impl Session {
             if after >= up_to {
                 return Ok(true);
             }
-            let rows = self.chat.store.events(channel_id, after, up_to, REPLAY_PAGE).await?;
+            let rows = self
+                .chat
+                .store
+                .events(channel_id, after, up_to, REPLAY_PAGE)
+                .await?;
             let full = rows.len() as i64 == REPLAY_PAGE;
             for row in rows {
-                let ev = proto::SubscribeResponse::decode(row.payload.as_slice())
-                    .map_err(|e| Error::Internal(format!("stored event {channel_id}/{}: {e}", row.sequence)))?;
+                let ev = proto::SubscribeResponse::decode(row.payload.as_slice()).map_err(|e| {
+                    Error::Internal(format!("stored event {channel_id}/{}: {e}", row.sequence))
+                })?;
                 if !self.emit(ev).await? {
                     return Ok(false);
                 }
@@ -274,7 +292,11 @@ impl Session {
             }
         }
         if lag.memberships && self.all {
-            let now = self.chat.store.memberships(&self.caller.tenant_id, &self.caller.user_id).await?;
+            let now = self
+                .chat
+                .store
+                .memberships(&self.caller.tenant_id, &self.caller.user_id)
+                .await?;
             for (ch, m) in now {
                 if !self.on_joined(&ch.id, m.join_sequence).await? {
                     return Ok(false);

@@ -17,7 +17,10 @@ fn role_from(field: &str, r: i32, default_member: bool, c: &mut Check) -> Role {
         Ok(proto::MemberRole::Member) => Role::Member,
         Ok(proto::MemberRole::Unspecified) if default_member => Role::Member,
         _ => {
-            c.fail(field, "must be MEMBER_ROLE_OWNER, MEMBER_ROLE_ADMIN or MEMBER_ROLE_MEMBER");
+            c.fail(
+                field,
+                "must be MEMBER_ROLE_OWNER, MEMBER_ROLE_ADMIN or MEMBER_ROLE_MEMBER",
+            );
             Role::Member
         }
     }
@@ -25,14 +28,31 @@ fn role_from(field: &str, r: i32, default_member: bool, c: &mut Check) -> Role {
 
 impl Chat {
     /// CreateGroup: the caller becomes OWNER. Key: CreateGroup.
-    pub async fn create_group(&self, caller: &Caller, req: proto::CreateGroupRequest) -> Result<proto::CreateGroupResponse> {
+    pub async fn create_group(
+        &self,
+        caller: &Caller,
+        req: proto::CreateGroupRequest,
+    ) -> Result<proto::CreateGroupResponse> {
         caller.require(Permission::CreateGroup)?;
         let mut c = Check::new();
         c.text("name", &req.name, validate::MAX_NAME_CHARS, true);
-        c.text("description", &req.description, validate::MAX_DESCRIPTION_CHARS, false);
-        c.text("channel_type", &req.channel_type, validate::MAX_CHANNEL_TYPE_CHARS, false);
+        c.text(
+            "description",
+            &req.description,
+            validate::MAX_DESCRIPTION_CHARS,
+            false,
+        );
+        c.text(
+            "channel_type",
+            &req.channel_type,
+            validate::MAX_CHANNEL_TYPE_CHARS,
+            false,
+        );
         if req.member_ids.len() > validate::MAX_MEMBERS_PER_CALL {
-            c.fail("member_ids", format!("at most {} users", validate::MAX_MEMBERS_PER_CALL));
+            c.fail(
+                "member_ids",
+                format!("at most {} users", validate::MAX_MEMBERS_PER_CALL),
+            );
         }
         for (i, m) in req.member_ids.iter().enumerate() {
             c.user_id(&format!("member_ids[{i}]"), m);
@@ -53,7 +73,12 @@ impl Chat {
         };
         let (channel, added) = self
             .store
-            .create_group(Self::actor(caller), row, &req.member_ids, &encode_member_added)
+            .create_group(
+                Self::actor(caller),
+                row,
+                &req.member_ids,
+                &encode_member_added,
+            )
             .await?;
         self.publish_members(&caller.tenant_id, &added, true);
         Ok(proto::CreateGroupResponse {
@@ -62,7 +87,11 @@ impl Chat {
     }
 
     /// GetGroup: members only. Key: ViewGroup.
-    pub async fn get_group(&self, caller: &Caller, req: proto::GetGroupRequest) -> Result<proto::GetGroupResponse> {
+    pub async fn get_group(
+        &self,
+        caller: &Caller,
+        req: proto::GetGroupRequest,
+    ) -> Result<proto::GetGroupResponse> {
         caller.require(Permission::ViewGroup)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
@@ -74,7 +103,11 @@ impl Chat {
     }
 
     /// ListGroups: the caller's channels, newest first. Key: ViewGroup.
-    pub async fn list_groups(&self, caller: &Caller, req: proto::ListGroupsRequest) -> Result<proto::ListGroupsResponse> {
+    pub async fn list_groups(
+        &self,
+        caller: &Caller,
+        req: proto::ListGroupsRequest,
+    ) -> Result<proto::ListGroupsResponse> {
         caller.require(Permission::ViewGroup)?;
         let mut c = Check::new();
         let size = c.page_size("page_size", req.page_size);
@@ -82,11 +115,18 @@ impl Chat {
         let before = validate::decode_page_token(&req.page_token, "groups")?;
         let mut rows = self
             .store
-            .list_channels(&caller.tenant_id, &caller.user_id, before.as_deref(), size + 1)
+            .list_channels(
+                &caller.tenant_id,
+                &caller.user_id,
+                before.as_deref(),
+                size + 1,
+            )
             .await?;
         let next_page_token = if rows.len() as i64 > size {
             rows.truncate(size as usize);
-            rows.last().map(|r| validate::encode_page_token("groups", &r.id)).unwrap_or_default()
+            rows.last()
+                .map(|r| validate::encode_page_token("groups", &r.id))
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -97,13 +137,24 @@ impl Chat {
     }
 
     /// UpdateGroup: OWNER / ADMIN, by `update_mask`. Key: UpdateGroup.
-    pub async fn update_group(&self, caller: &Caller, req: proto::UpdateGroupRequest) -> Result<proto::UpdateGroupResponse> {
+    pub async fn update_group(
+        &self,
+        caller: &Caller,
+        req: proto::UpdateGroupRequest,
+    ) -> Result<proto::UpdateGroupResponse> {
         caller.require(Permission::UpdateGroup)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
-        let paths = req.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        let paths = req
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.clone())
+            .unwrap_or_default();
         if paths.is_empty() {
-            c.fail("update_mask", "required: list the fields to change (name, description, channel_type)");
+            c.fail(
+                "update_mask",
+                "required: list the fields to change (name, description, channel_type)",
+            );
         }
         let mut patch = GroupPatch::default();
         for p in &paths {
@@ -113,28 +164,48 @@ impl Chat {
                     patch.name = Some(req.name.clone());
                 }
                 "description" => {
-                    c.text("description", &req.description, validate::MAX_DESCRIPTION_CHARS, false);
+                    c.text(
+                        "description",
+                        &req.description,
+                        validate::MAX_DESCRIPTION_CHARS,
+                        false,
+                    );
                     patch.description = Some(req.description.clone());
                 }
                 "channel_type" => {
-                    c.text("channel_type", &req.channel_type, validate::MAX_CHANNEL_TYPE_CHARS, false);
+                    c.text(
+                        "channel_type",
+                        &req.channel_type,
+                        validate::MAX_CHANNEL_TYPE_CHARS,
+                        false,
+                    );
                     patch.channel_type = Some(req.channel_type.clone());
                 }
-                other => c.fail("update_mask", format!("unknown or immutable field {other:?}")),
+                other => c.fail(
+                    "update_mask",
+                    format!("unknown or immutable field {other:?}"),
+                ),
             }
         }
         c.done()?;
         let (channel, member) = self.channel_as_member(caller, &req.channel_id).await?;
         policy::require_group(&channel)?;
         policy::require_manager(&member)?;
-        let row = self.store.update_group(Self::actor(caller), &req.channel_id, patch).await?;
+        let row = self
+            .store
+            .update_group(Self::actor(caller), &req.channel_id, patch)
+            .await?;
         Ok(proto::UpdateGroupResponse {
             channel: Some(convert::channel(&row)),
         })
     }
 
     /// DeleteGroup: OWNER; every member is removed, so feeds of it end. Key: DeleteGroup.
-    pub async fn delete_group(&self, caller: &Caller, req: proto::DeleteGroupRequest) -> Result<proto::DeleteGroupResponse> {
+    pub async fn delete_group(
+        &self,
+        caller: &Caller,
+        req: proto::DeleteGroupRequest,
+    ) -> Result<proto::DeleteGroupResponse> {
         caller.require(Permission::DeleteGroup)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
@@ -151,14 +222,21 @@ impl Chat {
     }
 
     /// AddMembers: OWNER / ADMIN; owners only by an OWNER. Key: UpdateGroup.
-    pub async fn add_members(&self, caller: &Caller, req: proto::AddMembersRequest) -> Result<proto::AddMembersResponse> {
+    pub async fn add_members(
+        &self,
+        caller: &Caller,
+        req: proto::AddMembersRequest,
+    ) -> Result<proto::AddMembersResponse> {
         caller.require(Permission::UpdateGroup)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
         if req.user_ids.is_empty() {
             c.fail("user_ids", "required: at least one user");
         } else if req.user_ids.len() > validate::MAX_MEMBERS_PER_CALL {
-            c.fail("user_ids", format!("at most {} users", validate::MAX_MEMBERS_PER_CALL));
+            c.fail(
+                "user_ids",
+                format!("at most {} users", validate::MAX_MEMBERS_PER_CALL),
+            );
         }
         for (i, u) in req.user_ids.iter().enumerate() {
             c.user_id(&format!("user_ids[{i}]"), u);
@@ -173,7 +251,13 @@ impl Chat {
         }
         let added = self
             .store
-            .add_members(Self::actor(caller), &req.channel_id, &req.user_ids, role, &encode_member_added)
+            .add_members(
+                Self::actor(caller),
+                &req.channel_id,
+                &req.user_ids,
+                role,
+                &encode_member_added,
+            )
             .await?;
         self.publish_members(&caller.tenant_id, &added, true);
         Ok(proto::AddMembersResponse {
@@ -183,7 +267,11 @@ impl Chat {
 
     /// RemoveMember: OWNER / ADMIN, or the member leaving; the last OWNER cannot leave.
     /// Key: UpdateGroup.
-    pub async fn remove_member(&self, caller: &Caller, req: proto::RemoveMemberRequest) -> Result<proto::RemoveMemberResponse> {
+    pub async fn remove_member(
+        &self,
+        caller: &Caller,
+        req: proto::RemoveMemberRequest,
+    ) -> Result<proto::RemoveMemberResponse> {
         caller.require(Permission::UpdateGroup)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
@@ -212,14 +300,23 @@ impl Chat {
         }
         let removed = self
             .store
-            .remove_member(Self::actor(caller), &req.channel_id, &req.user_id, &encode_member_removed)
+            .remove_member(
+                Self::actor(caller),
+                &req.channel_id,
+                &req.user_id,
+                &encode_member_removed,
+            )
             .await?;
         self.publish_members(&caller.tenant_id, std::slice::from_ref(&removed), false);
         Ok(proto::RemoveMemberResponse {})
     }
 
     /// ListMembers: members only, join order. Key: ViewGroup.
-    pub async fn list_members(&self, caller: &Caller, req: proto::ListMembersRequest) -> Result<proto::ListMembersResponse> {
+    pub async fn list_members(
+        &self,
+        caller: &Caller,
+        req: proto::ListMembersRequest,
+    ) -> Result<proto::ListMembersResponse> {
         caller.require(Permission::ViewGroup)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
@@ -232,17 +329,24 @@ impl Chat {
                 let (t, u) = k
                     .split_once('/')
                     .and_then(|(t, u)| t.parse::<i64>().ok().map(|t| (t, u)))
-                    .ok_or_else(|| Error::invalid("page_token", "not a page token of this request"))?;
+                    .ok_or_else(|| {
+                        Error::invalid("page_token", "not a page token of this request")
+                    })?;
                 Some((t, u))
             }
             None => None,
         };
         self.membership(caller, &req.channel_id).await?;
-        let mut rows = self.store.list_members(&req.channel_id, after, size + 1).await?;
+        let mut rows = self
+            .store
+            .list_members(&req.channel_id, after, size + 1)
+            .await?;
         let next_page_token = if rows.len() as i64 > size {
             rows.truncate(size as usize);
             rows.last()
-                .map(|m| validate::encode_page_token(&scope, &format!("{}/{}", m.join_time, m.user_id)))
+                .map(|m| {
+                    validate::encode_page_token(&scope, &format!("{}/{}", m.join_time, m.user_id))
+                })
                 .unwrap_or_default()
         } else {
             String::new()
@@ -273,8 +377,13 @@ impl Chat {
             .member(&caller.tenant_id, &req.channel_id, &req.user_id)
             .await?
             .ok_or_else(|| Error::not_found(format!("member {}", req.user_id)))?;
-        if target.role() == Role::Owner && role != Role::Owner && self.store.owner_count(&req.channel_id).await? <= 1 {
-            return Err(Error::FailedPrecondition("the last OWNER cannot step down".into()));
+        if target.role() == Role::Owner
+            && role != Role::Owner
+            && self.store.owner_count(&req.channel_id).await? <= 1
+        {
+            return Err(Error::FailedPrecondition(
+                "the last OWNER cannot step down".into(),
+            ));
         }
         let row = self
             .store

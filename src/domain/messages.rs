@@ -7,12 +7,17 @@ use crate::proto::{self, subscribe_response::Event};
 use crate::store::{Inserted, MessagePatch, MessageRow, NewMessage};
 
 use super::validate::{self, Check};
-use super::{convert, encode_message_event, encode_member_added, policy, Chat, MessageEvent};
+use super::{convert, encode_member_added, encode_message_event, policy, Chat, MessageEvent};
 
 impl Chat {
     /// Resolves the target of a send or forward: a channel the caller belongs to, or the direct
     /// channel with `recipient_id` (made, and announced, when new).
-    async fn target_channel(&self, caller: &Caller, channel_id: &str, recipient_id: &str) -> Result<String> {
+    async fn target_channel(
+        &self,
+        caller: &Caller,
+        channel_id: &str,
+        recipient_id: &str,
+    ) -> Result<String> {
         if !recipient_id.is_empty() {
             let (channel, added) = self
                 .store
@@ -49,7 +54,13 @@ impl Chat {
             .await?;
         Ok(match inserted {
             Inserted::New(row, payload) => {
-                self.publish(&caller.tenant_id, &row.channel_id, row.sequence, &payload, None);
+                self.publish(
+                    &caller.tenant_id,
+                    &row.channel_id,
+                    row.sequence,
+                    &payload,
+                    None,
+                );
                 row
             }
             Inserted::Existing(row) => row,
@@ -57,7 +68,11 @@ impl Chat {
     }
 
     /// SendMessage. Key: CreateMessage.
-    pub async fn send_message(&self, caller: &Caller, req: proto::SendMessageRequest) -> Result<proto::SendMessageResponse> {
+    pub async fn send_message(
+        &self,
+        caller: &Caller,
+        req: proto::SendMessageRequest,
+    ) -> Result<proto::SendMessageResponse> {
         caller.require(Permission::CreateMessage)?;
         let mut c = Check::new();
         Self::check_target(&mut c, caller, &req.channel_id, &req.recipient_id);
@@ -65,18 +80,26 @@ impl Chat {
         c.text("subject", &req.subject, validate::MAX_SUBJECT_CHARS, false);
         c.opt_id("parent_message_id", &req.parent_message_id);
         if req.attachment_ids.len() > validate::MAX_ATTACHMENTS {
-            c.fail("attachment_ids", format!("at most {} attachments", validate::MAX_ATTACHMENTS));
+            c.fail(
+                "attachment_ids",
+                format!("at most {} attachments", validate::MAX_ATTACHMENTS),
+            );
         }
         for (i, a) in req.attachment_ids.iter().enumerate() {
             c.id(&format!("attachment_ids[{i}]"), a);
         }
         if req.client_message_id.len() > validate::MAX_CLIENT_MESSAGE_ID_BYTES {
-            c.fail("client_message_id", format!("at most {} bytes", validate::MAX_CLIENT_MESSAGE_ID_BYTES));
+            c.fail(
+                "client_message_id",
+                format!("at most {} bytes", validate::MAX_CLIENT_MESSAGE_ID_BYTES),
+            );
         } else if req.client_message_id.contains('\0') {
             c.fail("client_message_id", "must not contain NUL characters");
         }
         c.done()?;
-        let channel_id = self.target_channel(caller, &req.channel_id, &req.recipient_id).await?;
+        let channel_id = self
+            .target_channel(caller, &req.channel_id, &req.recipient_id)
+            .await?;
         if !req.parent_message_id.is_empty() {
             let parent = self
                 .store
@@ -85,7 +108,10 @@ impl Chat {
                 .ok()
                 .filter(|p| p.channel_id == channel_id && p.delete_time.is_none());
             if parent.is_none() {
-                return Err(Error::invalid("parent_message_id", "no such message in this channel"));
+                return Err(Error::invalid(
+                    "parent_message_id",
+                    "no such message in this channel",
+                ));
             }
         }
         let row = self
@@ -108,7 +134,11 @@ impl Chat {
     }
 
     /// GetMessage. Key: ViewMessage.
-    pub async fn get_message(&self, caller: &Caller, req: proto::GetMessageRequest) -> Result<proto::GetMessageResponse> {
+    pub async fn get_message(
+        &self,
+        caller: &Caller,
+        req: proto::GetMessageRequest,
+    ) -> Result<proto::GetMessageResponse> {
         caller.require(Permission::ViewMessage)?;
         let mut c = Check::new();
         c.id("message_id", &req.message_id);
@@ -120,7 +150,11 @@ impl Chat {
     }
 
     /// ListMessages: newest first, keyset pages on the sequence. Key: ViewMessage.
-    pub async fn list_messages(&self, caller: &Caller, req: proto::ListMessagesRequest) -> Result<proto::ListMessagesResponse> {
+    pub async fn list_messages(
+        &self,
+        caller: &Caller,
+        req: proto::ListMessagesRequest,
+    ) -> Result<proto::ListMessagesResponse> {
         caller.require(Permission::ViewMessage)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
@@ -128,10 +162,13 @@ impl Chat {
         let size = c.page_size("page_size", req.page_size);
         c.done()?;
         let scope = format!("messages/{}/{}", req.channel_id, req.parent_message_id);
-        let before = match validate::decode_page_token(&req.page_token, &scope)? {
-            Some(k) => Some(k.parse::<i64>().map_err(|_| Error::invalid("page_token", "not a page token of this request"))?),
-            None => None,
-        };
+        let before =
+            match validate::decode_page_token(&req.page_token, &scope)? {
+                Some(k) => Some(k.parse::<i64>().map_err(|_| {
+                    Error::invalid("page_token", "not a page token of this request")
+                })?),
+                None => None,
+            };
         self.membership(caller, &req.channel_id).await?;
         let parent = non_empty(req.parent_message_id);
         let mut rows = self
@@ -153,13 +190,24 @@ impl Chat {
     }
 
     /// UpdateMessage: sender only, by `update_mask`, optional etag. Key: UpdateMessage.
-    pub async fn update_message(&self, caller: &Caller, req: proto::UpdateMessageRequest) -> Result<proto::UpdateMessageResponse> {
+    pub async fn update_message(
+        &self,
+        caller: &Caller,
+        req: proto::UpdateMessageRequest,
+    ) -> Result<proto::UpdateMessageResponse> {
         caller.require(Permission::UpdateMessage)?;
         let mut c = Check::new();
         c.id("message_id", &req.message_id);
-        let paths = req.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        let paths = req
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.clone())
+            .unwrap_or_default();
         if paths.is_empty() {
-            c.fail("update_mask", "required: list the fields to change (body, subject)");
+            c.fail(
+                "update_mask",
+                "required: list the fields to change (body, subject)",
+            );
         }
         let mut patch = MessagePatch::default();
         for p in &paths {
@@ -169,7 +217,10 @@ impl Chat {
                     c.text("subject", &req.subject, validate::MAX_SUBJECT_CHARS, false);
                     patch.subject = Some(req.subject.clone());
                 }
-                other => c.fail("update_mask", format!("unknown or immutable field {other:?}")),
+                other => c.fail(
+                    "update_mask",
+                    format!("unknown or immutable field {other:?}"),
+                ),
             }
         }
         if !req.etag.is_empty() {
@@ -186,7 +237,8 @@ impl Chat {
         policy::may_edit(&caller.user_id, &msg)?;
         if let Some(body) = &patch.body {
             let mut c = Check::new();
-            let attachments: Vec<String> = serde_json::from_str(&msg.attachment_ids).unwrap_or_default();
+            let attachments: Vec<String> =
+                serde_json::from_str(&msg.attachment_ids).unwrap_or_default();
             c.body("body", body, !attachments.is_empty());
             c.done()?;
         }
@@ -196,14 +248,24 @@ impl Chat {
                 encode_message_event(MessageEvent::Updated, row, seq)
             })
             .await?;
-        self.publish(&caller.tenant_id, &changed.row.channel_id, changed.sequence, &changed.payload, None);
+        self.publish(
+            &caller.tenant_id,
+            &changed.row.channel_id,
+            changed.sequence,
+            &changed.payload,
+            None,
+        );
         Ok(proto::UpdateMessageResponse {
             message: Some(convert::message(&changed.row)),
         })
     }
 
     /// DeleteMessage: soft delete by the sender or an OWNER / ADMIN. Key: DeleteMessage.
-    pub async fn delete_message(&self, caller: &Caller, req: proto::DeleteMessageRequest) -> Result<proto::DeleteMessageResponse> {
+    pub async fn delete_message(
+        &self,
+        caller: &Caller,
+        req: proto::DeleteMessageRequest,
+    ) -> Result<proto::DeleteMessageResponse> {
         caller.require(Permission::DeleteMessage)?;
         let mut c = Check::new();
         c.id("message_id", &req.message_id);
@@ -220,13 +282,23 @@ impl Chat {
                 encode_message_event(MessageEvent::Deleted, row, seq)
             })
             .await?;
-        self.publish(&caller.tenant_id, &changed.row.channel_id, changed.sequence, &changed.payload, None);
+        self.publish(
+            &caller.tenant_id,
+            &changed.row.channel_id,
+            changed.sequence,
+            &changed.payload,
+            None,
+        );
         Ok(proto::DeleteMessageResponse {})
     }
 
     /// ForwardMessage: copies body and subject into another channel or to a user.
     /// Key: CreateMessage.
-    pub async fn forward_message(&self, caller: &Caller, req: proto::ForwardMessageRequest) -> Result<proto::ForwardMessageResponse> {
+    pub async fn forward_message(
+        &self,
+        caller: &Caller,
+        req: proto::ForwardMessageRequest,
+    ) -> Result<proto::ForwardMessageResponse> {
         caller.require(Permission::CreateMessage)?;
         let mut c = Check::new();
         c.id("message_id", &req.message_id);
@@ -237,9 +309,13 @@ impl Chat {
             return Err(Error::not_found(format!("message {}", req.message_id)));
         }
         if source.body.is_empty() {
-            return Err(Error::FailedPrecondition("the message has no text to forward".into()));
+            return Err(Error::FailedPrecondition(
+                "the message has no text to forward".into(),
+            ));
         }
-        let channel_id = self.target_channel(caller, &req.channel_id, &req.recipient_id).await?;
+        let channel_id = self
+            .target_channel(caller, &req.channel_id, &req.recipient_id)
+            .await?;
         let row = self
             .insert(
                 caller,
@@ -260,7 +336,11 @@ impl Chat {
     }
 
     /// MarkRead: moves the read marker forward. Key: UpdateMessageRecipient.
-    pub async fn mark_read(&self, caller: &Caller, req: proto::MarkReadRequest) -> Result<proto::MarkReadResponse> {
+    pub async fn mark_read(
+        &self,
+        caller: &Caller,
+        req: proto::MarkReadRequest,
+    ) -> Result<proto::MarkReadResponse> {
         caller.require(Permission::UpdateMessageRecipient)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
@@ -272,10 +352,16 @@ impl Chat {
         if req.sequence > channel.last_sequence {
             return Err(Error::invalid(
                 "sequence",
-                format!("beyond the channel's last sequence {}", channel.last_sequence),
+                format!(
+                    "beyond the channel's last sequence {}",
+                    channel.last_sequence
+                ),
             ));
         }
-        let marker = self.store.mark_read(&req.channel_id, &caller.user_id, req.sequence).await?;
+        let marker = self
+            .store
+            .mark_read(&req.channel_id, &caller.user_id, req.sequence)
+            .await?;
         self.publisher.publish(std::sync::Arc::new(LiveEvent {
             tenant_id: caller.tenant_id.clone(),
             channel_id: req.channel_id.clone(),
@@ -290,7 +376,9 @@ impl Chat {
             },
             membership: None,
         }));
-        Ok(proto::MarkReadResponse { read_sequence: marker })
+        Ok(proto::MarkReadResponse {
+            read_sequence: marker,
+        })
     }
 
     /// ListMessageRecipients. Key: ViewMessageRecipient.
@@ -318,7 +406,11 @@ impl Chat {
     }
 
     /// SetFavorite. Key: UpdateMessageRecipient.
-    pub async fn set_favorite(&self, caller: &Caller, req: proto::SetFavoriteRequest) -> Result<proto::SetFavoriteResponse> {
+    pub async fn set_favorite(
+        &self,
+        caller: &Caller,
+        req: proto::SetFavoriteRequest,
+    ) -> Result<proto::SetFavoriteResponse> {
         caller.require(Permission::UpdateMessageRecipient)?;
         let mut c = Check::new();
         c.id("message_id", &req.message_id);
@@ -330,13 +422,22 @@ impl Chat {
         self.store
             .set_favorite(&caller.tenant_id, &caller.user_id, &msg.id, req.favorite)
             .await?;
-        Ok(proto::SetFavoriteResponse { favorite: req.favorite })
+        Ok(proto::SetFavoriteResponse {
+            favorite: req.favorite,
+        })
     }
 
     /// GetUnreadCounts. Key: ViewMessage.
-    pub async fn get_unread_counts(&self, caller: &Caller, _req: proto::GetUnreadCountsRequest) -> Result<proto::GetUnreadCountsResponse> {
+    pub async fn get_unread_counts(
+        &self,
+        caller: &Caller,
+        _req: proto::GetUnreadCountsRequest,
+    ) -> Result<proto::GetUnreadCountsResponse> {
         caller.require(Permission::ViewMessage)?;
-        let counts = self.store.unread_counts(&caller.tenant_id, &caller.user_id).await?;
+        let counts = self
+            .store
+            .unread_counts(&caller.tenant_id, &caller.user_id)
+            .await?;
         Ok(proto::GetUnreadCountsResponse {
             unread_counts: counts
                 .into_iter()
@@ -346,7 +447,11 @@ impl Chat {
     }
 
     /// CountMessages. Key: ViewMessage.
-    pub async fn count_messages(&self, caller: &Caller, req: proto::CountMessagesRequest) -> Result<proto::CountMessagesResponse> {
+    pub async fn count_messages(
+        &self,
+        caller: &Caller,
+        req: proto::CountMessagesRequest,
+    ) -> Result<proto::CountMessagesResponse> {
         caller.require(Permission::ViewMessage)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);

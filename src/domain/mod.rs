@@ -47,7 +47,9 @@ pub struct Chat {
 
 impl std::fmt::Debug for Chat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Chat").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("Chat")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 
@@ -133,7 +135,11 @@ impl Chat {
     }
 
     /// The channel and the caller's membership, or `NOT_FOUND`.
-    async fn channel_as_member(&self, caller: &Caller, channel_id: &str) -> Result<(ChannelRow, MemberRow)> {
+    async fn channel_as_member(
+        &self,
+        caller: &Caller,
+        channel_id: &str,
+    ) -> Result<(ChannelRow, MemberRow)> {
         let member = self.membership(caller, channel_id).await?;
         let channel = self
             .store
@@ -154,11 +160,20 @@ impl Chat {
                 crate::store::StoreError::NotFound => nf(),
                 e => e.into(),
             })?;
-        self.membership(caller, &msg.channel_id).await.map_err(|_| nf())?;
+        self.membership(caller, &msg.channel_id)
+            .await
+            .map_err(|_| nf())?;
         Ok(msg)
     }
 
-    fn publish(&self, tenant: &str, channel_id: &str, sequence: i64, payload: &[u8], membership: Option<MembershipChange>) {
+    fn publish(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        sequence: i64,
+        payload: &[u8],
+        membership: Option<MembershipChange>,
+    ) {
         match proto::SubscribeResponse::decode(payload) {
             Ok(response) => self.publisher.publish(Arc::new(LiveEvent {
                 tenant_id: tenant.to_owned(),
@@ -180,7 +195,13 @@ impl Chat {
             } else {
                 MembershipChange::Removed(user)
             };
-            self.publish(tenant, &c.row.channel_id, c.sequence, &c.payload, Some(change));
+            self.publish(
+                tenant,
+                &c.row.channel_id,
+                c.sequence,
+                &c.payload,
+                Some(change),
+            );
         }
     }
 }

@@ -8,7 +8,9 @@ pub fn require_manager(member: &MemberRow) -> Result<()> {
     if member.role().is_manager() {
         Ok(())
     } else {
-        Err(Error::PermissionDenied("only an OWNER or ADMIN of the group may do this".into()))
+        Err(Error::PermissionDenied(
+            "only an OWNER or ADMIN of the group may do this".into(),
+        ))
     }
 }
 
@@ -17,14 +19,18 @@ pub fn require_owner(member: &MemberRow) -> Result<()> {
     if member.role() == Role::Owner {
         Ok(())
     } else {
-        Err(Error::PermissionDenied("only an OWNER of the group may do this".into()))
+        Err(Error::PermissionDenied(
+            "only an OWNER of the group may do this".into(),
+        ))
     }
 }
 
 /// Direct channels have exactly their two users. Errors: `FAILED_PRECONDITION`.
 pub fn require_group(channel: &ChannelRow) -> Result<()> {
     if channel.kind == KIND_DIRECT {
-        Err(Error::FailedPrecondition("direct channels have no group settings or member changes".into()))
+        Err(Error::FailedPrecondition(
+            "direct channels have no group settings or member changes".into(),
+        ))
     } else {
         Ok(())
     }
@@ -35,7 +41,9 @@ pub fn may_edit(user: &str, msg: &MessageRow) -> Result<()> {
     if msg.sender_id == user {
         Ok(())
     } else {
-        Err(Error::PermissionDenied("only the sender may edit a message".into()))
+        Err(Error::PermissionDenied(
+            "only the sender may edit a message".into(),
+        ))
     }
 }
 
@@ -44,6 +52,8 @@ pub fn may_delete(member: &MemberRow, msg: &MessageRow) -> Result<()> {
     if msg.sender_id == member.user_id || member.role().is_manager() {
         Ok(())
     } else {
-        Err(Error::PermissionDenied("only the sender or an OWNER / ADMIN may delete a message".into()))
+        Err(Error::PermissionDenied(
+            "only the sender or an OWNER / ADMIN may delete a message".into(),
+        ))
     }
 }

@@ -100,7 +100,10 @@ impl Check {
         if v.is_empty() && !may_be_empty {
             self.fail(field, "required unless the message has attachments");
         } else if v.len() > MAX_BODY_BYTES {
-            self.fail(field, format!("at most {MAX_BODY_BYTES} bytes of UTF-8 (got {})", v.len()));
+            self.fail(
+                field,
+                format!("at most {MAX_BODY_BYTES} bytes of UTF-8 (got {})", v.len()),
+            );
         } else if v.contains('\0') {
             self.fail(field, "must not contain NUL characters");
         }
@@ -109,7 +112,7 @@ impl Check {
     /// A page size: 0 (default) to 200. Returns the size to use.
     pub fn page_size(&mut self, field: &str, v: i32) -> i64 {
         let v = i64::from(v);
-        if v < 0 || v > MAX_PAGE_SIZE {
+        if !(0..=MAX_PAGE_SIZE).contains(&v) {
             self.fail(field, format!("must be between 0 and {MAX_PAGE_SIZE}"));
             DEFAULT_PAGE_SIZE
         } else if v == 0 {

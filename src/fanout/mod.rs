@@ -139,7 +139,12 @@ impl Hub {
     }
 
     /// Registers a feed; with `all_channels`, it also hears of channels the user joins.
-    pub fn register(&self, tenant: &str, user: &str, all_channels: bool) -> (Arc<Feed>, mpsc::Receiver<Item>) {
+    pub fn register(
+        &self,
+        tenant: &str,
+        user: &str,
+        all_channels: bool,
+    ) -> (Arc<Feed>, mpsc::Receiver<Item>) {
         let (tx, rx) = mpsc::channel(self.buffer);
         let user_key = all_channels.then(|| format!("{tenant}\n{user}"));
         let feed = Arc::new(Feed {
@@ -150,7 +155,10 @@ impl Hub {
             wake: Notify::new(),
         });
         if let Some(k) = user_key {
-            write(&self.users).entry(k).or_default().insert(feed.id, feed.clone());
+            write(&self.users)
+                .entry(k)
+                .or_default()
+                .insert(feed.id, feed.clone());
         }
         (feed, rx)
     }

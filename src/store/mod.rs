@@ -271,10 +271,18 @@ pub trait ChannelStore: Send + Sync {
         limit: i64,
     ) -> StoreResult<Vec<ChannelRow>>;
     /// The membership row, if the user is a member of the live channel.
-    async fn member(&self, tenant: &str, channel_id: &str, user: &str)
-        -> StoreResult<Option<MemberRow>>;
+    async fn member(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user: &str,
+    ) -> StoreResult<Option<MemberRow>>;
     /// Channel rows and membership rows of all the user's channels.
-    async fn memberships(&self, tenant: &str, user: &str) -> StoreResult<Vec<(ChannelRow, MemberRow)>>;
+    async fn memberships(
+        &self,
+        tenant: &str,
+        user: &str,
+    ) -> StoreResult<Vec<(ChannelRow, MemberRow)>>;
     /// Members in join order, after the `(join_time, user_id)` key when given.
     async fn list_members(
         &self,

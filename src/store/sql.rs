@@ -72,7 +72,11 @@ impl Database {
 ///
 /// Errors: an unknown scheme or a bad URL (`StoreError::Internal`), an unreachable server
 /// (`StoreError::Unavailable`), a failed migration (`StoreError::Internal`).
-pub async fn connect(url: &str, schema: Option<&str>, migrate: bool) -> StoreResult<Arc<dyn Store>> {
+pub async fn connect(
+    url: &str,
+    schema: Option<&str>,
+    migrate: bool,
+) -> StoreResult<Arc<dyn Store>> {
     match Database::from_url(url) {
         Some(Database::Sqlite) => {
             let opts = SqliteConnectOptions::from_str(url)?
@@ -82,8 +86,9 @@ pub async fn connect(url: &str, schema: Option<&str>, migrate: bool) -> StoreRes
                 .busy_timeout(Duration::from_secs(10));
             if let Some(parent) = std::path::Path::new(opts.get_filename()).parent() {
                 if !parent.as_os_str().is_empty() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| StoreError::Unavailable(format!("{}: {e}", parent.display())))?;
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        StoreError::Unavailable(format!("{}: {e}", parent.display()))
+                    })?;
                 }
             }
             let write = SqlitePoolOptions::new()

@@ -1,0 +1,389 @@
+//! Live feed: replay + live with no gap or duplicate, resume, edits and deletes, slow readers,
+//! concurrent senders, membership changes, heartbeats, token expiry, shutdown.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chat_service::proto::{self, subscribe_response::Event};
+use common::*;
+use tonic::{Code, Streaming};
+
+/// Guards against a hang, not a speed assertion.
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn subscribe(server: &TestServer, user: &str, channels: &[&str], cursors: &[(&str, i64)]) -> Streaming<proto::SubscribeResponse> {
+    let mut c = server.chat(&token(user)).await;
+    c.subscribe(proto::SubscribeRequest {
+        channel_ids: channels.iter().map(|s| s.to_string()).collect(),
+        cursors: cursors.iter().map(|(c, s)| (c.to_string(), *s)).collect(),
+    })
+    .await
+    .expect("subscribe")
+    .into_inner()
+}
+
+/// The next event that is not a heartbeat.
+async fn next(stream: &mut Streaming<proto::SubscribeResponse>) -> proto::SubscribeResponse {
+    loop {
+        let ev = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("an event within the wait")
+            .expect("stream ok")
+            .expect("stream open");
+        if !matches!(ev.event, Some(Event::Heartbeat(_))) {
+            return ev;
+        }
+    }
+}
+
+fn body(ev: &proto::SubscribeResponse) -> String {
+    match &ev.event {
+        Some(Event::MessageCreated(m)) => m.message.as_ref().map(|m| m.body.clone()).unwrap_or_default(),
+        other => panic!("expected MessageCreated, got {other:?}"),
+    }
+}
+
+async fn first_conversation(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    let m = send(&mut alice, &ch, "hello").await;
+    assert_eq!(m.sequence, 3, "two MemberAdded events come first");
+    server.stop().await;
+}
+
+async fn every_message_in_order(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut feed = subscribe(&server, "bob", &[], &[]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    for i in 0..50 {
+        send(&mut alice, &ch, &format!("m{i}")).await;
+    }
+    for i in 0..50 {
+        let ev = next(&mut feed).await;
+        assert_eq!(ev.channel_id, ch);
+        assert_eq!(ev.sequence, 3 + i);
+        assert_eq!(body(&ev), format!("m{i}"));
+    }
+}
+
+async fn resume_gives_exactly_the_missed_events(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    let mut feed = subscribe(&server, "bob", &[&ch], &[(&ch, 0)]).await;
+    // Replay from 0: the two MemberAdded events, then live messages.
+    assert!(matches!(next(&mut feed).await.event, Some(Event::MemberAdded(_))));
+    assert!(matches!(next(&mut feed).await.event, Some(Event::MemberAdded(_))));
+    let first = send(&mut alice, &ch, "one").await;
+    let ev = next(&mut feed).await;
+    assert_eq!((ev.sequence, body(&ev)), (first.sequence, "one".to_owned()));
+    let cursor = ev.sequence;
+    drop(feed);
+
+    // While bob is away: two sends, an edit and a delete.
+    let two = send(&mut alice, &ch, "two").await;
+    let three = send(&mut alice, &ch, "three").await;
+    alice
+        .update_message(proto::UpdateMessageRequest {
+            message_id: two.id.clone(),
+            body: "two (edited)".into(),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["body".into()] }),
+            ..Default::default()
+        })
+        .await
+        .expect("edit");
+    alice
+        .delete_message(proto::DeleteMessageRequest { message_id: three.id.clone() })
+        .await
+        .expect("delete");
+
+    let mut feed = subscribe(&server, "bob", &[&ch], &[(&ch, cursor)]).await;
+    let evs: Vec<_> = [next(&mut feed).await, next(&mut feed).await, next(&mut feed).await, next(&mut feed).await].into();
+    let seqs: Vec<i64> = evs.iter().map(|e| e.sequence).collect();
+    assert_eq!(seqs, vec![cursor + 1, cursor + 2, cursor + 3, cursor + 4]);
+    assert_eq!(body(&evs[0]), "two");
+    assert_eq!(body(&evs[1]), "three");
+    match &evs[2].event {
+        Some(Event::MessageUpdated(u)) => assert_eq!(u.message.as_ref().map(|m| m.body.as_str()), Some("two (edited)")),
+        other => panic!("expected MessageUpdated, got {other:?}"),
+    }
+    match &evs[3].event {
+        Some(Event::MessageDeleted(d)) => {
+            let m = d.message.as_ref().expect("message");
+            assert_eq!(m.id, three.id);
+            assert!(m.delete_time.is_some());
+            assert_eq!(m.body, "");
+        }
+        other => panic!("expected MessageDeleted, got {other:?}"),
+    }
+    // Then live, with no duplicate of anything replayed.
+    let four = send(&mut alice, &ch, "four").await;
+    let ev = next(&mut feed).await;
+    assert_eq!((ev.sequence, body(&ev)), (four.sequence, "four".to_owned()));
+    assert_eq!(ev.sequence, cursor + 5);
+}
+
+async fn edit_and_delete_arrive_live(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    let mut feed = subscribe(&server, "bob", &[], &[]).await;
+    let m = send(&mut alice, &ch, "typo").await;
+    let edited = alice
+        .update_message(proto::UpdateMessageRequest {
+            message_id: m.id.clone(),
+            body: "fixed".into(),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["body".into()] }),
+            etag: m.etag.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("edit")
+        .into_inner()
+        .message
+        .expect("message");
+    alice.delete_message(proto::DeleteMessageRequest { message_id: m.id.clone() }).await.expect("delete");
+    assert_eq!(body(&next(&mut feed).await), "typo");
+    let ev = next(&mut feed).await;
+    match ev.event {
+        Some(Event::MessageUpdated(u)) => {
+            let u = u.message.expect("message");
+            assert_eq!(u.body, "fixed");
+            assert_eq!(u.etag, edited.etag);
+            assert_eq!(u.sequence, m.sequence, "a message keeps the sequence of its creation");
+        }
+        other => panic!("expected MessageUpdated, got {other:?}"),
+    }
+    assert_eq!(ev.sequence, m.sequence + 1);
+    let ev = next(&mut feed).await;
+    assert!(matches!(ev.event, Some(Event::MessageDeleted(_))));
+    assert_eq!(ev.sequence, m.sequence + 2);
+}
+
+async fn slow_reader_catches_up_from_storage(backend: Backend) {
+    // A hub buffer of 4 events: the reader below falls behind at once.
+    let server = TestServer::start_with(backend, Options { feed_buffer: 4, ..Default::default() }).await;
+    let ch = group(&server, "alice", &["bob", "carol"]).await;
+    let mut slow = subscribe(&server, "bob", &[], &[]).await;
+    let mut fast = subscribe(&server, "carol", &[], &[]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    let n = 600;
+    // The slow reader reads nothing while all of this is sent: the sends must all complete.
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            send(&mut alice, &ch, &format!("m{i}")).await;
+        }
+    });
+    // The fast reader keeps up meanwhile.
+    for i in 0..n {
+        assert_eq!(body(&next(&mut fast).await), format!("m{i}"));
+    }
+    tokio::time::timeout(WAIT, sender).await.expect("senders not blocked").expect("sender");
+    let mut last = 3; // three MemberAdded events come first
+    for i in 0..n {
+        let ev = next(&mut slow).await;
+        assert_eq!(ev.sequence, last + 1, "no gap, no duplicate");
+        last = ev.sequence;
+        assert_eq!(body(&ev), format!("m{i}"));
+    }
+}
+
+async fn concurrent_senders_get_gap_free_sequences(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let users: Vec<String> = (0..20).map(|i| format!("user{i}")).collect();
+    let refs: Vec<&str> = users.iter().map(String::as_str).collect();
+    let ch = group(&server, "owner", &refs).await;
+    let mut feed = subscribe(&server, "owner", &[&ch], &[]).await;
+    let per_sender = 10;
+    let mut tasks = Vec::new();
+    for u in &users {
+        let mut c = server.chat(&token(u)).await;
+        let ch = ch.clone();
+        let u = u.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..per_sender {
+                seqs.push(send(&mut c, &ch, &format!("{u}:{i}")).await.sequence);
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("sender"));
+    }
+    all.sort();
+    let first = 22; // 21 MemberAdded events, then messages
+    let expected: Vec<i64> = (first..first + 20 * per_sender).collect();
+    assert_eq!(all, expected, "gap-free, no duplicates");
+    // The feed sees them in sequence order, and each sender's messages in its own order.
+    let mut per_user: HashMap<String, i64> = HashMap::new();
+    for s in expected {
+        let ev = next(&mut feed).await;
+        assert_eq!(ev.sequence, s);
+        let b = body(&ev);
+        let (u, i) = b.split_once(':').expect("user:i");
+        let i: i64 = i.parse().expect("i");
+        let prev = per_user.insert(u.to_owned(), i).unwrap_or(-1);
+        assert_eq!(i, prev + 1);
+    }
+}
+
+async fn channels_joined_and_left_while_open(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut feed = subscribe(&server, "bob", &[], &[]).await;
+    // A group made with bob after the feed opened starts flowing, from bob's join on.
+    let ch = group(&server, "alice", &["bob"]).await;
+    let ev = next(&mut feed).await;
+    assert_eq!(ev.channel_id, ch);
+    match &ev.event {
+        Some(Event::MemberAdded(a)) => assert_eq!(a.member.as_ref().map(|m| m.user_id.as_str()), Some("bob")),
+        other => panic!("expected MemberAdded, got {other:?}"),
+    }
+    let mut alice = server.chat(&token("alice")).await;
+    send(&mut alice, &ch, "welcome").await;
+    assert_eq!(body(&next(&mut feed).await), "welcome");
+    // A direct message made after the feed opened flows too.
+    alice
+        .send_message(proto::SendMessageRequest { recipient_id: "bob".into(), body: "psst".into(), ..Default::default() })
+        .await
+        .expect("direct");
+    let mut saw_direct = false;
+    for _ in 0..3 {
+        let ev = next(&mut feed).await;
+        if let Some(Event::MessageCreated(m)) = &ev.event {
+            assert_eq!(m.message.as_ref().map(|m| m.body.as_str()), Some("psst"));
+            saw_direct = true;
+            break;
+        }
+    }
+    assert!(saw_direct);
+    // Removal stops the channel's events (after the removal event itself).
+    let mut g = server.groups(&token("alice")).await;
+    g.remove_member(proto::RemoveMemberRequest { channel_id: ch.clone(), user_id: "bob".into() })
+        .await
+        .expect("remove");
+    let ev = next(&mut feed).await;
+    assert!(matches!(ev.event, Some(Event::MemberRemoved(_))));
+    send(&mut alice, &ch, "bob cannot see this").await;
+    alice
+        .send_message(proto::SendMessageRequest { recipient_id: "bob".into(), body: "but this".into(), ..Default::default() })
+        .await
+        .expect("direct");
+    assert_eq!(body(&next(&mut feed).await), "but this");
+}
+
+async fn delete_group_ends_its_feed(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut feed = subscribe(&server, "bob", &[&ch], &[]).await;
+    let mut g = server.groups(&token("alice")).await;
+    g.delete_group(proto::DeleteGroupRequest { channel_id: ch.clone() }).await.expect("delete");
+    let mut removed_me = false;
+    loop {
+        match tokio::time::timeout(WAIT, feed.message()).await.expect("ends") {
+            Ok(Some(ev)) => {
+                if let Some(Event::MemberRemoved(r)) = ev.event {
+                    removed_me |= r.member.map(|m| m.user_id == "bob").unwrap_or(false);
+                }
+            }
+            Ok(None) => break,
+            Err(s) => panic!("expected a clean end, got {s:?}"),
+        }
+    }
+    assert!(removed_me);
+    // The channel is gone for everyone.
+    let status = subscribe_err(&server, "bob", &ch).await;
+    assert_eq!(status, Code::NotFound);
+}
+
+async fn subscribe_err(server: &TestServer, user: &str, ch: &str) -> Code {
+    let mut c = server.chat(&token(user)).await;
+    match c.subscribe(proto::SubscribeRequest { channel_ids: vec![ch.to_owned()], cursors: HashMap::new() }).await {
+        Ok(mut s) => s.get_mut().message().await.expect_err("an error").code(),
+        Err(s) => s.code(),
+    }
+}
+
+async fn cursor_beyond_end_is_out_of_range(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut c = server.chat(&token("bob")).await;
+    let err = c
+        .subscribe(proto::SubscribeRequest { channel_ids: vec![], cursors: [(ch.clone(), 3)].into() })
+        .await
+        .expect_err("beyond");
+    assert_eq!(err.code(), Code::OutOfRange);
+    // At the end exactly is fine.
+    let mut s = c
+        .subscribe(proto::SubscribeRequest { channel_ids: vec![], cursors: [(ch.clone(), 2)].into() })
+        .await
+        .expect("at end")
+        .into_inner();
+    let mut alice = server.chat(&token("alice")).await;
+    send(&mut alice, &ch, "next").await;
+    assert_eq!(next(&mut s).await.sequence, 3);
+}
+
+async fn read_markers_and_heartbeats_are_live_only(backend: Backend) {
+    let server = TestServer::start_with(backend, Options { heartbeat: Duration::from_millis(300), ..Default::default() }).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    let m = send(&mut alice, &ch, "read me").await;
+    let mut feed = subscribe(&server, "alice", &[], &[]).await;
+    let mut bob = server.chat(&token("bob")).await;
+    bob.mark_read(proto::MarkReadRequest { channel_id: ch.clone(), sequence: m.sequence }).await.expect("mark");
+    let ev = next(&mut feed).await;
+    assert_eq!(ev.sequence, 0);
+    match ev.event {
+        Some(Event::ReadMarkerUpdated(r)) => assert_eq!((r.user_id.as_str(), r.read_sequence), ("bob", m.sequence)),
+        other => panic!("expected ReadMarkerUpdated, got {other:?}"),
+    }
+    let hb = tokio::time::timeout(WAIT, feed.message()).await.expect("heartbeat").expect("ok").expect("open");
+    assert!(matches!(hb.event, Some(Event::Heartbeat(_))));
+    assert_eq!(hb.sequence, 0);
+}
+
+async fn stream_ends_unauthenticated_when_token_expires(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    group(&server, "alice", &["bob"]).await;
+    let mut c = server.chat(&token_with("bob", "default", chat_service::auth::all_permission_names(), 2)).await;
+    let mut feed = c.subscribe(proto::SubscribeRequest::default()).await.expect("subscribe").into_inner();
+    let end = loop {
+        match tokio::time::timeout(WAIT, feed.message()).await.expect("ends") {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("ended without UNAUTHENTICATED"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(end.code(), Code::Unauthenticated);
+    assert!(end.message().contains("expired"));
+}
+
+async fn shutdown_closes_feeds_cleanly(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    group(&server, "alice", &["bob"]).await;
+    let mut feed = subscribe(&server, "bob", &[], &[]).await;
+    tokio::time::timeout(WAIT, server.stop()).await.expect("graceful shutdown does not hang");
+    let end = tokio::time::timeout(WAIT, feed.message()).await.expect("feed ends");
+    assert!(matches!(end, Ok(None)), "clean end, got {end:?}");
+}
+
+on_every_backend!(
+    first_conversation,
+    every_message_in_order,
+    resume_gives_exactly_the_missed_events,
+    edit_and_delete_arrive_live,
+    slow_reader_catches_up_from_storage,
+    concurrent_senders_get_gap_free_sequences,
+    channels_joined_and_left_while_open,
+    delete_group_ends_its_feed,
+    cursor_beyond_end_is_out_of_range,
+    read_markers_and_heartbeats_are_live_only,
+    stream_ends_unauthenticated_when_token_expires,
+    shutdown_closes_feeds_cleanly,
+);
