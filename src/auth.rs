@@ -178,8 +178,11 @@ pub struct AuthSettings {
 
 #[derive(Clone)]
 struct Keys {
-    /// By `kid`; the key under `""` is used for tokens without `kid` when it is the only one.
+    /// By `kid` (a JWKS), or the one configured key under `""` (secret or PEM).
     by_kid: HashMap<String, (DecodingKey, Algorithm)>,
+    /// A JWKS: the token's `kid` must name a key (a token without `kid` may use a one-key set).
+    /// A secret or PEM key: the token's `kid`, if any, is ignored.
+    match_kid: bool,
 }
 
 struct JwksCache {
@@ -256,7 +259,10 @@ fn load_jwks(path: &PathBuf) -> Result<Keys, String> {
             path.display()
         ));
     }
-    Ok(Keys { by_kid })
+    Ok(Keys {
+        by_kid,
+        match_kid: true,
+    })
 }
 
 fn modified(path: &PathBuf) -> Option<SystemTime> {
@@ -278,12 +284,24 @@ impl Verifier {
                     String::new(),
                     (DecodingKey::from_secret(s), Algorithm::HS256),
                 );
-                (Some(Arc::new(Keys { by_kid })), None)
+                (
+                    Some(Arc::new(Keys {
+                        by_kid,
+                        match_kid: false,
+                    })),
+                    None,
+                )
             }
             KeySource::PublicKeyPem(p) => {
                 let mut by_kid = HashMap::new();
                 by_kid.insert(String::new(), pem_key(p)?);
-                (Some(Arc::new(Keys { by_kid })), None)
+                (
+                    Some(Arc::new(Keys {
+                        by_kid,
+                        match_kid: false,
+                    })),
+                    None,
+                )
             }
             KeySource::Jwks(p) => {
                 let keys = load_jwks(p)?;
@@ -310,6 +328,7 @@ impl Verifier {
         let Some(m) = &self.jwks else {
             return Arc::new(Keys {
                 by_kid: HashMap::new(),
+                match_kid: true,
             });
         };
         let mut cache = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -368,21 +387,29 @@ impl Verifier {
             .and_then(Value::as_str)
             .unwrap_or_default();
         let keys = self.keys();
-        let (key, key_alg) = keys
-            .by_kid
-            .get(kid)
-            .or_else(|| {
-                if keys.by_kid.len() == 1 {
-                    keys.by_kid.values().next()
-                } else {
-                    None
-                }
-            })
-            .ok_or_else(|| unauth(format!("no key with kid {kid:?}")))?;
+        let only = || {
+            if keys.by_kid.len() == 1 {
+                keys.by_kid.values().next()
+            } else {
+                None
+            }
+        };
+        let found = match (keys.match_kid, kid.is_empty()) {
+            (false, _) | (true, true) => keys.by_kid.get(kid).or_else(only),
+            (true, false) => keys.by_kid.get(kid),
+        };
+        let (key, key_alg) = found.ok_or_else(|| unauth(format!("no key with kid {kid:?}")))?;
         let mut v = Validation::new(*key_alg);
         v.leeway = LEEWAY_SECONDS;
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp"]);
+        let mut required = vec!["exp"];
+        if self.settings.issuer.is_some() {
+            required.push("iss");
+        }
+        if self.settings.audience.is_some() {
+            required.push("aud");
+        }
+        v.set_required_spec_claims(&required);
         match &self.settings.issuer {
             Some(iss) => v.set_issuer(&[iss]),
             None => v.iss = None,

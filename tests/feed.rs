@@ -13,7 +13,12 @@ use tonic::{Code, Streaming};
 /// Guards against a hang, not a speed assertion.
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn subscribe(server: &TestServer, user: &str, channels: &[&str], cursors: &[(&str, i64)]) -> Streaming<proto::SubscribeResponse> {
+async fn subscribe(
+    server: &TestServer,
+    user: &str,
+    channels: &[&str],
+    cursors: &[(&str, i64)],
+) -> Streaming<proto::SubscribeResponse> {
     let mut c = server.chat(&token(user)).await;
     c.subscribe(proto::SubscribeRequest {
         channel_ids: channels.iter().map(|s| s.to_string()).collect(),
@@ -40,7 +45,11 @@ async fn next(stream: &mut Streaming<proto::SubscribeResponse>) -> proto::Subscr
 
 fn body(ev: &proto::SubscribeResponse) -> String {
     match &ev.event {
-        Some(Event::MessageCreated(m)) => m.message.as_ref().map(|m| m.body.clone()).unwrap_or_default(),
+        Some(Event::MessageCreated(m)) => m
+            .message
+            .as_ref()
+            .map(|m| m.body.clone())
+            .unwrap_or_default(),
         other => panic!("expected MessageCreated, got {other:?}"),
     }
 }
@@ -76,8 +85,14 @@ async fn resume_gives_exactly_the_missed_events(backend: Backend) {
     let mut alice = server.chat(&token("alice")).await;
     let mut feed = subscribe(&server, "bob", &[&ch], &[(&ch, 0)]).await;
     // Replay from 0: the two MemberAdded events, then live messages.
-    assert!(matches!(next(&mut feed).await.event, Some(Event::MemberAdded(_))));
-    assert!(matches!(next(&mut feed).await.event, Some(Event::MemberAdded(_))));
+    assert!(matches!(
+        next(&mut feed).await.event,
+        Some(Event::MemberAdded(_))
+    ));
+    assert!(matches!(
+        next(&mut feed).await.event,
+        Some(Event::MemberAdded(_))
+    ));
     let first = send(&mut alice, &ch, "one").await;
     let ev = next(&mut feed).await;
     assert_eq!((ev.sequence, body(&ev)), (first.sequence, "one".to_owned()));
@@ -91,24 +106,37 @@ async fn resume_gives_exactly_the_missed_events(backend: Backend) {
         .update_message(proto::UpdateMessageRequest {
             message_id: two.id.clone(),
             body: "two (edited)".into(),
-            update_mask: Some(prost_types::FieldMask { paths: vec!["body".into()] }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["body".into()],
+            }),
             ..Default::default()
         })
         .await
         .expect("edit");
     alice
-        .delete_message(proto::DeleteMessageRequest { message_id: three.id.clone() })
+        .delete_message(proto::DeleteMessageRequest {
+            message_id: three.id.clone(),
+        })
         .await
         .expect("delete");
 
     let mut feed = subscribe(&server, "bob", &[&ch], &[(&ch, cursor)]).await;
-    let evs: Vec<_> = [next(&mut feed).await, next(&mut feed).await, next(&mut feed).await, next(&mut feed).await].into();
+    let evs: Vec<_> = [
+        next(&mut feed).await,
+        next(&mut feed).await,
+        next(&mut feed).await,
+        next(&mut feed).await,
+    ]
+    .into();
     let seqs: Vec<i64> = evs.iter().map(|e| e.sequence).collect();
     assert_eq!(seqs, vec![cursor + 1, cursor + 2, cursor + 3, cursor + 4]);
     assert_eq!(body(&evs[0]), "two");
     assert_eq!(body(&evs[1]), "three");
     match &evs[2].event {
-        Some(Event::MessageUpdated(u)) => assert_eq!(u.message.as_ref().map(|m| m.body.as_str()), Some("two (edited)")),
+        Some(Event::MessageUpdated(u)) => assert_eq!(
+            u.message.as_ref().map(|m| m.body.as_str()),
+            Some("two (edited)")
+        ),
         other => panic!("expected MessageUpdated, got {other:?}"),
     }
     match &evs[3].event {
@@ -137,7 +165,9 @@ async fn edit_and_delete_arrive_live(backend: Backend) {
         .update_message(proto::UpdateMessageRequest {
             message_id: m.id.clone(),
             body: "fixed".into(),
-            update_mask: Some(prost_types::FieldMask { paths: vec!["body".into()] }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["body".into()],
+            }),
             etag: m.etag.clone(),
             ..Default::default()
         })
@@ -146,7 +176,12 @@ async fn edit_and_delete_arrive_live(backend: Backend) {
         .into_inner()
         .message
         .expect("message");
-    alice.delete_message(proto::DeleteMessageRequest { message_id: m.id.clone() }).await.expect("delete");
+    alice
+        .delete_message(proto::DeleteMessageRequest {
+            message_id: m.id.clone(),
+        })
+        .await
+        .expect("delete");
     assert_eq!(body(&next(&mut feed).await), "typo");
     let ev = next(&mut feed).await;
     match ev.event {
@@ -154,7 +189,10 @@ async fn edit_and_delete_arrive_live(backend: Backend) {
             let u = u.message.expect("message");
             assert_eq!(u.body, "fixed");
             assert_eq!(u.etag, edited.etag);
-            assert_eq!(u.sequence, m.sequence, "a message keeps the sequence of its creation");
+            assert_eq!(
+                u.sequence, m.sequence,
+                "a message keeps the sequence of its creation"
+            );
         }
         other => panic!("expected MessageUpdated, got {other:?}"),
     }
@@ -166,7 +204,14 @@ async fn edit_and_delete_arrive_live(backend: Backend) {
 
 async fn slow_reader_catches_up_from_storage(backend: Backend) {
     // A hub buffer of 4 events: the reader below falls behind at once.
-    let server = TestServer::start_with(backend, Options { feed_buffer: 4, ..Default::default() }).await;
+    let server = TestServer::start_with(
+        backend,
+        Options {
+            feed_buffer: 4,
+            ..Default::default()
+        },
+    )
+    .await;
     let ch = group(&server, "alice", &["bob", "carol"]).await;
     let mut slow = subscribe(&server, "bob", &[], &[]).await;
     let mut fast = subscribe(&server, "carol", &[], &[]).await;
@@ -182,7 +227,10 @@ async fn slow_reader_catches_up_from_storage(backend: Backend) {
     for i in 0..n {
         assert_eq!(body(&next(&mut fast).await), format!("m{i}"));
     }
-    tokio::time::timeout(WAIT, sender).await.expect("senders not blocked").expect("sender");
+    tokio::time::timeout(WAIT, sender)
+        .await
+        .expect("senders not blocked")
+        .expect("sender");
     let mut last = 3; // three MemberAdded events come first
     for i in 0..n {
         let ev = next(&mut slow).await;
@@ -241,7 +289,9 @@ async fn channels_joined_and_left_while_open(backend: Backend) {
     let ev = next(&mut feed).await;
     assert_eq!(ev.channel_id, ch);
     match &ev.event {
-        Some(Event::MemberAdded(a)) => assert_eq!(a.member.as_ref().map(|m| m.user_id.as_str()), Some("bob")),
+        Some(Event::MemberAdded(a)) => {
+            assert_eq!(a.member.as_ref().map(|m| m.user_id.as_str()), Some("bob"))
+        }
         other => panic!("expected MemberAdded, got {other:?}"),
     }
     let mut alice = server.chat(&token("alice")).await;
@@ -249,7 +299,11 @@ async fn channels_joined_and_left_while_open(backend: Backend) {
     assert_eq!(body(&next(&mut feed).await), "welcome");
     // A direct message made after the feed opened flows too.
     alice
-        .send_message(proto::SendMessageRequest { recipient_id: "bob".into(), body: "psst".into(), ..Default::default() })
+        .send_message(proto::SendMessageRequest {
+            recipient_id: "bob".into(),
+            body: "psst".into(),
+            ..Default::default()
+        })
         .await
         .expect("direct");
     let mut saw_direct = false;
@@ -264,14 +318,21 @@ async fn channels_joined_and_left_while_open(backend: Backend) {
     assert!(saw_direct);
     // Removal stops the channel's events (after the removal event itself).
     let mut g = server.groups(&token("alice")).await;
-    g.remove_member(proto::RemoveMemberRequest { channel_id: ch.clone(), user_id: "bob".into() })
-        .await
-        .expect("remove");
+    g.remove_member(proto::RemoveMemberRequest {
+        channel_id: ch.clone(),
+        user_id: "bob".into(),
+    })
+    .await
+    .expect("remove");
     let ev = next(&mut feed).await;
     assert!(matches!(ev.event, Some(Event::MemberRemoved(_))));
     send(&mut alice, &ch, "bob cannot see this").await;
     alice
-        .send_message(proto::SendMessageRequest { recipient_id: "bob".into(), body: "but this".into(), ..Default::default() })
+        .send_message(proto::SendMessageRequest {
+            recipient_id: "bob".into(),
+            body: "but this".into(),
+            ..Default::default()
+        })
         .await
         .expect("direct");
     assert_eq!(body(&next(&mut feed).await), "but this");
@@ -282,10 +343,17 @@ async fn delete_group_ends_its_feed(backend: Backend) {
     let ch = group(&server, "alice", &["bob"]).await;
     let mut feed = subscribe(&server, "bob", &[&ch], &[]).await;
     let mut g = server.groups(&token("alice")).await;
-    g.delete_group(proto::DeleteGroupRequest { channel_id: ch.clone() }).await.expect("delete");
+    g.delete_group(proto::DeleteGroupRequest {
+        channel_id: ch.clone(),
+    })
+    .await
+    .expect("delete");
     let mut removed_me = false;
     loop {
-        match tokio::time::timeout(WAIT, feed.message()).await.expect("ends") {
+        match tokio::time::timeout(WAIT, feed.message())
+            .await
+            .expect("ends")
+        {
             Ok(Some(ev)) => {
                 if let Some(Event::MemberRemoved(r)) = ev.event {
                     removed_me |= r.member.map(|m| m.user_id == "bob").unwrap_or(false);
@@ -303,7 +371,13 @@ async fn delete_group_ends_its_feed(backend: Backend) {
 
 async fn subscribe_err(server: &TestServer, user: &str, ch: &str) -> Code {
     let mut c = server.chat(&token(user)).await;
-    match c.subscribe(proto::SubscribeRequest { channel_ids: vec![ch.to_owned()], cursors: HashMap::new() }).await {
+    match c
+        .subscribe(proto::SubscribeRequest {
+            channel_ids: vec![ch.to_owned()],
+            cursors: HashMap::new(),
+        })
+        .await
+    {
         Ok(mut s) => s.get_mut().message().await.expect_err("an error").code(),
         Err(s) => s.code(),
     }
@@ -314,13 +388,19 @@ async fn cursor_beyond_end_is_out_of_range(backend: Backend) {
     let ch = group(&server, "alice", &["bob"]).await;
     let mut c = server.chat(&token("bob")).await;
     let err = c
-        .subscribe(proto::SubscribeRequest { channel_ids: vec![], cursors: [(ch.clone(), 3)].into() })
+        .subscribe(proto::SubscribeRequest {
+            channel_ids: vec![],
+            cursors: [(ch.clone(), 3)].into(),
+        })
         .await
         .expect_err("beyond");
     assert_eq!(err.code(), Code::OutOfRange);
     // At the end exactly is fine.
     let mut s = c
-        .subscribe(proto::SubscribeRequest { channel_ids: vec![], cursors: [(ch.clone(), 2)].into() })
+        .subscribe(proto::SubscribeRequest {
+            channel_ids: vec![],
+            cursors: [(ch.clone(), 2)].into(),
+        })
         .await
         .expect("at end")
         .into_inner();
@@ -330,20 +410,38 @@ async fn cursor_beyond_end_is_out_of_range(backend: Backend) {
 }
 
 async fn read_markers_and_heartbeats_are_live_only(backend: Backend) {
-    let server = TestServer::start_with(backend, Options { heartbeat: Duration::from_millis(300), ..Default::default() }).await;
+    let server = TestServer::start_with(
+        backend,
+        Options {
+            heartbeat: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await;
     let ch = group(&server, "alice", &["bob"]).await;
     let mut alice = server.chat(&token("alice")).await;
     let m = send(&mut alice, &ch, "read me").await;
     let mut feed = subscribe(&server, "alice", &[], &[]).await;
     let mut bob = server.chat(&token("bob")).await;
-    bob.mark_read(proto::MarkReadRequest { channel_id: ch.clone(), sequence: m.sequence }).await.expect("mark");
+    bob.mark_read(proto::MarkReadRequest {
+        channel_id: ch.clone(),
+        sequence: m.sequence,
+    })
+    .await
+    .expect("mark");
     let ev = next(&mut feed).await;
     assert_eq!(ev.sequence, 0);
     match ev.event {
-        Some(Event::ReadMarkerUpdated(r)) => assert_eq!((r.user_id.as_str(), r.read_sequence), ("bob", m.sequence)),
+        Some(Event::ReadMarkerUpdated(r)) => {
+            assert_eq!((r.user_id.as_str(), r.read_sequence), ("bob", m.sequence))
+        }
         other => panic!("expected ReadMarkerUpdated, got {other:?}"),
     }
-    let hb = tokio::time::timeout(WAIT, feed.message()).await.expect("heartbeat").expect("ok").expect("open");
+    let hb = tokio::time::timeout(WAIT, feed.message())
+        .await
+        .expect("heartbeat")
+        .expect("ok")
+        .expect("open");
     assert!(matches!(hb.event, Some(Event::Heartbeat(_))));
     assert_eq!(hb.sequence, 0);
 }
@@ -351,10 +449,24 @@ async fn read_markers_and_heartbeats_are_live_only(backend: Backend) {
 async fn stream_ends_unauthenticated_when_token_expires(backend: Backend) {
     let server = TestServer::start(backend).await;
     group(&server, "alice", &["bob"]).await;
-    let mut c = server.chat(&token_with("bob", "default", chat_service::auth::all_permission_names(), 2)).await;
-    let mut feed = c.subscribe(proto::SubscribeRequest::default()).await.expect("subscribe").into_inner();
+    let mut c = server
+        .chat(&token_with(
+            "bob",
+            "default",
+            chat_service::auth::all_permission_names(),
+            2,
+        ))
+        .await;
+    let mut feed = c
+        .subscribe(proto::SubscribeRequest::default())
+        .await
+        .expect("subscribe")
+        .into_inner();
     let end = loop {
-        match tokio::time::timeout(WAIT, feed.message()).await.expect("ends") {
+        match tokio::time::timeout(WAIT, feed.message())
+            .await
+            .expect("ends")
+        {
             Ok(Some(_)) => continue,
             Ok(None) => panic!("ended without UNAUTHENTICATED"),
             Err(s) => break s,
@@ -368,8 +480,12 @@ async fn shutdown_closes_feeds_cleanly(backend: Backend) {
     let server = TestServer::start(backend).await;
     group(&server, "alice", &["bob"]).await;
     let mut feed = subscribe(&server, "bob", &[], &[]).await;
-    tokio::time::timeout(WAIT, server.stop()).await.expect("graceful shutdown does not hang");
-    let end = tokio::time::timeout(WAIT, feed.message()).await.expect("feed ends");
+    tokio::time::timeout(WAIT, server.stop())
+        .await
+        .expect("graceful shutdown does not hang");
+    let end = tokio::time::timeout(WAIT, feed.message())
+        .await
+        .expect("feed ends");
     assert!(matches!(end, Ok(None)), "clean end, got {end:?}");
 }
 

@@ -11,24 +11,34 @@ use super::{convert, encode_member_added, encode_message_event, policy, Chat, Me
 
 impl Chat {
     /// Resolves the target of a send or forward: a channel the caller belongs to, or the direct
-    /// channel with `recipient_id` (made, and announced, when new).
+    /// channel with `recipient_id`. A direct channel that does not exist yet is made (and
+    /// announced) only after `before_create` accepts the request, so a refused request makes
+    /// nothing.
     async fn target_channel(
         &self,
         caller: &Caller,
         channel_id: &str,
         recipient_id: &str,
+        before_create: impl FnOnce() -> Result<()>,
     ) -> Result<String> {
-        if !recipient_id.is_empty() {
-            let (channel, added) = self
-                .store
-                .direct_channel(Self::actor(caller), recipient_id, &encode_member_added)
-                .await?;
-            self.publish_members(&caller.tenant_id, &added, true);
-            Ok(channel.id)
-        } else {
+        if recipient_id.is_empty() {
             self.membership(caller, channel_id).await?;
-            Ok(channel_id.to_owned())
+            return Ok(channel_id.to_owned());
         }
+        if let Some(ch) = self
+            .store
+            .find_direct_channel(Self::actor(caller), recipient_id)
+            .await?
+        {
+            return Ok(ch.id);
+        }
+        before_create()?;
+        let (channel, added) = self
+            .store
+            .direct_channel(Self::actor(caller), recipient_id, &encode_member_added)
+            .await?;
+        self.publish_members(&caller.tenant_id, &added, true);
+        Ok(channel.id)
     }
 
     fn check_target(c: &mut Check, caller: &Caller, channel_id: &str, recipient_id: &str) {
@@ -98,7 +108,19 @@ impl Chat {
         }
         c.done()?;
         let channel_id = self
-            .target_channel(caller, &req.channel_id, &req.recipient_id)
+            // A new direct channel holds no message to reply to and no attachment to link.
+            .target_channel(caller, &req.channel_id, &req.recipient_id, || {
+                if !req.parent_message_id.is_empty() {
+                    Err(Error::invalid(
+                        "parent_message_id",
+                        "no such message in this channel",
+                    ))
+                } else if !req.attachment_ids.is_empty() {
+                    Err(crate::store::StoreError::Unlinkable(0).into())
+                } else {
+                    Ok(())
+                }
+            })
             .await?;
         if !req.parent_message_id.is_empty() {
             let parent = self
@@ -314,7 +336,7 @@ impl Chat {
             ));
         }
         let channel_id = self
-            .target_channel(caller, &req.channel_id, &req.recipient_id)
+            .target_channel(caller, &req.channel_id, &req.recipient_id, || Ok(()))
             .await?;
         let row = self
             .insert(

@@ -166,6 +166,12 @@ pub struct EventRow {
 /// transaction, once the sequence is known, so the stored event and the live one are the same.
 pub type Encoder<'a, T> = &'a (dyn Fn(&T, i64) -> Vec<u8> + Send + Sync);
 
+/// The unique key of the direct channel of two users in a tenant (order of users irrelevant).
+pub fn direct_key(tenant: &str, a: &str, b: &str) -> String {
+    let (a, b) = if a <= b { (a, b) } else { (b, a) };
+    format!("{tenant}\n{a}\n{b}")
+}
+
 /// Who is acting, for the audit log and tenancy.
 #[derive(Debug, Clone, Copy)]
 pub struct Actor<'a> {
@@ -246,6 +252,12 @@ pub trait ChannelStore: Send + Sync {
         peer: &str,
         enc: Encoder<'_, MemberRow>,
     ) -> StoreResult<(ChannelRow, Vec<Changed<MemberRow>>)>;
+    /// The direct channel of the actor and `peer`, if it exists (nothing is made).
+    async fn find_direct_channel(
+        &self,
+        actor: Actor<'_>,
+        peer: &str,
+    ) -> StoreResult<Option<ChannelRow>>;
     /// A live (not deleted) channel of the tenant.
     async fn channel(&self, tenant: &str, channel_id: &str) -> StoreResult<ChannelRow>;
     /// Changes a group's fields.

@@ -366,7 +366,7 @@ macro_rules! impl_store {
                 enc: Encoder<'_, MemberRow>,
             ) -> StoreResult<(ChannelRow, Vec<Changed<MemberRow>>)> {
                 let (a, b) = if actor.user_id <= peer { (actor.user_id, peer) } else { (peer, actor.user_id) };
-                let key = format!("{}\n{a}\n{b}", actor.tenant_id);
+                let key = direct_key(actor.tenant_id, a, b);
                 if let Some(found) = self.find_direct(&key).await? {
                     return Ok((found, Vec::new()));
                 }
@@ -409,6 +409,14 @@ macro_rules! impl_store {
                 Self::audit(&mut tx, actor, "create", "channels", &channel.id, None, to_json(&channel)).await?;
                 tx.commit().await?;
                 Ok((channel, added))
+            }
+
+            async fn find_direct_channel(
+                &self,
+                actor: Actor<'_>,
+                peer: &str,
+            ) -> StoreResult<Option<ChannelRow>> {
+                self.find_direct(&direct_key(actor.tenant_id, actor.user_id, peer)).await
             }
 
             async fn channel(&self, tenant: &str, channel_id: &str) -> StoreResult<ChannelRow> {

@@ -45,17 +45,30 @@ impl TestDb {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let url = format!("sqlite://{}/chat.db", dir.path().display());
-                TestDb { backend, url, schema: None, _dir: Some(dir) }
+                TestDb {
+                    backend,
+                    url,
+                    schema: None,
+                    _dir: Some(dir),
+                }
             }
             Backend::Postgres => {
                 let url = postgres_url();
                 let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-                let pool = sqlx::PgPool::connect(&url)
+                let pool = sqlx::PgPool::connect(&url).await.unwrap_or_else(|e| {
+                    panic!("PostgreSQL at {url} is required for these tests: {e}")
+                });
+                sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                    .execute(&pool)
                     .await
-                    .unwrap_or_else(|e| panic!("PostgreSQL at {url} is required for these tests: {e}"));
-                sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await.expect("create schema");
+                    .expect("create schema");
                 pool.close().await;
-                TestDb { backend, url, schema: Some(schema), _dir: None }
+                TestDb {
+                    backend,
+                    url,
+                    schema: Some(schema),
+                    _dir: None,
+                }
             }
         }
     }
@@ -66,14 +79,23 @@ impl TestDb {
         match self.backend {
             Backend::Sqlite => {
                 let pool = sqlx::SqlitePool::connect(&self.url).await.expect("sqlite");
-                let n: i64 = sqlx::query_scalar(&sql).fetch_one(&pool).await.expect("count");
+                let n: i64 = sqlx::query_scalar(&sql)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count");
                 pool.close().await;
                 n
             }
             Backend::Postgres => {
                 let pool = sqlx::PgPool::connect(&self.url).await.expect("postgres");
-                let sql = format!("SELECT COUNT(*) FROM {}.{table}", self.schema.as_deref().unwrap_or("public"));
-                let n: i64 = sqlx::query_scalar(&sql).fetch_one(&pool).await.expect("count");
+                let sql = format!(
+                    "SELECT COUNT(*) FROM {}.{table}",
+                    self.schema.as_deref().unwrap_or("public")
+                );
+                let n: i64 = sqlx::query_scalar(&sql)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count");
                 pool.close().await;
                 n
             }
@@ -83,7 +105,14 @@ impl TestDb {
     /// Row counts of every table that a change writes to.
     pub async fn counts(&self) -> Vec<(String, i64)> {
         let mut out = Vec::new();
-        for t in ["channels", "members", "messages", "events", "favorites", "audit_logs"] {
+        for t in [
+            "channels",
+            "members",
+            "messages",
+            "events",
+            "favorites",
+            "audit_logs",
+        ] {
             out.push((t.to_owned(), self.count(t).await));
         }
         out
@@ -96,11 +125,15 @@ impl Drop for TestDb {
             let url = self.url.clone();
             // Leave nothing behind: drop the schema on a thread of its own (Drop is not async).
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
                 if let Ok(rt) = rt {
                     rt.block_on(async {
                         if let Ok(pool) = sqlx::PgPool::connect(&url).await {
-                            let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&pool).await;
+                            let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                                .execute(&pool)
+                                .await;
                             pool.close().await;
                         }
                     });
@@ -152,26 +185,48 @@ impl TestServer {
         let store = chat_service::store::connect(&db.url, db.schema.as_deref(), true)
             .await
             .expect("connect store");
-        let chat = Arc::new(Chat::new(store, Arc::new(Hub::new(opts.feed_buffer)), Settings { heartbeat: opts.heartbeat }));
+        let chat = Arc::new(Chat::new(
+            store,
+            Arc::new(Hub::new(opts.feed_buffer)),
+            Settings {
+                heartbeat: opts.heartbeat,
+            },
+        ));
         let verifier = Verifier::new(AuthSettings {
-            key: opts.key.clone().unwrap_or_else(|| KeySource::Secret(SECRET.as_bytes().to_vec())),
+            key: opts
+                .key
+                .clone()
+                .unwrap_or_else(|| KeySource::Secret(SECRET.as_bytes().to_vec())),
             issuer: opts.issuer.clone(),
             audience: None,
             enforce_permissions: opts.enforce_permissions,
         })
         .expect("verifier");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(chat_service::server::serve(listener, chat.clone(), Arc::new(verifier), async {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(chat_service::server::serve(
+            listener,
+            chat.clone(),
+            Arc::new(verifier),
+            async {
+                let _ = rx.await;
+            },
+        ));
         let task = tokio::spawn(async move {
             if let Ok(Err(e)) = task.await {
                 panic!("server failed: {e}");
             }
         });
-        TestServer { addr, db, chat, shutdown: Some(tx), task: Some(task) }
+        TestServer {
+            addr,
+            db,
+            chat,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     /// Stops the server gracefully and waits for it.
@@ -189,17 +244,27 @@ impl TestServer {
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).expect("url").connect().await.expect("connect")
+        Channel::from_shared(self.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
     }
 
     /// A ChatService client for `token`.
     pub async fn chat(&self, token: &str) -> ChatClient {
-        ChatServiceClient::with_interceptor(self.channel().await, Bearer::new(token).expect("token"))
+        ChatServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(token).expect("token"),
+        )
     }
 
     /// A GroupService client for `token`.
     pub async fn groups(&self, token: &str) -> GroupClient {
-        GroupServiceClient::with_interceptor(self.channel().await, Bearer::new(token).expect("token"))
+        GroupServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(token).expect("token"),
+        )
     }
 
     /// A client connection without any token.
@@ -222,14 +287,24 @@ pub fn token(user: &str) -> String {
 pub fn token_with(user: &str, tenant: &str, permissions: Vec<String>, ttl: i64) -> String {
     auth::mint_hs256(
         SECRET.as_bytes(),
-        &TokenSpec { sub: user, tenant, permissions, ttl_seconds: ttl, issuer: None, audience: None },
+        &TokenSpec {
+            sub: user,
+            tenant,
+            permissions,
+            ttl_seconds: ttl,
+            issuer: None,
+            audience: None,
+        },
     )
     .expect("mint")
 }
 
 /// Every permission key except `missing`.
 pub fn all_but(missing: &str) -> Vec<String> {
-    auth::all_permission_names().into_iter().filter(|p| p != missing).collect()
+    auth::all_permission_names()
+        .into_iter()
+        .filter(|p| p != missing)
+        .collect()
 }
 
 /// Creates a group owned by `owner` with `members`; returns its id.

@@ -1,0 +1,448 @@
+//! Repository conformance: the same suite against every database backend, through the store
+//! traits directly (no gRPC), including the races the API cannot force reliably.
+
+mod common;
+
+use std::sync::Arc;
+
+use chat_service::store::{
+    self, Actor, ChannelRow, Inserted, MessagePatch, NewMessage, Role, Store, StoreError,
+};
+use common::*;
+
+async fn open(backend: Backend) -> (TestDb, Arc<dyn Store>) {
+    let db = TestDb::new(backend).await;
+    let s = store::connect(&db.url, db.schema.as_deref(), true)
+        .await
+        .expect("connect");
+    (db, s)
+}
+
+fn actor<'a>(user: &'a str) -> Actor<'a> {
+    Actor {
+        tenant_id: "t1",
+        user_id: user,
+    }
+}
+
+fn enc<T>(_: &T, seq: i64) -> Vec<u8> {
+    seq.to_be_bytes().to_vec()
+}
+
+fn new_group(id: &str) -> ChannelRow {
+    let now = store::now_micros();
+    ChannelRow {
+        id: id.into(),
+        tenant_id: "t1".into(),
+        kind: store::KIND_GROUP.into(),
+        name: "g".into(),
+        description: String::new(),
+        channel_type: String::new(),
+        direct_key: None,
+        last_sequence: 0,
+        create_time: now,
+        update_time: now,
+    }
+}
+
+fn msg(channel: &str, body: &str, key: Option<&str>) -> NewMessage {
+    NewMessage {
+        channel_id: channel.into(),
+        body: body.into(),
+        subject: String::new(),
+        parent_message_id: None,
+        attachment_ids: Vec::new(),
+        client_message_id: key.map(str::to_owned),
+        forwarded_from_message_id: None,
+    }
+}
+
+async fn group_with(s: &Arc<dyn Store>, members: &[&str]) -> String {
+    let id = uuid::Uuid::now_v7().to_string();
+    let members: Vec<String> = members.iter().map(|m| m.to_string()).collect();
+    let (ch, added) = s
+        .create_group(actor("owner"), new_group(&id), &members, &enc)
+        .await
+        .expect("group");
+    assert_eq!(ch.last_sequence, added.len() as i64);
+    id
+}
+
+async fn sequences_are_gap_free_under_concurrency(backend: Backend) {
+    let (_db, s) = open(backend).await;
+    let users: Vec<String> = (0..8).map(|i| format!("u{i}")).collect();
+    let refs: Vec<&str> = users.iter().map(String::as_str).collect();
+    let ch = group_with(&s, &refs).await;
+    let mut tasks = Vec::new();
+    for u in users.clone() {
+        let s = s.clone();
+        let ch = ch.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..25 {
+                match s
+                    .insert_message(actor(&u), msg(&ch, &format!("{u}-{i}"), None), &enc)
+                    .await
+                    .expect("insert")
+                {
+                    Inserted::New(row, payload) => {
+                        assert_eq!(
+                            payload,
+                            row.sequence.to_be_bytes().to_vec(),
+                            "the encoder saw the final sequence"
+                        );
+                        seqs.push(row.sequence)
+                    }
+                    Inserted::Existing(_) => panic!("no key, no dedup"),
+                }
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    all.sort();
+    assert_eq!(
+        all,
+        (10..10 + 200).collect::<Vec<i64>>(),
+        "9 member events, then 200 messages"
+    );
+    let events = s.events(&ch, 0, i64::MAX, 1000).await.expect("events");
+    let seqs: Vec<i64> = events.iter().map(|e| e.sequence).collect();
+    assert_eq!(seqs, (1..=209).collect::<Vec<i64>>());
+    let page = s.events(&ch, 100, 105, 1000).await.expect("range");
+    assert_eq!(
+        page.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        vec![101, 102, 103, 104, 105]
+    );
+    assert_eq!(
+        s.channel("t1", &ch).await.expect("channel").last_sequence,
+        209
+    );
+}
+
+async fn idempotent_insert_races_give_one_message(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let ch = group_with(&s, &[]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let s = s.clone();
+        let ch = ch.clone();
+        tasks.push(tokio::spawn(async move {
+            match s
+                .insert_message(actor("owner"), msg(&ch, "once", Some("k1")), &enc)
+                .await
+                .expect("insert")
+            {
+                Inserted::New(r, _) | Inserted::Existing(r) => r.id,
+            }
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.expect("task"));
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "every caller got the same message");
+    assert_eq!(db.count("messages").await, 1);
+    assert_eq!(
+        s.channel("t1", &ch).await.expect("ch").last_sequence,
+        2,
+        "no sequence burnt for duplicates"
+    );
+}
+
+async fn direct_channel_races_give_one_channel(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let (me, peer) = if i % 2 == 0 {
+                ("ann", "ben")
+            } else {
+                ("ben", "ann")
+            };
+            s.direct_channel(actor(me), peer, &enc)
+                .await
+                .expect("direct")
+                .0
+                .id
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.expect("task"));
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(db.count("channels").await, 1);
+    assert_eq!(db.count("members").await, 2);
+    let found = s
+        .find_direct_channel(actor("ben"), "ann")
+        .await
+        .expect("find")
+        .expect("exists");
+    assert_eq!(found.id, ids[0]);
+    assert!(s
+        .find_direct_channel(actor("ben"), "cat")
+        .await
+        .expect("find")
+        .is_none());
+}
+
+async fn tenancy_is_enforced_by_every_lookup(backend: Backend) {
+    let (_db, s) = open(backend).await;
+    let ch = group_with(&s, &["bob"]).await;
+    let m = match s
+        .insert_message(actor("bob"), msg(&ch, "hi", None), &enc)
+        .await
+        .expect("insert")
+    {
+        Inserted::New(r, _) => r,
+        Inserted::Existing(_) => panic!("new"),
+    };
+    assert!(matches!(
+        s.channel("t2", &ch).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        s.message("t2", &m.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(s.member("t2", &ch, "bob").await.expect("member").is_none());
+    assert!(s
+        .memberships("t2", "bob")
+        .await
+        .expect("memberships")
+        .is_empty());
+    let other = Actor {
+        tenant_id: "t2",
+        user_id: "bob",
+    };
+    assert!(matches!(
+        s.insert_message(other, msg(&ch, "x", None), &enc).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        s.update_message(other, &m.id, MessagePatch::default(), &enc)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn non_member_insert_writes_nothing(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let ch = group_with(&s, &[]).await;
+    let before = db.counts().await;
+    assert!(matches!(
+        s.insert_message(actor("stranger"), msg(&ch, "x", None), &enc)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        s.insert_message(
+            actor("owner"),
+            NewMessage {
+                attachment_ids: vec![uuid::Uuid::now_v7().to_string()],
+                ..msg(&ch, "x", None)
+            },
+            &enc
+        )
+        .await,
+        Err(StoreError::Unlinkable(0))
+    ));
+    assert_eq!(db.counts().await, before);
+    assert_eq!(
+        s.channel("t1", &ch).await.expect("ch").last_sequence,
+        1,
+        "a rolled-back send burns no sequence"
+    );
+}
+
+async fn edits_check_versions_and_write_events_and_audit(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let ch = group_with(&s, &[]).await;
+    let m = match s
+        .insert_message(actor("owner"), msg(&ch, "v1", None), &enc)
+        .await
+        .expect("insert")
+    {
+        Inserted::New(r, _) => r,
+        Inserted::Existing(_) => panic!("new"),
+    };
+    let audit = db.count("audit_logs").await;
+    let patch = MessagePatch {
+        body: Some("v2".into()),
+        subject: None,
+        expected_version: Some(m.version),
+    };
+    let changed = s
+        .update_message(actor("owner"), &m.id, patch, &enc)
+        .await
+        .expect("update");
+    assert_eq!(changed.row.body, "v2");
+    assert_eq!(changed.row.version, m.version + 1);
+    assert_eq!(changed.row.sequence, m.sequence);
+    assert_eq!(changed.sequence, m.sequence + 1);
+    let stale = MessagePatch {
+        body: Some("v3".into()),
+        subject: None,
+        expected_version: Some(m.version),
+    };
+    assert!(matches!(
+        s.update_message(actor("owner"), &m.id, stale, &enc).await,
+        Err(StoreError::Stale)
+    ));
+    let deleted = s
+        .delete_message(actor("owner"), &m.id, &enc)
+        .await
+        .expect("delete");
+    assert!(deleted.row.delete_time.is_some());
+    assert!(matches!(
+        s.delete_message(actor("owner"), &m.id, &enc).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(db.count("audit_logs").await, audit + 2);
+    assert_eq!(
+        s.channel("t1", &ch).await.expect("ch").last_sequence,
+        deleted.sequence,
+        "failed changes burn no sequence"
+    );
+    assert_eq!(s.count_messages(&ch).await.expect("count"), 0);
+}
+
+async fn read_markers_favorites_and_unread(backend: Backend) {
+    let (_db, s) = open(backend).await;
+    let ch = group_with(&s, &["bob"]).await;
+    let mut last = None;
+    for i in 0..3 {
+        if let Inserted::New(r, _) = s
+            .insert_message(actor("owner"), msg(&ch, &format!("{i}"), None), &enc)
+            .await
+            .expect("insert")
+        {
+            last = Some(r);
+        }
+    }
+    let last = last.expect("a message");
+    assert_eq!(
+        s.unread_counts("t1", "bob").await.expect("unread"),
+        vec![(ch.clone(), 3)]
+    );
+    assert_eq!(
+        s.unread_counts("t1", "owner").await.expect("unread"),
+        vec![(ch.clone(), 0)]
+    );
+    assert_eq!(
+        s.mark_read(&ch, "bob", last.sequence - 1)
+            .await
+            .expect("mark"),
+        last.sequence - 1
+    );
+    assert_eq!(
+        s.mark_read(&ch, "bob", 1).await.expect("never back"),
+        last.sequence - 1
+    );
+    assert_eq!(
+        s.unread_counts("t1", "bob").await.expect("unread"),
+        vec![(ch.clone(), 1)]
+    );
+    s.set_favorite("t1", "bob", &last.id, true)
+        .await
+        .expect("fav");
+    s.set_favorite("t1", "bob", &last.id, true)
+        .await
+        .expect("fav twice is fine");
+    let r = s.recipients(&last).await.expect("recipients");
+    let bob = r.iter().find(|r| r.user_id == "bob").expect("bob");
+    assert!(bob.favorite && !bob.read);
+    let owner = r.iter().find(|r| r.user_id == "owner").expect("owner");
+    assert!(owner.read && !owner.favorite);
+    s.set_favorite("t1", "bob", &last.id, false)
+        .await
+        .expect("unfav");
+    assert!(!s
+        .recipients(&last)
+        .await
+        .expect("r")
+        .iter()
+        .any(|r| r.favorite));
+}
+
+async fn membership_changes_and_listing(backend: Backend) {
+    let (_db, s) = open(backend).await;
+    let ch = group_with(&s, &["a"]).await;
+    let added = s
+        .add_members(
+            actor("owner"),
+            &ch,
+            &["b".into(), "a".into(), "b".into()],
+            Role::Admin,
+            &enc,
+        )
+        .await
+        .expect("add");
+    assert_eq!(added.len(), 1, "existing and repeated users are skipped");
+    assert_eq!(added[0].row.role(), Role::Admin);
+    assert_eq!(s.owner_count(&ch).await.expect("owners"), 1);
+    let first = s.list_members(&ch, None, 2).await.expect("page 1");
+    assert_eq!(first.len(), 2);
+    let key = first
+        .last()
+        .map(|m| (m.join_time, m.user_id.as_str()))
+        .expect("key");
+    let rest = s.list_members(&ch, Some(key), 2).await.expect("page 2");
+    assert_eq!(rest.len(), 1);
+    let mut all: Vec<String> = first
+        .iter()
+        .chain(rest.iter())
+        .map(|m| m.user_id.clone())
+        .collect();
+    all.sort();
+    assert_eq!(all, vec!["a", "b", "owner"]);
+    let removed = s
+        .remove_member(actor("owner"), &ch, "a", &enc)
+        .await
+        .expect("remove");
+    assert_eq!(removed.sequence, 4);
+    assert!(matches!(
+        s.remove_member(actor("owner"), &ch, "a", &enc).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        s.set_role(actor("owner"), &ch, "b", Role::Owner)
+            .await
+            .expect("role")
+            .role(),
+        Role::Owner
+    );
+    assert_eq!(s.owner_count(&ch).await.expect("owners"), 2);
+    let gone = s
+        .delete_group(actor("owner"), &ch, &enc)
+        .await
+        .expect("delete group");
+    assert_eq!(gone.len(), 2);
+    assert!(matches!(
+        s.channel("t1", &ch).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(s
+        .list_channels("t1", "b", None, 10)
+        .await
+        .expect("list")
+        .is_empty());
+}
+
+on_every_backend!(
+    sequences_are_gap_free_under_concurrency,
+    idempotent_insert_races_give_one_message,
+    direct_channel_races_give_one_channel,
+    tenancy_is_enforced_by_every_lookup,
+    non_member_insert_writes_nothing,
+    edits_check_versions_and_write_events_and_audit,
+    read_markers_favorites_and_unread,
+    membership_changes_and_listing,
+);
