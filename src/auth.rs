@@ -449,6 +449,14 @@ impl Verifier {
             .and_then(text)
             .or_else(|| claims.get("tenant_id").and_then(text))
             .unwrap_or_else(|| "default".to_owned());
+        // Ids become keys and stored text: the same rules as user ids in requests.
+        for (claim, v) in [("user id", &user_id), ("tenant", &tenant_id)] {
+            if v.len() > 255 || v.chars().any(char::is_control) {
+                return Err(unauth(format!(
+                    "malformed token: the {claim} claim must be 1 to 255 bytes without control characters"
+                )));
+            }
+        }
         let permissions = claims
             .get("permissions")
             .and_then(Value::as_array)

@@ -69,6 +69,9 @@ impl From<StoreError> for Error {
         match e {
             StoreError::NotFound => Error::NotFound("not found".into()),
             StoreError::Conflict => Error::Aborted("a concurrent change conflicted; retry".into()),
+            StoreError::LastOwner => Error::FailedPrecondition(
+                "the last OWNER cannot leave or step down; make another member OWNER first".into(),
+            ),
             StoreError::Stale => Error::Aborted("etag is stale: the message changed".into()),
             StoreError::Unlinkable(i) => Error::invalid(
                 format!("attachment_ids[{i}]"),

@@ -961,3 +961,35 @@ async fn messages_name_the_check_never_the_secret() {
     accepted(&server, &good, "good token").await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_with_control_characters_are_refused() {
+    let server = TestServer::start(Backend::Sqlite).await;
+    let secret: &[&[u8]] = &[SECRET.as_bytes()];
+    for (what, c) in [
+        ("newline in sub", {
+            let mut c = claims("alice");
+            c["sub"] = Value::from("a\nb");
+            c
+        }),
+        ("NUL in tenant", {
+            let mut c = claims("alice");
+            c["tenantId"] = Value::from("t\u{0}1");
+            c
+        }),
+        ("overlong sub", {
+            let mut c = claims("alice");
+            c["sub"] = Value::from("u".repeat(256));
+            c
+        }),
+    ] {
+        unauth(
+            &server,
+            &sign_hs256(SECRET.as_bytes(), &c),
+            &["malformed"],
+            secret,
+            what,
+        )
+        .await;
+    }
+}

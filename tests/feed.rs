@@ -489,6 +489,65 @@ async fn shutdown_closes_feeds_cleanly(backend: Backend) {
     assert!(matches!(end, Ok(None)), "clean end, got {end:?}");
 }
 
+async fn replay_across_removal_and_rejoin(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    let mut g = server.groups(&token("alice")).await;
+    let before = send(&mut alice, &ch, "before").await;
+    g.remove_member(proto::RemoveMemberRequest {
+        channel_id: ch.clone(),
+        user_id: "bob".into(),
+    })
+    .await
+    .expect("remove");
+    send(&mut alice, &ch, "while bob is out").await;
+    g.add_members(proto::AddMembersRequest {
+        channel_id: ch.clone(),
+        user_ids: vec!["bob".into()],
+        role: 0,
+    })
+    .await
+    .expect("re-add");
+    send(&mut alice, &ch, "after").await;
+    // Bob resumes from before his removal, following all his channels.
+    let mut feed = subscribe(&server, "bob", &[], &[(&ch, before.sequence)]).await;
+    assert!(matches!(
+        next(&mut feed).await.event,
+        Some(Event::MemberRemoved(_))
+    ));
+    assert!(matches!(
+        next(&mut feed).await.event,
+        Some(Event::MemberAdded(_))
+    ));
+    assert_eq!(
+        body(&next(&mut feed).await),
+        "after",
+        "nothing from while bob was out"
+    );
+    send(&mut alice, &ch, "live").await;
+    assert_eq!(
+        body(&next(&mut feed).await),
+        "live",
+        "the channel is still followed"
+    );
+}
+
+async fn stalled_reader_does_not_block_shutdown(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    // Bob opens a feed and never reads it.
+    let _feed = subscribe(&server, "bob", &[], &[]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    let big = "x".repeat(4000);
+    for _ in 0..300 {
+        send(&mut alice, &ch, &big).await;
+    }
+    tokio::time::timeout(WAIT, server.stop())
+        .await
+        .expect("shutdown is not held up by a stalled reader");
+}
+
 on_every_backend!(
     first_conversation,
     every_message_in_order,
@@ -502,4 +561,6 @@ on_every_backend!(
     read_markers_and_heartbeats_are_live_only,
     stream_ends_unauthenticated_when_token_expires,
     shutdown_closes_feeds_cleanly,
+    replay_across_removal_and_rejoin,
+    stalled_reader_does_not_block_shutdown,
 );

@@ -436,6 +436,73 @@ async fn membership_changes_and_listing(backend: Backend) {
         .is_empty());
 }
 
+async fn the_last_owner_stays_under_races(backend: Backend) {
+    let (_db, s) = open(backend).await;
+    let ch = group_with(&s, &["second"]).await;
+    s.set_role(actor("owner"), &ch, "second", Role::Owner)
+        .await
+        .expect("promote");
+    // Both owners leave at once: exactly one may.
+    let a = {
+        let s = s.clone();
+        let ch = ch.clone();
+        tokio::spawn(async move {
+            s.remove_member(actor("owner"), &ch, "owner", &enc)
+                .await
+                .is_ok()
+        })
+    };
+    let b = {
+        let s = s.clone();
+        let ch = ch.clone();
+        tokio::spawn(async move {
+            s.remove_member(actor("second"), &ch, "second", &enc)
+                .await
+                .is_ok()
+        })
+    };
+    let (a, b) = (a.await.expect("a"), b.await.expect("b"));
+    assert!(a ^ b, "exactly one owner left (a={a}, b={b})");
+    assert_eq!(s.owner_count(&ch).await.expect("owners"), 1);
+    let last = if a { "second" } else { "owner" };
+    assert!(matches!(
+        s.set_role(actor(last), &ch, last, Role::Member).await,
+        Err(StoreError::LastOwner)
+    ));
+    assert!(matches!(
+        s.remove_member(actor(last), &ch, last, &enc).await,
+        Err(StoreError::LastOwner)
+    ));
+}
+
+async fn concurrent_add_members_skip_each_other(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let ch = group_with(&s, &[]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let s = s.clone();
+        let ch = ch.clone();
+        tasks.push(tokio::spawn(async move {
+            s.add_members(
+                actor("owner"),
+                &ch,
+                &["x".into(), "y".into()],
+                Role::Member,
+                &enc,
+            )
+            .await
+            .expect("add")
+            .len()
+        }));
+    }
+    let mut added = 0;
+    for t in tasks {
+        added += t.await.expect("task");
+    }
+    assert_eq!(added, 2);
+    assert_eq!(db.count("members").await, 3);
+}
+
 on_every_backend!(
     sequences_are_gap_free_under_concurrency,
     idempotent_insert_races_give_one_message,
@@ -445,4 +512,6 @@ on_every_backend!(
     edits_check_versions_and_write_events_and_audit,
     read_markers_favorites_and_unread,
     membership_changes_and_listing,
+    the_last_owner_stays_under_races,
+    concurrent_add_members_skip_each_other,
 );

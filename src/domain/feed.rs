@@ -56,6 +56,7 @@ impl Chat {
         let all = req.channel_ids.is_empty();
         let (feed, rx) = self.hub.register(&caller.tenant_id, &caller.user_id, all);
         let (out, out_rx) = mpsc::channel(OUT_BUFFER);
+        let deadline = tokio::time::Instant::now() + caller.time_left();
         let mut session = Session {
             chat: self.clone(),
             caller,
@@ -63,6 +64,8 @@ impl Chat {
             feed,
             sent: HashMap::new(),
             out,
+            shutdown: self.hub.shutdown_signal(),
+            deadline,
         };
         // Follow first, then read where each channel stands (see the module docs).
         let mut heads: Vec<(String, i64)> = Vec::new();
@@ -132,6 +135,9 @@ struct Session {
     /// Followed channel → last sequence sent to the client.
     sent: HashMap<String, i64>,
     out: mpsc::Sender<FeedItem>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// When the token expires.
+    deadline: tokio::time::Instant,
 }
 
 impl Drop for Session {
@@ -160,9 +166,9 @@ impl Session {
             tokio::time::Instant::now() + heartbeat_every,
             heartbeat_every,
         );
-        let expiry = tokio::time::sleep(self.caller.time_left());
+        let expiry = tokio::time::sleep_until(self.deadline);
         tokio::pin!(expiry);
-        let mut shutdown = self.chat.hub.shutdown_signal();
+        let mut shutdown = self.shutdown.clone();
         let outcome = async {
             for id in replay {
                 if !self.fill(&id, i64::MAX).await? {
@@ -177,14 +183,14 @@ impl Session {
                     biased;
                     _ = shutdown.changed() => return Ok(()),
                     _ = self.out.closed() => return Ok(()),
-                    _ = &mut expiry => return Err(Error::Unauthenticated("token expired; reconnect with a new token and your cursors".into())),
+                    _ = &mut expiry => return Err(expired()),
                     _ = self.feed.wake.notified() => self.catch_up().await?,
                     item = rx.recv() => match item {
                         Some(Item::Event(ev)) => self.on_event(ev.response.clone()).await?,
-                        Some(Item::Joined { channel_id, sequence }) => self.on_joined(&channel_id, sequence).await?,
+                        Some(Item::Joined { channel_id, .. }) => self.on_joined(&channel_id).await?,
                         None => return Ok(()),
                     },
-                    _ = heartbeat.tick() => self.send(heartbeat_event()).await,
+                    _ = heartbeat.tick() => self.send(heartbeat_event()).await?,
                 };
                 if !go {
                     return Ok(());
@@ -197,8 +203,18 @@ impl Session {
         }
     }
 
-    async fn send(&self, ev: proto::SubscribeResponse) -> bool {
-        self.out.send(Ok(ev)).await.is_ok()
+    /// Sends one event, waiting for room in the transport; a client that stops reading does
+    /// not hold up shutdown or outlive its token.
+    async fn send(&mut self, ev: proto::SubscribeResponse) -> Go {
+        if *self.shutdown.borrow() {
+            return Ok(false);
+        }
+        tokio::select! {
+            biased;
+            _ = self.shutdown.changed() => Ok(false),
+            _ = tokio::time::sleep_until(self.deadline) => Err(expired()),
+            sent = self.out.send(Ok(ev)) => Ok(sent.is_ok()),
+        }
     }
 
     /// Sends the next event of a channel and follows membership changes of the caller.
@@ -209,16 +225,30 @@ impl Session {
             &ev.event,
             Some(Event::MemberRemoved(r)) if r.member.as_ref().is_some_and(|m| m.user_id == self.caller.user_id)
         );
-        if !self.send(ev).await {
+        if !self.send(ev).await? {
             return Ok(false);
         }
-        if removes_me {
-            self.unfollow(&channel_id);
-            if !self.all && self.sent.is_empty() {
-                return Ok(false);
-            }
-        } else if let Some(s) = self.sent.get_mut(&channel_id) {
+        if let Some(s) = self.sent.get_mut(&channel_id) {
             *s = sequence;
+        }
+        if removes_me {
+            // A replay can cross a removal that a later re-join undid: only a removal that still
+            // holds ends the channel.
+            let rejoined = self
+                .chat
+                .store
+                .member(&self.caller.tenant_id, &channel_id, &self.caller.user_id)
+                .await?
+                .filter(|m| m.join_sequence > sequence);
+            if let Some(m) = rejoined {
+                // Skip what happened while the caller was not a member.
+                self.sent.insert(channel_id, m.join_sequence - 1);
+            } else {
+                self.unfollow(&channel_id);
+                if !self.all && self.sent.is_empty() {
+                    return Ok(false);
+                }
+            }
         }
         Ok(true)
     }
@@ -239,6 +269,9 @@ impl Session {
                 .await?;
             let full = rows.len() as i64 == REPLAY_PAGE;
             for row in rows {
+                if self.sent.get(channel_id).is_none_or(|&s| row.sequence <= s) {
+                    continue;
+                }
                 let ev = proto::SubscribeResponse::decode(row.payload.as_slice()).map_err(|e| {
                     Error::Internal(format!("stored event {channel_id}/{}: {e}", row.sequence))
                 })?;
@@ -260,7 +293,7 @@ impl Session {
             return Ok(true);
         };
         if ev.sequence == 0 {
-            return Ok(self.send(ev).await);
+            return self.send(ev).await;
         }
         if ev.sequence <= last {
             return Ok(true);
@@ -274,12 +307,24 @@ impl Session {
         }
     }
 
-    async fn on_joined(&mut self, channel_id: &str, sequence: i64) -> Go {
+    /// The caller joined a channel: follow it from the join on. The notification may be late
+    /// (the caller already left again) or stale (left and re-joined): the stored membership
+    /// decides, and its `join_sequence` is where the channel starts.
+    async fn on_joined(&mut self, channel_id: &str) -> Go {
         if !self.all || self.sent.contains_key(channel_id) {
             return Ok(true);
         }
+        let Some(member) = self
+            .chat
+            .store
+            .member(&self.caller.tenant_id, channel_id, &self.caller.user_id)
+            .await?
+        else {
+            return Ok(true);
+        };
         self.follow(channel_id);
-        self.sent.insert(channel_id.to_owned(), sequence - 1);
+        self.sent
+            .insert(channel_id.to_owned(), member.join_sequence - 1);
         self.fill(channel_id, i64::MAX).await
     }
 
@@ -297,14 +342,18 @@ impl Session {
                 .store
                 .memberships(&self.caller.tenant_id, &self.caller.user_id)
                 .await?;
-            for (ch, m) in now {
-                if !self.on_joined(&ch.id, m.join_sequence).await? {
+            for (ch, _) in now {
+                if !self.on_joined(&ch.id).await? {
                     return Ok(false);
                 }
             }
         }
         Ok(true)
     }
+}
+
+fn expired() -> Error {
+    Error::Unauthenticated("token expired; reconnect with a new token and your cursors".into())
 }
 
 fn heartbeat_event() -> proto::SubscribeResponse {

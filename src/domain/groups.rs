@@ -113,6 +113,15 @@ impl Chat {
         let size = c.page_size("page_size", req.page_size);
         c.done()?;
         let before = validate::decode_page_token(&req.page_token, "groups")?;
+        if before
+            .as_deref()
+            .is_some_and(|k| uuid::Uuid::try_parse(k).is_err())
+        {
+            return Err(Error::invalid(
+                "page_token",
+                "not a page token of this request",
+            ));
+        }
         let mut rows = self
             .store
             .list_channels(
@@ -288,15 +297,10 @@ impl Chat {
                 .await?
                 .ok_or_else(|| Error::not_found(format!("member {}", req.user_id)))?
         };
-        if target.role() == Role::Owner {
-            if req.user_id != caller.user_id {
-                policy::require_owner(&member)?;
-            }
-            if self.store.owner_count(&req.channel_id).await? <= 1 {
-                return Err(Error::FailedPrecondition(
-                    "the last OWNER cannot leave; make another member OWNER first".into(),
-                ));
-            }
+        // Only an owner removes another owner; the last-owner rule is checked by the store,
+        // inside the transaction that removes.
+        if target.role() == Role::Owner && req.user_id != caller.user_id {
+            policy::require_owner(&member)?;
         }
         let removed = self
             .store
@@ -329,6 +333,11 @@ impl Chat {
                 let (t, u) = k
                     .split_once('/')
                     .and_then(|(t, u)| t.parse::<i64>().ok().map(|t| (t, u)))
+                    .filter(|(_, u)| {
+                        let mut c = Check::new();
+                        c.user_id("page_token", u);
+                        c.done().is_ok()
+                    })
                     .ok_or_else(|| {
                         Error::invalid("page_token", "not a page token of this request")
                     })?;
@@ -372,23 +381,17 @@ impl Chat {
         let (channel, member) = self.channel_as_member(caller, &req.channel_id).await?;
         policy::require_group(&channel)?;
         policy::require_owner(&member)?;
-        let target = self
-            .store
-            .member(&caller.tenant_id, &req.channel_id, &req.user_id)
-            .await?
-            .ok_or_else(|| Error::not_found(format!("member {}", req.user_id)))?;
-        if target.role() == Role::Owner
-            && role != Role::Owner
-            && self.store.owner_count(&req.channel_id).await? <= 1
-        {
-            return Err(Error::FailedPrecondition(
-                "the last OWNER cannot step down".into(),
-            ));
-        }
+        // The last-owner rule is checked by the store, inside the transaction.
         let row = self
             .store
             .set_role(Self::actor(caller), &req.channel_id, &req.user_id, role)
-            .await?;
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::NotFound => {
+                    Error::not_found(format!("member {}", req.user_id))
+                }
+                e => e.into(),
+            })?;
         Ok(proto::UpdateMemberRoleResponse {
             member: Some(convert::member(&row)),
         })

@@ -123,12 +123,15 @@ impl Chat {
             })
             .await?;
         if !req.parent_message_id.is_empty() {
-            let parent = self
+            let parent = match self
                 .store
                 .message(&caller.tenant_id, &req.parent_message_id)
                 .await
-                .ok()
-                .filter(|p| p.channel_id == channel_id && p.delete_time.is_none());
+            {
+                Ok(p) => Some(p).filter(|p| p.channel_id == channel_id && p.delete_time.is_none()),
+                Err(crate::store::StoreError::NotFound) => None,
+                Err(e) => return Err(e.into()),
+            };
             if parent.is_none() {
                 return Err(Error::invalid(
                     "parent_message_id",

@@ -13,7 +13,7 @@ use crate::auth::Caller;
 use crate::error::{Error, Result};
 use crate::fanout::{Hub, LiveEvent, MembershipChange, Publisher};
 use crate::proto::{self, subscribe_response::Event};
-use crate::store::{Actor, Changed, ChannelRow, MemberRow, MessageRow, Store};
+use crate::store::{Actor, Changed, ChannelRow, MemberRow, MessageRow, Store, StoreError};
 
 pub mod convert;
 pub mod feed;
@@ -145,7 +145,10 @@ impl Chat {
             .store
             .channel(&caller.tenant_id, channel_id)
             .await
-            .map_err(|_| Error::not_found(format!("channel {channel_id}")))?;
+            .map_err(|e| match e {
+                StoreError::NotFound => Error::not_found(format!("channel {channel_id}")),
+                e => e.into(),
+            })?;
         Ok((channel, member))
     }
 
@@ -157,12 +160,15 @@ impl Chat {
             .message(&caller.tenant_id, message_id)
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::NotFound => nf(),
+                StoreError::NotFound => nf(),
                 e => e.into(),
             })?;
         self.membership(caller, &msg.channel_id)
             .await
-            .map_err(|_| nf())?;
+            .map_err(|e| match e {
+                Error::NotFound(_) => nf(),
+                e => e,
+            })?;
         Ok(msg)
     }
 

@@ -68,7 +68,7 @@ pub struct Lag {
 #[derive(Debug)]
 pub struct Feed {
     id: u64,
-    user_key: Option<String>,
+    user_key: Option<UserKey>,
     tx: mpsc::Sender<Item>,
     lag: Mutex<Lag>,
     /// Woken when `lag` gains an entry.
@@ -101,15 +101,18 @@ impl Feed {
     }
 }
 
-type FeedMap = HashMap<String, HashMap<u64, Arc<Feed>>>;
+type FeedMap<K> = HashMap<K, HashMap<u64, Arc<Feed>>>;
+
+/// `(tenant, user)`: users are only unique within a tenant.
+type UserKey = (String, String);
 
 /// The in-process fan-out hub.
 #[derive(Debug)]
 pub struct Hub {
     /// channel id → feeds. A read-write lock: publishing (read) far outnumbers joins (write).
-    channels: RwLock<FeedMap>,
-    /// `tenant \n user` → feeds of all that user's channels.
-    users: RwLock<FeedMap>,
+    channels: RwLock<FeedMap<String>>,
+    /// `(tenant, user)` → feeds of all that user's channels.
+    users: RwLock<FeedMap<UserKey>>,
     next_id: AtomicU64,
     /// Per-feed buffer, in events. Large enough to ride out bursts, small enough that a stuck
     /// reader costs little memory before it is switched to catching up from storage.
@@ -146,7 +149,7 @@ impl Hub {
         all_channels: bool,
     ) -> (Arc<Feed>, mpsc::Receiver<Item>) {
         let (tx, rx) = mpsc::channel(self.buffer);
-        let user_key = all_channels.then(|| format!("{tenant}\n{user}"));
+        let user_key = all_channels.then(|| (tenant.to_owned(), user.to_owned()));
         let feed = Arc::new(Feed {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             user_key: user_key.clone(),
@@ -222,7 +225,7 @@ impl Publisher for Hub {
             }
         }
         if let Some(MembershipChange::Added(user)) = &event.membership {
-            let key = format!("{}\n{user}", event.tenant_id);
+            let key = (event.tenant_id.clone(), user.clone());
             if let Some(feeds) = read(&self.users).get(&key) {
                 for feed in feeds.values() {
                     let item = Item::Joined {

@@ -24,6 +24,9 @@ pub enum StoreError {
     /// A uniqueness rule would be broken (for example a repeated `client_message_id`).
     #[error("conflict")]
     Conflict,
+    /// The change would leave a group without an owner.
+    #[error("the last owner cannot leave or step down")]
+    LastOwner,
     /// The row changed since the version the caller gave (a stale etag).
     #[error("stale version")]
     Stale,
@@ -47,8 +50,32 @@ impl From<sqlx::Error> for StoreError {
                 StoreError::Unavailable(e.to_string())
             }
             sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
+            sqlx::Error::Database(d) if is_retryable(d.code().as_deref()) => {
+                StoreError::Unavailable(e.to_string())
+            }
+            sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
+                StoreError::Unavailable(e.to_string())
+            }
             _ => StoreError::Internal(e.to_string()),
         }
+    }
+}
+
+/// Database error codes that mean "try again": PostgreSQL SQLSTATE classes 08 (connection),
+/// 53 (insufficient resources), 57P0x (shutting down), 40001 / 40P01 (serialization failure,
+/// deadlock); SQLite 5 / 6 (busy, locked).
+fn is_retryable(code: Option<&str>) -> bool {
+    match code {
+        Some(c) => {
+            c.starts_with("08")
+                || c.starts_with("53")
+                || c.starts_with("57P0")
+                || c == "40001"
+                || c == "40P01"
+                || c == "5"
+                || c == "6"
+        }
+        None => false,
     }
 }
 

@@ -183,6 +183,28 @@ macro_rules! impl_store {
                 .ok_or(StoreError::NotFound)
             }
 
+            /// Takes the channel row's lock without changing it (PostgreSQL row lock; SQLite has
+            /// one writer), so checks made after it see every earlier change of the channel.
+            async fn lock_channel(tx: &mut Transaction<'_, $db>, channel_id: &str) -> StoreResult<()> {
+                let n = sqlx::query(
+                    "UPDATE channels SET last_sequence = last_sequence \
+                     WHERE id = $1 AND delete_time IS NULL",
+                )
+                .bind(channel_id)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+                if n == 1 { Ok(()) } else { Err(StoreError::NotFound) }
+            }
+
+            /// Owners of the channel, read inside the transaction (after `lock_channel`/`bump`).
+            async fn owners_in(tx: &mut Transaction<'_, $db>, channel_id: &str) -> StoreResult<i64> {
+                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM members WHERE channel_id = $1 AND role = 'owner'")
+                    .bind(channel_id)
+                    .fetch_one(&mut **tx)
+                    .await?)
+            }
+
             async fn event(
                 tx: &mut Transaction<'_, $db>,
                 channel_id: &str,
@@ -218,11 +240,12 @@ macro_rules! impl_store {
                         role: role.as_str().to_owned(),
                         join_time: now,
                         join_sequence: sequence,
-                        read_sequence: 0,
+                        // History from before the join does not count as unread.
+                        read_sequence: sequence,
                     };
                     sqlx::query(
                         "INSERT INTO members (channel_id, tenant_id, user_id, role, join_time, \
-                         join_sequence, read_sequence) VALUES ($1, $2, $3, $4, $5, $6, 0)",
+                         join_sequence, read_sequence) VALUES ($1, $2, $3, $4, $5, $6, $6)",
                     )
                     .bind(channel_id)
                     .bind(actor.tenant_id)
@@ -266,9 +289,12 @@ macro_rules! impl_store {
                 Ok(out)
             }
 
-            async fn find_direct(&self, key: &str) -> StoreResult<Option<ChannelRow>> {
-                Ok(sqlx::query_as("SELECT * FROM channels WHERE direct_key = $1 AND delete_time IS NULL")
+            async fn find_direct(&self, tenant: &str, key: &str) -> StoreResult<Option<ChannelRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT * FROM channels WHERE direct_key = $1 AND tenant_id = $2 AND delete_time IS NULL",
+                )
                     .bind(key)
+                    .bind(tenant)
                     .fetch_optional(&self.write)
                     .await?)
             }
@@ -367,7 +393,7 @@ macro_rules! impl_store {
             ) -> StoreResult<(ChannelRow, Vec<Changed<MemberRow>>)> {
                 let (a, b) = if actor.user_id <= peer { (actor.user_id, peer) } else { (peer, actor.user_id) };
                 let key = direct_key(actor.tenant_id, a, b);
-                if let Some(found) = self.find_direct(&key).await? {
+                if let Some(found) = self.find_direct(actor.tenant_id, &key).await? {
                     return Ok((found, Vec::new()));
                 }
                 let now = now_micros();
@@ -399,7 +425,7 @@ macro_rules! impl_store {
                 .rows_affected();
                 if made == 0 {
                     tx.rollback().await?;
-                    let found = self.find_direct(&key).await?.ok_or(StoreError::NotFound)?;
+                    let found = self.find_direct(actor.tenant_id, &key).await?.ok_or(StoreError::NotFound)?;
                     return Ok((found, Vec::new()));
                 }
                 let users = [(a.to_owned(), Role::Member), (b.to_owned(), Role::Member)];
@@ -416,7 +442,7 @@ macro_rules! impl_store {
                 actor: Actor<'_>,
                 peer: &str,
             ) -> StoreResult<Option<ChannelRow>> {
-                self.find_direct(&direct_key(actor.tenant_id, actor.user_id, peer)).await
+                self.find_direct(actor.tenant_id, &direct_key(actor.tenant_id, actor.user_id, peer)).await
             }
 
             async fn channel(&self, tenant: &str, channel_id: &str) -> StoreResult<ChannelRow> {
@@ -478,6 +504,8 @@ macro_rules! impl_store {
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or(StoreError::NotFound)?;
+                // Lock first: a member added concurrently must be seen (and removed) here.
+                Self::lock_channel(&mut tx, channel_id).await?;
                 let rows: Vec<MemberRow> = sqlx::query_as(
                     "SELECT * FROM members WHERE channel_id = $1 ORDER BY join_time, user_id",
                 )
@@ -506,12 +534,11 @@ macro_rules! impl_store {
                 Ok(sqlx::query_as(
                     "SELECT c.* FROM channels c JOIN members m ON m.channel_id = c.id \
                      WHERE m.tenant_id = $1 AND m.user_id = $2 AND c.delete_time IS NULL \
-                     AND c.id < $3 ORDER BY c.id DESC LIMIT $4",
+                     AND (CAST($3 AS TEXT) IS NULL OR c.id < $3) ORDER BY c.id DESC LIMIT $4",
                 )
                 .bind(tenant)
                 .bind(user)
-                // Every id sorts below "~" (ids are hex and hyphens).
-                .bind(before.unwrap_or("~"))
+                .bind(before)
                 .bind(limit)
                 .fetch_all(&self.read)
                 .await?)
@@ -524,7 +551,9 @@ macro_rules! impl_store {
                 user: &str,
             ) -> StoreResult<Option<MemberRow>> {
                 Ok(sqlx::query_as(
-                    "SELECT * FROM members WHERE channel_id = $1 AND user_id = $2 AND tenant_id = $3",
+                    "SELECT m.* FROM members m JOIN channels c ON c.id = m.channel_id \
+                     WHERE m.channel_id = $1 AND m.user_id = $2 AND m.tenant_id = $3 \
+                     AND c.delete_time IS NULL",
                 )
                 .bind(channel_id)
                 .bind(user)
@@ -590,6 +619,8 @@ macro_rules! impl_store {
                 enc: Encoder<'_, MemberRow>,
             ) -> StoreResult<Vec<Changed<MemberRow>>> {
                 let mut tx = self.write.begin().await?;
+                // Lock first, so concurrent calls see each other's members and skip them.
+                Self::lock_channel(&mut tx, channel_id).await?;
                 let existing: Vec<String> =
                     sqlx::query_scalar("SELECT user_id FROM members WHERE channel_id = $1")
                         .bind(channel_id)
@@ -628,6 +659,9 @@ macro_rules! impl_store {
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or(StoreError::NotFound)?;
+                if row.role() == Role::Owner && Self::owners_in(&mut tx, channel_id).await? <= 1 {
+                    return Err(StoreError::LastOwner);
+                }
                 let mut removed = Self::delete_members(&mut tx, actor, vec![row], last, enc).await?;
                 tx.commit().await?;
                 removed.pop().ok_or(StoreError::NotFound)
@@ -641,6 +675,7 @@ macro_rules! impl_store {
                 role: Role,
             ) -> StoreResult<MemberRow> {
                 let mut tx = self.write.begin().await?;
+                Self::lock_channel(&mut tx, channel_id).await?;
                 let before: MemberRow = sqlx::query_as(
                     "SELECT * FROM members WHERE channel_id = $1 AND user_id = $2",
                 )
@@ -649,6 +684,9 @@ macro_rules! impl_store {
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or(StoreError::NotFound)?;
+                if before.role() == Role::Owner && role != Role::Owner && Self::owners_in(&mut tx, channel_id).await? <= 1 {
+                    return Err(StoreError::LastOwner);
+                }
                 let after: MemberRow = sqlx::query_as(
                     "UPDATE members SET role = $3 WHERE channel_id = $1 AND user_id = $2 RETURNING *",
                 )
@@ -690,15 +728,24 @@ macro_rules! impl_store {
                 let sequence: i64 = sqlx::query_scalar(
                     "UPDATE channels SET last_sequence = last_sequence + 1 \
                      WHERE id = $1 AND tenant_id = $2 AND delete_time IS NULL \
-                     AND EXISTS (SELECT 1 FROM members WHERE channel_id = $1 AND user_id = $3) \
                      RETURNING last_sequence",
                 )
                 .bind(&msg.channel_id)
                 .bind(actor.tenant_id)
-                .bind(actor.user_id)
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or(StoreError::NotFound)?;
+                // Checked after the lock, in a statement of its own: on READ COMMITTED it then
+                // sees a removal that committed while this send waited for the lock.
+                let member: Option<String> =
+                    sqlx::query_scalar("SELECT user_id FROM members WHERE channel_id = $1 AND user_id = $2")
+                        .bind(&msg.channel_id)
+                        .bind(actor.user_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if member.is_none() {
+                    return Err(StoreError::NotFound);
+                }
                 let row = MessageRow {
                     id: Uuid::now_v7().to_string(),
                     tenant_id: actor.tenant_id.to_owned(),
