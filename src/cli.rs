@@ -15,6 +15,7 @@ use crate::auth::{self, AuthSettings, KeySource, TokenSpec, Verifier};
 use crate::config::*;
 use crate::domain::{Chat, Settings};
 use crate::fanout::Hub;
+use crate::proto::attachment_service_client::AttachmentServiceClient;
 use crate::proto::chat_service_client::ChatServiceClient;
 use crate::proto::group_service_client::GroupServiceClient;
 use crate::proto::{self, subscribe_response::Event};
@@ -119,13 +120,20 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     let store = crate::store::connect(&url, args.db.db_schema.as_deref(), !args.no_migrate)
         .await
         .map_err(|e| format!("DATABASE_URL: {e}"))?;
+    let blobs =
+        crate::blob::Blobs::from_url(&args.storage_url).map_err(|e| format!("STORAGE_URL: {e}"))?;
+    let settings = Settings {
+        heartbeat: Duration::from_secs(args.heartbeat_seconds),
+        max_upload_bytes: args.max_upload_bytes,
+        unlinked_ttl: Duration::from_secs(args.attachment_unlinked_ttl),
+    };
     let chat = Arc::new(Chat::new(
         store.clone(),
         Arc::new(Hub::default()),
-        Settings {
-            heartbeat: Duration::from_secs(args.heartbeat_seconds),
-        },
+        blobs,
+        settings,
     ));
+    tokio::spawn(sweep_forever(chat.clone()));
     let listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .map_err(|e| format!("GRPC_ADDR: cannot listen on {}: {e}", args.grpc_addr))?;
@@ -159,6 +167,24 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Deletes unlinked attachments and unfinished uploads past their TTL, every TTL/4 (at most
+/// hourly).
+async fn sweep_forever(chat: Arc<Chat>) {
+    let ttl = chat.settings().unlinked_ttl;
+    let mut every = tokio::time::interval((ttl / 4).min(Duration::from_secs(3600)));
+    loop {
+        every.tick().await;
+        let before = crate::store::now_micros() - ttl.as_micros() as i64;
+        match chat.sweep(before).await {
+            Ok((0, 0)) => {}
+            Ok((a, u)) => {
+                tracing::info!(attachments = a, uploads = u, "swept unlinked attachments")
+            }
+            Err(e) => tracing::warn!(error = %e, "attachment sweep failed"),
+        }
+    }
 }
 
 fn redact(url: &str) -> String {
@@ -283,6 +309,7 @@ pub async fn send(args: SendArgs) -> Result<(), String> {
             channel_id: args.channel.unwrap_or_default(),
             recipient_id: args.to.unwrap_or_default(),
             body: args.body,
+            attachment_ids: args.attachments,
             ..Default::default()
         })
         .await
@@ -319,6 +346,120 @@ pub async fn history(args: HistoryArgs) -> Result<(), String> {
     for m in all.iter().rev() {
         println!("#{} {}: {}", m.sequence, m.sender_id, m.body);
     }
+    Ok(())
+}
+
+async fn attachments_client(
+    c: &ClientArgs,
+) -> Result<AttachmentServiceClient<InterceptedService<Channel, Bearer>>, String> {
+    let channel = Channel::from_shared(c.server.clone())
+        .map_err(|e| format!("--server {}: {e}", c.server))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {}: {e}", c.server))?;
+    Ok(AttachmentServiceClient::with_interceptor(
+        channel,
+        Bearer::new(&c.token)?,
+    ))
+}
+
+/// `upload`: streams a file in 1 MiB frames (it is read as it is sent, never whole), with its
+/// SHA-256 declared; prints `attachment_id sha256`.
+pub async fn upload(args: UploadArgs) -> Result<(), String> {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
+    let name = args
+        .file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{}: no file name", args.file.display()))?
+        .to_owned();
+    // First pass: size and hash, so the server can check both.
+    let mut f = tokio::fs::File::open(&args.file)
+        .await
+        .map_err(|e| format!("{}: {e}", args.file.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut size = 0i64;
+    let mut buf = vec![0u8; 1024 * 1024];
+    loop {
+        let n = f.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as i64;
+    }
+    let meta = proto::AttachmentMetadata {
+        channel_id: args.channel,
+        file_name: name,
+        content_type: args.content_type,
+        size_bytes: size,
+        sha256: hex::encode(hasher.finalize()),
+    };
+    let file = tokio::fs::File::open(&args.file)
+        .await
+        .map_err(|e| e.to_string())?;
+    let first = futures::stream::once(async move {
+        proto::UploadAttachmentRequest {
+            data: Some(proto::upload_attachment_request::Data::Metadata(meta)),
+        }
+    });
+    let chunks = futures::stream::unfold(file, |mut file| async move {
+        let mut buf = vec![0u8; 1024 * 1024];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => filled += n,
+            }
+        }
+        (filled > 0).then(|| {
+            buf.truncate(filled);
+            let frame = proto::UploadAttachmentRequest {
+                data: Some(proto::upload_attachment_request::Data::Chunk(buf.into())),
+            };
+            (frame, file)
+        })
+    });
+    let mut client = attachments_client(&args.client).await?;
+    let a = client
+        .upload_attachment(futures::StreamExt::chain(first, chunks))
+        .await
+        .map_err(status_line)?
+        .into_inner()
+        .attachment
+        .unwrap_or_default();
+    println!("{} {}", a.id, a.sha256);
+    Ok(())
+}
+
+/// `download`: writes an attachment to a file; prints its size and SHA-256.
+pub async fn download(args: DownloadArgs) -> Result<(), String> {
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    let mut client = attachments_client(&args.client).await?;
+    let mut stream = client
+        .download_attachment(proto::DownloadAttachmentRequest {
+            attachment_id: args.attachment,
+            offset: 0,
+        })
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    let mut out = tokio::fs::File::create(&args.out)
+        .await
+        .map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut size = 0usize;
+    while let Some(frame) = stream.message().await.map_err(status_line)? {
+        if let Some(proto::download_attachment_response::Data::Chunk(b)) = frame.data {
+            hasher.update(&b);
+            size += b.len();
+            out.write_all(&b).await.map_err(|e| e.to_string())?;
+        }
+    }
+    out.flush().await.map_err(|e| e.to_string())?;
+    println!("{size} {}", hex::encode(hasher.finalize()));
     Ok(())
 }
 

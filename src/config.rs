@@ -38,6 +38,10 @@ pub enum Command {
     History(HistoryArgs),
     /// Follow the live feed, resuming by cursor after a dropped connection (client).
     Tail(TailArgs),
+    /// Upload a file in 1 MiB frames; prints the attachment id (client).
+    Upload(UploadArgs),
+    /// Download an attachment to a file (client).
+    Download(DownloadArgs),
 }
 
 /// Where the database is.
@@ -156,6 +160,16 @@ pub struct ServeArgs {
     /// Seconds between heartbeats on live feeds (1 to 3600).
     #[arg(long, env = "HEARTBEAT_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub heartbeat_seconds: u64,
+    /// Where attachment bytes go: `file://<dir>` or `s3://<bucket>/<prefix>` (with the usual
+    /// `AWS_*` variables, and `AWS_ENDPOINT_URL` for MinIO-style servers).
+    #[arg(long, env = "STORAGE_URL", default_value = crate::blob::DEFAULT_STORAGE_URL)]
+    pub storage_url: String,
+    /// Largest attachment, in bytes (default 100 MiB).
+    #[arg(long, env = "MAX_UPLOAD_BYTES", default_value_t = crate::domain::DEFAULT_MAX_UPLOAD_BYTES, value_parser = clap::value_parser!(i64).range(0..))]
+    pub max_upload_bytes: i64,
+    /// Seconds after which unlinked attachments and unfinished uploads are deleted (default 24 h).
+    #[arg(long, env = "ATTACHMENT_UNLINKED_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..))]
+    pub attachment_unlinked_ttl: u64,
     /// Live fan-out: `memory` (single node). `nats` and `postgres` come with multi-node support.
     #[arg(long, env = "FANOUT", default_value = "memory", value_parser = ["memory"])]
     pub fanout: String,
@@ -239,7 +253,11 @@ pub struct SendArgs {
     /// User id to send to directly.
     #[arg(long)]
     pub to: Option<String>,
-    /// The text.
+    /// Attachment ids to link (see `upload`).
+    #[arg(long = "attachment")]
+    pub attachments: Vec<String>,
+    /// The text (may be empty with attachments).
+    #[arg(default_value = "")]
     pub body: String,
 }
 
@@ -254,6 +272,33 @@ pub struct HistoryArgs {
     /// How many of the latest messages.
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
+}
+
+/// `upload` settings.
+#[derive(Debug, Clone, Args)]
+pub struct UploadArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Channel id the file is for.
+    #[arg(long)]
+    pub channel: String,
+    /// MIME type; default application/octet-stream.
+    #[arg(long, default_value = "")]
+    pub content_type: String,
+    /// The file.
+    pub file: PathBuf,
+}
+
+/// `download` settings.
+#[derive(Debug, Clone, Args)]
+pub struct DownloadArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Attachment id.
+    #[arg(long)]
+    pub attachment: String,
+    /// Where to write the bytes.
+    pub out: PathBuf,
 }
 
 /// `tail` settings.

@@ -32,6 +32,13 @@ pub enum Error {
     /// The state does not allow it (for example the last owner leaving): `FAILED_PRECONDITION`.
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// Over a size limit (`MAX_UPLOAD_BYTES`): `RESOURCE_EXHAUSTED`.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
+    /// A resumable upload's chunk did not start at the committed size: `FAILED_PRECONDITION`
+    /// with a `google.rpc.ErrorInfo` (reason `OFFSET_MISMATCH`, metadata `committed_bytes`).
+    #[error("offset {offset} is not the committed size {committed}")]
+    OffsetMismatch { offset: i64, committed: i64 },
     /// A concurrent change won (stale etag, AIP-154): `ABORTED`.
     #[error("aborted: {0}")]
     Aborted(String),
@@ -103,6 +110,19 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::Aborted(m) => Status::aborted(m),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Error::OffsetMismatch { offset, committed } => {
+                let details = ErrorDetails::with_error_info(
+                    "OFFSET_MISMATCH",
+                    "chat.v1",
+                    [("committed_bytes".to_owned(), committed.to_string())],
+                );
+                Status::with_error_details(
+                    Code::FailedPrecondition,
+                    format!("offset {offset} is not the committed size {committed}; resume at {committed}"),
+                    details,
+                )
+            }
             Error::OutOfRange(m) => Status::out_of_range(m),
             Error::Unavailable(m) => {
                 let id = uuid::Uuid::new_v4();

@@ -14,7 +14,8 @@
 //!    ▼
 //! domain::Chat            -- permission keys, membership, limits; one store call per change
 //!    ├──► store::Store    -- one transaction: row + audit row + the channel's next event
-//!    └──► fanout::Hub     -- the committed event, fanned out from memory to live feeds
+//!    ├──► fanout::Hub     -- the committed event, fanned out from memory to live feeds
+//!    └──► blob::Blobs     -- attachment bytes, streamed (local disk or S3)
 //! ```
 //!
 //! A live feed (`Subscribe`) registers with the hub first, then replays stored events after the
@@ -30,12 +31,14 @@
 //! - [`domain`]: the rules: validation, policy, use cases, the live feed session.
 //! - [`store`]: repository traits and their SQLite / PostgreSQL implementation.
 //! - [`fanout`]: in-process delivery of committed events to live feeds.
+//! - [`blob`]: attachment bytes on local disk or S3, through `object_store`.
 //! - [`api`]: the thin tonic services.
 //! - [`server`]: assembles services, auth, health and reflection on one listener.
 //! - [`cli`]: the `chat-service` command line, including a small client.
 
 pub mod api;
 pub mod auth;
+pub mod blob;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -31,6 +31,8 @@ async fn main() {
         Command::Send(a) => cli::send(a).await,
         Command::History(a) => cli::history(a).await,
         Command::Tail(a) => cli::tail(a).await,
+        Command::Upload(a) => cli::upload(a).await,
+        Command::Download(a) => cli::download(a).await,
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -9,13 +9,19 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tonic::transport::Server;
 
+use crate::api::attachment::AttachmentApi;
 use crate::api::auth::AuthInterceptor;
 use crate::api::chat::ChatApi;
 use crate::api::group::GroupApi;
 use crate::auth::Verifier;
 use crate::domain::Chat;
+use crate::proto::attachment_service_server::AttachmentServiceServer;
 use crate::proto::chat_service_server::ChatServiceServer;
 use crate::proto::group_service_server::GroupServiceServer;
+
+/// Largest message AttachmentService decodes: a 1 MiB chunk plus 64 KiB for the rest of the
+/// frame. Larger frames are refused by tonic with `RESOURCE_EXHAUSTED`.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024 + 64 * 1024;
 
 /// Serves on `listener` until `shutdown` resolves; then live feeds end cleanly and in-flight
 /// calls finish before this returns.
@@ -31,6 +37,9 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ChatServiceServer<ChatApi>>().await;
     health.set_serving::<GroupServiceServer<GroupApi>>().await;
+    health
+        .set_serving::<AttachmentServiceServer<AttachmentApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -56,7 +65,14 @@ pub async fn serve(
             auth.clone(),
         ))
         .add_service(GroupServiceServer::with_interceptor(
-            GroupApi::new(chat),
+            GroupApi::new(chat.clone()),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            // Frames carry at most 1 MiB of data; allow that plus protobuf framing, no more.
+            AttachmentServiceServer::new(AttachmentApi::new(chat))
+                .max_decoding_message_size(MAX_FRAME_BYTES)
+                .max_encoding_message_size(MAX_FRAME_BYTES),
             auth,
         ));
     if let Ok(reflection) = reflection {

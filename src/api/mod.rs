@@ -5,6 +5,7 @@ use tonic::{Request, Status};
 
 use crate::auth::Caller;
 
+pub mod attachment;
 pub mod auth;
 pub mod chat;
 pub mod group;

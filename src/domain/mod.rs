@@ -10,11 +10,13 @@ use std::time::Duration;
 use prost::Message as _;
 
 use crate::auth::Caller;
+use crate::blob::Blobs;
 use crate::error::{Error, Result};
 use crate::fanout::{Hub, LiveEvent, MembershipChange, Publisher};
 use crate::proto::{self, subscribe_response::Event};
 use crate::store::{Actor, Changed, ChannelRow, MemberRow, MessageRow, Store, StoreError};
 
+pub mod attachments;
 pub mod convert;
 pub mod feed;
 pub mod groups;
@@ -27,12 +29,22 @@ pub mod validate;
 pub struct Settings {
     /// Interval between heartbeats on live feeds.
     pub heartbeat: Duration,
+    /// Largest attachment, in bytes (`MAX_UPLOAD_BYTES`).
+    pub max_upload_bytes: i64,
+    /// Unlinked attachments and unfinished uploads older than this are swept
+    /// (`ATTACHMENT_UNLINKED_TTL`).
+    pub unlinked_ttl: Duration,
 }
+
+/// Default `MAX_UPLOAD_BYTES`: 100 MiB.
+pub const DEFAULT_MAX_UPLOAD_BYTES: i64 = 100 * 1024 * 1024;
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             heartbeat: Duration::from_secs(15),
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            unlinked_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -42,6 +54,7 @@ pub struct Chat {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     publisher: Arc<dyn Publisher>,
+    blobs: Blobs,
     settings: Settings,
 }
 
@@ -99,14 +112,20 @@ pub(crate) fn encode_member_removed(row: &MemberRow, sequence: i64) -> Vec<u8> {
 }
 
 impl Chat {
-    /// Use cases over a store and a hub that both publishes and serves feeds.
-    pub fn new(store: Arc<dyn Store>, hub: Arc<Hub>, settings: Settings) -> Chat {
+    /// Use cases over a store, a hub that both publishes and serves feeds, and blob storage.
+    pub fn new(store: Arc<dyn Store>, hub: Arc<Hub>, blobs: Blobs, settings: Settings) -> Chat {
         Chat {
             store,
             publisher: hub.clone(),
             hub,
+            blobs,
             settings,
         }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// The store (for tools and tests).

@@ -432,8 +432,114 @@ pub trait EventStore: Send + Sync {
     ) -> StoreResult<Vec<EventRow>>;
 }
 
+/// An attachment row (visible once its upload completed).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AttachmentRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub channel_id: String,
+    pub message_id: Option<String>,
+    pub uploader_id: String,
+    pub file_name: String,
+    pub content_type: String,
+    pub size_bytes: i64,
+    /// Lower-case hex SHA-256 of the content, computed by the server.
+    pub sha256: String,
+    /// Object key in blob storage.
+    pub storage_key: String,
+    pub create_time: i64,
+}
+
+/// A resumable upload in progress.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct UploadRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub channel_id: String,
+    pub uploader_id: String,
+    pub file_name: String,
+    pub content_type: String,
+    pub size_bytes: i64,
+    /// Expected SHA-256 (lower-case hex), or empty.
+    pub sha256: String,
+    pub committed_bytes: i64,
+    pub create_time: i64,
+}
+
+/// One download.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DownloadRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub attachment_id: String,
+    pub user_id: String,
+    pub download_time: i64,
+    pub bytes_sent: i64,
+    /// 1 when the download reached the end of the file.
+    pub completed: i64,
+}
+
+/// Attachments, resumable uploads and the download audit.
+#[async_trait]
+pub trait AttachmentStore: Send + Sync {
+    /// Makes an uploaded attachment visible (with its audit row). `StoreError::NotFound` when the
+    /// uploader is no longer a member of the live channel.
+    async fn insert_attachment(
+        &self,
+        actor: Actor<'_>,
+        row: AttachmentRow,
+    ) -> StoreResult<AttachmentRow>;
+    /// One attachment of the tenant.
+    async fn attachment(&self, tenant: &str, id: &str) -> StoreResult<AttachmentRow>;
+    /// Attachments of a channel (or of one message when `message_id` is set), newest first,
+    /// ids below `before` when given.
+    async fn list_attachments(
+        &self,
+        channel_id: &str,
+        message_id: Option<&str>,
+        before: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<AttachmentRow>>;
+    /// Deletes an attachment row (with its audit row); returns it.
+    async fn delete_attachment(&self, actor: Actor<'_>, id: &str) -> StoreResult<AttachmentRow>;
+    /// Unlinked attachments created before `before` (for the sweep).
+    async fn unlinked_before(&self, before: i64, limit: i64) -> StoreResult<Vec<AttachmentRow>>;
+    /// Deletes an unlinked attachment row for the sweep; false when it was linked meanwhile.
+    async fn sweep_attachment(&self, id: &str) -> StoreResult<bool>;
+    /// Records a resumable upload.
+    async fn create_upload(&self, row: UploadRow) -> StoreResult<()>;
+    /// One upload of the tenant.
+    async fn upload(&self, tenant: &str, id: &str) -> StoreResult<UploadRow>;
+    /// Moves `committed_bytes` from `from` to `to`; false when it was not `from` any more.
+    async fn advance_upload(&self, id: &str, from: i64, to: i64) -> StoreResult<bool>;
+    /// Completes an upload: deletes its row and inserts the attachment, in one transaction.
+    async fn complete_upload(
+        &self,
+        actor: Actor<'_>,
+        upload_id: &str,
+        row: AttachmentRow,
+    ) -> StoreResult<AttachmentRow>;
+    /// Uploads created before `before` (for the sweep).
+    async fn uploads_before(&self, before: i64, limit: i64) -> StoreResult<Vec<UploadRow>>;
+    /// Deletes an upload row.
+    async fn delete_upload(&self, id: &str) -> StoreResult<()>;
+    /// Writes a download record.
+    async fn insert_download(&self, row: DownloadRow) -> StoreResult<()>;
+    /// Updates a download record when the download ends.
+    async fn finish_download(&self, id: &str, bytes_sent: i64, completed: bool) -> StoreResult<()>;
+    /// Download records of an attachment, newest first, ids below `before` when given.
+    async fn list_downloads(
+        &self,
+        attachment_id: &str,
+        before: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<DownloadRow>>;
+}
+
 /// Everything the domain needs from a database.
-pub trait Store: ChannelStore + MessageStore + ReadStateStore + EventStore {
+pub trait Store:
+    ChannelStore + MessageStore + ReadStateStore + EventStore + AttachmentStore
+{
     /// Closes the pools.
     fn close(&self) -> futures::future::BoxFuture<'_, ()>;
 }

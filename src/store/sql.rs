@@ -289,6 +289,43 @@ macro_rules! impl_store {
                 Ok(out)
             }
 
+            /// Inserts a visible attachment, if the uploader still belongs to the live channel.
+            async fn insert_attachment_in(
+                tx: &mut Transaction<'_, $db>,
+                actor: Actor<'_>,
+                row: &AttachmentRow,
+            ) -> StoreResult<()> {
+                Self::lock_channel(tx, &row.channel_id).await?;
+                let member: Option<String> =
+                    sqlx::query_scalar("SELECT user_id FROM members WHERE channel_id = $1 AND user_id = $2")
+                        .bind(&row.channel_id)
+                        .bind(&row.uploader_id)
+                        .fetch_optional(&mut **tx)
+                        .await?;
+                if member.is_none() {
+                    return Err(StoreError::NotFound);
+                }
+                sqlx::query(
+                    "INSERT INTO attachments (id, tenant_id, channel_id, message_id, uploader_id, \
+                     file_name, content_type, size_bytes, sha256, storage_key, create_time) \
+                     VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9, $10)",
+                )
+                .bind(&row.id)
+                .bind(&row.tenant_id)
+                .bind(&row.channel_id)
+                .bind(&row.uploader_id)
+                .bind(&row.file_name)
+                .bind(&row.content_type)
+                .bind(row.size_bytes)
+                .bind(&row.sha256)
+                .bind(&row.storage_key)
+                .bind(row.create_time)
+                .execute(&mut **tx)
+                .await?;
+                Self::audit(tx, actor, "create", "attachments", &row.id, None, to_json(row)).await?;
+                Ok(())
+            }
+
             async fn find_direct(&self, tenant: &str, key: &str) -> StoreResult<Option<ChannelRow>> {
                 Ok(sqlx::query_as(
                     "SELECT * FROM channels WHERE direct_key = $1 AND tenant_id = $2 AND delete_time IS NULL",
@@ -1036,6 +1073,197 @@ macro_rules! impl_store {
                 .bind(channel_id)
                 .bind(after)
                 .bind(up_to)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?)
+            }
+        }
+
+        #[async_trait]
+        impl AttachmentStore for $store {
+            async fn insert_attachment(&self, actor: Actor<'_>, row: AttachmentRow) -> StoreResult<AttachmentRow> {
+                let mut tx = self.write.begin().await?;
+                Self::insert_attachment_in(&mut tx, actor, &row).await?;
+                tx.commit().await?;
+                Ok(row)
+            }
+
+            async fn attachment(&self, tenant: &str, id: &str) -> StoreResult<AttachmentRow> {
+                sqlx::query_as("SELECT * FROM attachments WHERE id = $1 AND tenant_id = $2")
+                    .bind(id)
+                    .bind(tenant)
+                    .fetch_optional(&self.read)
+                    .await?
+                    .ok_or(StoreError::NotFound)
+            }
+
+            async fn list_attachments(
+                &self,
+                channel_id: &str,
+                message_id: Option<&str>,
+                before: Option<&str>,
+                limit: i64,
+            ) -> StoreResult<Vec<AttachmentRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT * FROM attachments WHERE channel_id = $1 \
+                     AND (CAST($2 AS TEXT) IS NULL OR message_id = $2) \
+                     AND (CAST($3 AS TEXT) IS NULL OR id < $3) ORDER BY id DESC LIMIT $4",
+                )
+                .bind(channel_id)
+                .bind(message_id)
+                .bind(before)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?)
+            }
+
+            async fn delete_attachment(&self, actor: Actor<'_>, id: &str) -> StoreResult<AttachmentRow> {
+                let mut tx = self.write.begin().await?;
+                let row: AttachmentRow = sqlx::query_as(
+                    "DELETE FROM attachments WHERE id = $1 AND tenant_id = $2 RETURNING *",
+                )
+                .bind(id)
+                .bind(actor.tenant_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+                Self::audit(&mut tx, actor, "delete", "attachments", id, to_json(&row), None).await?;
+                tx.commit().await?;
+                Ok(row)
+            }
+
+            async fn unlinked_before(&self, before: i64, limit: i64) -> StoreResult<Vec<AttachmentRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT * FROM attachments WHERE message_id IS NULL AND create_time < $1 LIMIT $2",
+                )
+                .bind(before)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?)
+            }
+
+            async fn sweep_attachment(&self, id: &str) -> StoreResult<bool> {
+                let mut tx = self.write.begin().await?;
+                let row: Option<AttachmentRow> = sqlx::query_as(
+                    "DELETE FROM attachments WHERE id = $1 AND message_id IS NULL RETURNING *",
+                )
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = row else {
+                    return Ok(false);
+                };
+                let actor = Actor { tenant_id: &row.tenant_id, user_id: "system:sweep" };
+                Self::audit(&mut tx, actor, "delete", "attachments", id, to_json(&row), None).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn create_upload(&self, row: UploadRow) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO uploads (id, tenant_id, channel_id, uploader_id, file_name, \
+                     content_type, size_bytes, sha256, committed_bytes, create_time) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9)",
+                )
+                .bind(&row.id)
+                .bind(&row.tenant_id)
+                .bind(&row.channel_id)
+                .bind(&row.uploader_id)
+                .bind(&row.file_name)
+                .bind(&row.content_type)
+                .bind(row.size_bytes)
+                .bind(&row.sha256)
+                .bind(row.create_time)
+                .execute(&self.write)
+                .await?;
+                Ok(())
+            }
+
+            async fn upload(&self, tenant: &str, id: &str) -> StoreResult<UploadRow> {
+                sqlx::query_as("SELECT * FROM uploads WHERE id = $1 AND tenant_id = $2")
+                    .bind(id)
+                    .bind(tenant)
+                    .fetch_optional(&self.write)
+                    .await?
+                    .ok_or(StoreError::NotFound)
+            }
+
+            async fn advance_upload(&self, id: &str, from: i64, to: i64) -> StoreResult<bool> {
+                let n = sqlx::query("UPDATE uploads SET committed_bytes = $3 WHERE id = $1 AND committed_bytes = $2")
+                    .bind(id)
+                    .bind(from)
+                    .bind(to)
+                    .execute(&self.write)
+                    .await?
+                    .rows_affected();
+                Ok(n == 1)
+            }
+
+            async fn complete_upload(&self, actor: Actor<'_>, upload_id: &str, row: AttachmentRow) -> StoreResult<AttachmentRow> {
+                let mut tx = self.write.begin().await?;
+                let n = sqlx::query("DELETE FROM uploads WHERE id = $1")
+                    .bind(upload_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if n != 1 {
+                    return Err(StoreError::NotFound);
+                }
+                Self::insert_attachment_in(&mut tx, actor, &row).await?;
+                tx.commit().await?;
+                Ok(row)
+            }
+
+            async fn uploads_before(&self, before: i64, limit: i64) -> StoreResult<Vec<UploadRow>> {
+                Ok(sqlx::query_as("SELECT * FROM uploads WHERE create_time < $1 LIMIT $2")
+                    .bind(before)
+                    .bind(limit)
+                    .fetch_all(&self.read)
+                    .await?)
+            }
+
+            async fn delete_upload(&self, id: &str) -> StoreResult<()> {
+                sqlx::query("DELETE FROM uploads WHERE id = $1")
+                    .bind(id)
+                    .execute(&self.write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn insert_download(&self, row: DownloadRow) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO attachment_downloads (id, tenant_id, attachment_id, user_id, \
+                     download_time, bytes_sent, completed) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(&row.id)
+                .bind(&row.tenant_id)
+                .bind(&row.attachment_id)
+                .bind(&row.user_id)
+                .bind(row.download_time)
+                .bind(row.bytes_sent)
+                .bind(row.completed)
+                .execute(&self.write)
+                .await?;
+                Ok(())
+            }
+
+            async fn finish_download(&self, id: &str, bytes_sent: i64, completed: bool) -> StoreResult<()> {
+                sqlx::query("UPDATE attachment_downloads SET bytes_sent = $2, completed = $3 WHERE id = $1")
+                    .bind(id)
+                    .bind(bytes_sent)
+                    .bind(i64::from(completed))
+                    .execute(&self.write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn list_downloads(&self, attachment_id: &str, before: Option<&str>, limit: i64) -> StoreResult<Vec<DownloadRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT * FROM attachment_downloads WHERE attachment_id = $1 \
+                     AND (CAST($2 AS TEXT) IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
+                )
+                .bind(attachment_id)
+                .bind(before)
                 .bind(limit)
                 .fetch_all(&self.read)
                 .await?)

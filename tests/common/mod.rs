@@ -36,20 +36,21 @@ pub struct TestDb {
     pub backend: Backend,
     pub url: String,
     pub schema: Option<String>,
-    _dir: Option<tempfile::TempDir>,
+    /// Holds the SQLite file and the attachment folder; removed on drop.
+    dir: tempfile::TempDir,
 }
 
 impl TestDb {
     pub async fn new(backend: Backend) -> TestDb {
+        let dir = tempfile::tempdir().expect("tempdir");
         match backend {
             Backend::Sqlite => {
-                let dir = tempfile::tempdir().expect("tempdir");
                 let url = format!("sqlite://{}/chat.db", dir.path().display());
                 TestDb {
                     backend,
                     url,
                     schema: None,
-                    _dir: Some(dir),
+                    dir,
                 }
             }
             Backend::Postgres => {
@@ -67,10 +68,15 @@ impl TestDb {
                     backend,
                     url,
                     schema: Some(schema),
-                    _dir: None,
+                    dir,
                 }
             }
         }
+    }
+
+    /// The folder local attachment storage uses.
+    pub fn blob_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("attachments")
     }
 
     /// Rows in a table (for "nothing was written" checks).
@@ -152,6 +158,8 @@ pub struct Options {
     pub enforce_permissions: bool,
     pub issuer: Option<String>,
     pub key: Option<KeySource>,
+    pub storage: Option<chat_service::blob::Blobs>,
+    pub max_upload_bytes: i64,
 }
 
 impl Default for Options {
@@ -162,6 +170,8 @@ impl Default for Options {
             enforce_permissions: true,
             issuer: None,
             key: None,
+            storage: None,
+            max_upload_bytes: chat_service::domain::DEFAULT_MAX_UPLOAD_BYTES,
         }
     }
 }
@@ -170,6 +180,7 @@ impl Default for Options {
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub db: TestDb,
+    pub opts: Options,
     pub chat: Arc<Chat>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -181,15 +192,38 @@ impl TestServer {
     }
 
     pub async fn start_with(backend: Backend, opts: Options) -> TestServer {
-        let db = TestDb::new(backend).await;
+        Self::start_on(TestDb::new(backend).await, opts).await
+    }
+
+    /// Stops the server and starts a new one on the same database and storage.
+    pub async fn restart(mut self) -> TestServer {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        self.chat.store().close().await;
+        let TestServer { db, opts, .. } = self;
+        Self::start_on(db, opts).await
+    }
+
+    pub async fn start_on(db: TestDb, opts: Options) -> TestServer {
         let store = chat_service::store::connect(&db.url, db.schema.as_deref(), true)
             .await
             .expect("connect store");
+        let blobs = opts.storage.clone().unwrap_or_else(|| {
+            chat_service::blob::Blobs::from_url(&format!("file://{}", db.blob_dir().display()))
+                .expect("blobs")
+        });
         let chat = Arc::new(Chat::new(
             store,
             Arc::new(Hub::new(opts.feed_buffer)),
+            blobs,
             Settings {
                 heartbeat: opts.heartbeat,
+                max_upload_bytes: opts.max_upload_bytes,
+                ..Settings::default()
             },
         ));
         let verifier = Verifier::new(AuthSettings {
@@ -223,6 +257,7 @@ impl TestServer {
         TestServer {
             addr,
             db,
+            opts,
             chat,
             shutdown: Some(tx),
             task: Some(task),

@@ -1,0 +1,726 @@
+//! AttachmentService use cases: streamed and resumable uploads, audited downloads, the sweep.
+//!
+//! Bytes go to blob storage as they arrive (memory stays at a few multipart parts whatever the
+//! file size) while the server computes their SHA-256. A failed or cancelled upload aborts its
+//! multipart upload, so nothing is left behind. An attachment is visible to its uploader alone
+//! until a message links it, then to every member of the channel; once that message is deleted
+//! it is no longer served.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::auth::{Caller, Permission};
+use crate::blob::{BlobError, BlobWriter};
+use crate::error::{Error, Result};
+use crate::proto::{self, download_attachment_response::Data};
+use crate::store::{now_micros, AttachmentRow, DownloadRow, StoreError, UploadRow};
+
+use super::convert::timestamp;
+use super::validate::{self, Check};
+use super::{policy, Chat};
+
+/// Largest chunk in one upload frame or UploadChunk call: 1 MiB.
+pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
+/// Largest chunk in a download frame.
+const DOWNLOAD_CHUNK_BYTES: usize = 256 * 1024;
+/// Longest file name, in Unicode scalar values.
+pub const MAX_FILE_NAME_CHARS: usize = 255;
+/// Longest content type, in bytes.
+const MAX_CONTENT_TYPE_BYTES: usize = 255;
+
+impl From<BlobError> for Error {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::NotFound(k) => Error::Internal(format!("blob {k} is missing")),
+            BlobError::Unavailable(m) => Error::Unavailable(m),
+        }
+    }
+}
+
+/// A stored attachment as the API shows it.
+pub fn attachment(a: &AttachmentRow) -> proto::Attachment {
+    proto::Attachment {
+        id: a.id.clone(),
+        channel_id: a.channel_id.clone(),
+        message_id: a.message_id.clone().unwrap_or_default(),
+        uploader_id: a.uploader_id.clone(),
+        file_name: a.file_name.clone(),
+        content_type: a.content_type.clone(),
+        size_bytes: a.size_bytes,
+        sha256: a.sha256.clone(),
+        create_time: Some(timestamp(a.create_time)),
+    }
+}
+
+fn blob_key(attachment_id: &str) -> String {
+    format!("a/{attachment_id}")
+}
+
+fn chunk_prefix(upload_id: &str) -> String {
+    format!("u/{upload_id}/")
+}
+
+/// Hashes and counts bytes on their way to a writer.
+struct Sink {
+    writer: BlobWriter,
+    hasher: Sha256,
+    written: i64,
+}
+
+impl Sink {
+    async fn write(&mut self, bytes: Bytes) -> Result<()> {
+        self.hasher.update(&bytes);
+        self.written += bytes.len() as i64;
+        self.writer.write(bytes).await?;
+        Ok(())
+    }
+}
+
+impl Chat {
+    /// Checks upload metadata; returns the normalised content type.
+    fn check_metadata(&self, c: &mut Check, field: &str, m: &proto::AttachmentMetadata) -> String {
+        c.id(&format!("{field}.channel_id"), &m.channel_id);
+        let name_field = format!("{field}.file_name");
+        if m.file_name.is_empty() {
+            c.fail(&name_field, "required");
+        } else if m.file_name.chars().count() > MAX_FILE_NAME_CHARS {
+            c.fail(
+                &name_field,
+                format!("at most {MAX_FILE_NAME_CHARS} characters"),
+            );
+        } else if m.file_name.chars().any(char::is_control) {
+            c.fail(
+                &name_field,
+                "must not contain control characters (NUL included)",
+            );
+        }
+        if m.content_type.len() > MAX_CONTENT_TYPE_BYTES
+            || m.content_type.chars().any(char::is_control)
+        {
+            c.fail(
+                format!("{field}.content_type"),
+                "at most 255 bytes, no control characters",
+            );
+        }
+        if m.size_bytes < 0 {
+            c.fail(format!("{field}.size_bytes"), "must not be negative");
+        }
+        if !m.sha256.is_empty()
+            && (m.sha256.len() != 64 || !m.sha256.chars().all(|c| c.is_ascii_hexdigit()))
+        {
+            c.fail(format!("{field}.sha256"), "64 hex characters, or empty");
+        }
+        if m.content_type.is_empty() {
+            "application/octet-stream".to_owned()
+        } else {
+            m.content_type.clone()
+        }
+    }
+
+    fn check_size(&self, size: i64) -> Result<()> {
+        if size > self.settings.max_upload_bytes {
+            return Err(Error::ResourceExhausted(format!(
+                "the file is {size} bytes; MAX_UPLOAD_BYTES is {}",
+                self.settings.max_upload_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks what the stream brought against what was declared, then completes the object.
+    async fn finish_sink(sink: Sink, size: i64, sha256: &str) -> Result<String> {
+        let digest = hex::encode(sink.hasher.clone().finalize());
+        let refusal = if sink.written != size {
+            Some(Error::invalid(
+                "metadata.size_bytes",
+                format!("declared {size} bytes, received {}", sink.written),
+            ))
+        } else if !sha256.is_empty() && !sha256.eq_ignore_ascii_case(&digest) {
+            Some(Error::invalid(
+                "metadata.sha256",
+                format!("declared {sha256}, the content hashes to {digest}"),
+            ))
+        } else {
+            None
+        };
+        if let Some(e) = refusal {
+            sink.writer.abort().await?;
+            return Err(e);
+        }
+        sink.writer.finish().await?;
+        Ok(digest)
+    }
+
+    /// UploadAttachment: `chunks` are the frames after the metadata frame.
+    /// Key: CreateAttachmentFile.
+    pub async fn upload_attachment(
+        self: &Arc<Self>,
+        caller: &Caller,
+        meta: proto::AttachmentMetadata,
+        mut chunks: BoxStream<'static, Result<Bytes>>,
+    ) -> Result<proto::UploadAttachmentResponse> {
+        caller.require(Permission::CreateAttachmentFile)?;
+        let mut c = Check::new();
+        let content_type = self.check_metadata(&mut c, "metadata", &meta);
+        c.done()?;
+        self.check_size(meta.size_bytes)?;
+        self.membership(caller, &meta.channel_id).await?;
+        let id = Uuid::now_v7().to_string();
+        let key = blob_key(&id);
+        let mut sink = Sink {
+            writer: self.blobs.writer(&key).await?,
+            hasher: Sha256::new(),
+            written: 0,
+        };
+        let streamed: Result<()> = async {
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk?;
+                if chunk.len() > MAX_CHUNK_BYTES {
+                    return Err(Error::invalid(
+                        "chunk",
+                        format!("at most {MAX_CHUNK_BYTES} bytes per frame"),
+                    ));
+                }
+                let total = sink.written + chunk.len() as i64;
+                self.check_size(total)?;
+                if total > meta.size_bytes {
+                    return Err(Error::invalid(
+                        "metadata.size_bytes",
+                        format!("declared {} bytes, received more", meta.size_bytes),
+                    ));
+                }
+                sink.write(chunk).await?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = streamed {
+            if let Err(abort) = sink.writer.abort().await {
+                tracing::warn!(error = %abort, key, "aborting a failed upload failed");
+            }
+            return Err(e);
+        }
+        let sha256 = Self::finish_sink(sink, meta.size_bytes, &meta.sha256).await?;
+        let row = AttachmentRow {
+            id,
+            tenant_id: caller.tenant_id.clone(),
+            channel_id: meta.channel_id,
+            message_id: None,
+            uploader_id: caller.user_id.clone(),
+            file_name: meta.file_name,
+            content_type,
+            size_bytes: meta.size_bytes,
+            sha256,
+            storage_key: key.clone(),
+            create_time: now_micros(),
+        };
+        match self.store.insert_attachment(Self::actor(caller), row).await {
+            Ok(row) => Ok(proto::UploadAttachmentResponse {
+                attachment: Some(attachment(&row)),
+            }),
+            Err(e) => {
+                self.blobs.delete(&key).await?;
+                Err(match e {
+                    StoreError::NotFound => Error::not_found(format!("channel {key}")),
+                    e => e.into(),
+                })
+            }
+        }
+    }
+
+    /// CreateUpload. Key: CreateAttachmentFile.
+    pub async fn create_upload(
+        &self,
+        caller: &Caller,
+        req: proto::CreateUploadRequest,
+    ) -> Result<proto::CreateUploadResponse> {
+        caller.require(Permission::CreateAttachmentFile)?;
+        let meta = req.metadata.unwrap_or_default();
+        let mut c = Check::new();
+        let content_type = self.check_metadata(&mut c, "metadata", &meta);
+        c.done()?;
+        self.check_size(meta.size_bytes)?;
+        self.membership(caller, &meta.channel_id).await?;
+        let row = UploadRow {
+            id: Uuid::now_v7().to_string(),
+            tenant_id: caller.tenant_id.clone(),
+            channel_id: meta.channel_id,
+            uploader_id: caller.user_id.clone(),
+            file_name: meta.file_name,
+            content_type,
+            size_bytes: meta.size_bytes,
+            sha256: meta.sha256.to_ascii_lowercase(),
+            committed_bytes: 0,
+            create_time: now_micros(),
+        };
+        self.store.create_upload(row.clone()).await?;
+        Ok(proto::CreateUploadResponse { upload_id: row.id })
+    }
+
+    /// The caller's own upload, or `NOT_FOUND`.
+    async fn own_upload(&self, caller: &Caller, upload_id: &str) -> Result<UploadRow> {
+        let nf = || Error::not_found(format!("upload {upload_id}"));
+        let up = self
+            .store
+            .upload(&caller.tenant_id, upload_id)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound => nf(),
+                e => e.into(),
+            })?;
+        if up.uploader_id != caller.user_id {
+            return Err(nf());
+        }
+        Ok(up)
+    }
+
+    /// UploadChunk. Key: CreateAttachmentFile.
+    pub async fn upload_chunk(
+        &self,
+        caller: &Caller,
+        req: proto::UploadChunkRequest,
+    ) -> Result<proto::UploadChunkResponse> {
+        caller.require(Permission::CreateAttachmentFile)?;
+        let mut c = Check::new();
+        c.id("upload_id", &req.upload_id);
+        if req.chunk.is_empty() {
+            c.fail("chunk", "required: 1 byte to 1 MiB");
+        } else if req.chunk.len() > MAX_CHUNK_BYTES {
+            c.fail("chunk", format!("at most {MAX_CHUNK_BYTES} bytes"));
+        }
+        if req.offset < 0 {
+            c.fail("offset", "must not be negative");
+        }
+        c.done()?;
+        let up = self.own_upload(caller, &req.upload_id).await?;
+        if req.offset != up.committed_bytes {
+            return Err(Error::OffsetMismatch {
+                offset: req.offset,
+                committed: up.committed_bytes,
+            });
+        }
+        let end = up.committed_bytes + req.chunk.len() as i64;
+        self.check_size(end)?;
+        if end > up.size_bytes {
+            return Err(Error::invalid(
+                "chunk",
+                format!(
+                    "the upload declared {} bytes; this chunk ends at {end}",
+                    up.size_bytes
+                ),
+            ));
+        }
+        // The key is fixed by the offset, so a retried chunk overwrites its earlier attempt.
+        let key = format!("{}{:020}", chunk_prefix(&up.id), req.offset);
+        self.blobs.put(&key, req.chunk).await?;
+        if !self.store.advance_upload(&up.id, req.offset, end).await? {
+            let now = self.own_upload(caller, &req.upload_id).await?;
+            return Err(Error::OffsetMismatch {
+                offset: req.offset,
+                committed: now.committed_bytes,
+            });
+        }
+        Ok(proto::UploadChunkResponse {
+            committed_bytes: end,
+        })
+    }
+
+    async fn discard_upload(&self, up: &UploadRow) -> Result<()> {
+        for key in self.blobs.list(&chunk_prefix(&up.id)).await? {
+            self.blobs.delete(&key).await?;
+        }
+        self.store.delete_upload(&up.id).await?;
+        Ok(())
+    }
+
+    /// CompleteUpload: checks size and SHA-256 and makes the attachment visible.
+    /// Key: CreateAttachmentFile.
+    pub async fn complete_upload(
+        &self,
+        caller: &Caller,
+        req: proto::CompleteUploadRequest,
+    ) -> Result<proto::CompleteUploadResponse> {
+        caller.require(Permission::CreateAttachmentFile)?;
+        let mut c = Check::new();
+        c.id("upload_id", &req.upload_id);
+        c.done()?;
+        let up = self.own_upload(caller, &req.upload_id).await?;
+        if up.committed_bytes != up.size_bytes {
+            return Err(Error::FailedPrecondition(format!(
+                "the upload holds {} of its {} bytes; send the rest first",
+                up.committed_bytes, up.size_bytes
+            )));
+        }
+        let id = Uuid::now_v7().to_string();
+        let key = blob_key(&id);
+        let mut sink = Sink {
+            writer: self.blobs.writer(&key).await?,
+            hasher: Sha256::new(),
+            written: 0,
+        };
+        let copied: Result<()> = async {
+            for chunk_key in self.blobs.list(&chunk_prefix(&up.id)).await? {
+                let mut bytes = self.blobs.read(&chunk_key, 0).await?;
+                while let Some(b) = bytes.next().await {
+                    sink.write(b?).await?;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = copied {
+            sink.writer.abort().await?;
+            return Err(e);
+        }
+        let sha256 = match Self::finish_sink(sink, up.size_bytes, &up.sha256).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Wrong content: nothing is kept.
+                self.discard_upload(&up).await?;
+                return Err(e);
+            }
+        };
+        let row = AttachmentRow {
+            id,
+            tenant_id: up.tenant_id.clone(),
+            channel_id: up.channel_id.clone(),
+            message_id: None,
+            uploader_id: up.uploader_id.clone(),
+            file_name: up.file_name.clone(),
+            content_type: up.content_type.clone(),
+            size_bytes: up.size_bytes,
+            sha256,
+            storage_key: key.clone(),
+            create_time: now_micros(),
+        };
+        let row = match self
+            .store
+            .complete_upload(Self::actor(caller), &up.id, row)
+            .await
+        {
+            Ok(row) => row,
+            Err(e) => {
+                self.blobs.delete(&key).await?;
+                return Err(match e {
+                    StoreError::NotFound => Error::not_found(format!("upload {}", up.id)),
+                    e => e.into(),
+                });
+            }
+        };
+        for chunk_key in self.blobs.list(&chunk_prefix(&up.id)).await? {
+            self.blobs.delete(&chunk_key).await?;
+        }
+        Ok(proto::CompleteUploadResponse {
+            attachment: Some(attachment(&row)),
+        })
+    }
+
+    /// An attachment the caller may see: a member of its channel, and either its uploader or
+    /// the attachment is linked to a message that is not deleted. Otherwise `NOT_FOUND`.
+    async fn visible_attachment(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(AttachmentRow, crate::store::MemberRow)> {
+        let nf = || Error::not_found(format!("attachment {id}"));
+        let a = self
+            .store
+            .attachment(&caller.tenant_id, id)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound => nf(),
+                e => e.into(),
+            })?;
+        let member = self
+            .membership(caller, &a.channel_id)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound(_) => nf(),
+                e => e,
+            })?;
+        match &a.message_id {
+            None if a.uploader_id != caller.user_id => return Err(nf()),
+            None => {}
+            Some(m) => {
+                let msg = self.store.message(&caller.tenant_id, m).await?;
+                if msg.delete_time.is_some() {
+                    return Err(nf());
+                }
+            }
+        }
+        Ok((a, member))
+    }
+
+    /// GetAttachment. Key: ViewAttachmentFile.
+    pub async fn get_attachment(
+        &self,
+        caller: &Caller,
+        req: proto::GetAttachmentRequest,
+    ) -> Result<proto::GetAttachmentResponse> {
+        caller.require(Permission::ViewAttachmentFile)?;
+        let mut c = Check::new();
+        c.id("attachment_id", &req.attachment_id);
+        c.done()?;
+        let (a, _) = self.visible_attachment(caller, &req.attachment_id).await?;
+        Ok(proto::GetAttachmentResponse {
+            attachment: Some(attachment(&a)),
+        })
+    }
+
+    /// ListAttachments: by channel or by message, newest first. Key: ViewAttachmentFile.
+    pub async fn list_attachments(
+        &self,
+        caller: &Caller,
+        req: proto::ListAttachmentsRequest,
+    ) -> Result<proto::ListAttachmentsResponse> {
+        caller.require(Permission::ViewAttachmentFile)?;
+        let mut c = Check::new();
+        match (req.channel_id.is_empty(), req.message_id.is_empty()) {
+            (true, true) => c.fail("channel_id", "set channel_id or message_id"),
+            (false, false) => c.fail("message_id", "set channel_id or message_id, not both"),
+            (false, true) => c.id("channel_id", &req.channel_id),
+            (true, false) => c.id("message_id", &req.message_id),
+        }
+        let size = c.page_size("page_size", req.page_size);
+        c.done()?;
+        let (channel_id, message_id) = if req.message_id.is_empty() {
+            self.membership(caller, &req.channel_id).await?;
+            (req.channel_id.clone(), None)
+        } else {
+            let msg = self.visible_message(caller, &req.message_id).await?;
+            if msg.delete_time.is_some() {
+                return Err(Error::not_found(format!("message {}", req.message_id)));
+            }
+            (msg.channel_id, Some(req.message_id.clone()))
+        };
+        let scope = format!("attachments/{}/{}", req.channel_id, req.message_id);
+        let mut before = validate::decode_page_token(&req.page_token, &scope)?;
+        let mut out = Vec::new();
+        let mut next_page_token = String::new();
+        // Keep paging past attachments the caller may not see (others' unlinked uploads,
+        // attachments of deleted messages).
+        while (out.len() as i64) < size {
+            let rows = self
+                .store
+                .list_attachments(
+                    &channel_id,
+                    message_id.as_deref(),
+                    before.as_deref(),
+                    size + 1,
+                )
+                .await?;
+            let more = rows.len() as i64 > size;
+            for a in rows.into_iter().take(size as usize) {
+                before = Some(a.id.clone());
+                if self.visible_attachment(caller, &a.id).await.is_ok() {
+                    out.push(attachment(&a));
+                    if out.len() as i64 == size {
+                        break;
+                    }
+                }
+            }
+            if !more {
+                break;
+            }
+            if out.len() as i64 == size {
+                next_page_token =
+                    validate::encode_page_token(&scope, before.as_deref().unwrap_or_default());
+            }
+        }
+        Ok(proto::ListAttachmentsResponse {
+            attachments: out,
+            next_page_token,
+        })
+    }
+
+    /// DeleteAttachment: the uploader, or an OWNER / ADMIN; the blob is removed.
+    /// Key: DeleteAttachmentFile.
+    pub async fn delete_attachment(
+        &self,
+        caller: &Caller,
+        req: proto::DeleteAttachmentRequest,
+    ) -> Result<proto::DeleteAttachmentResponse> {
+        caller.require(Permission::DeleteAttachmentFile)?;
+        let mut c = Check::new();
+        c.id("attachment_id", &req.attachment_id);
+        c.done()?;
+        let (a, member) = self.visible_attachment(caller, &req.attachment_id).await?;
+        if a.uploader_id != caller.user_id {
+            policy::require_manager(&member)?;
+        }
+        let row = self
+            .store
+            .delete_attachment(Self::actor(caller), &a.id)
+            .await?;
+        self.blobs.delete(&row.storage_key).await?;
+        Ok(proto::DeleteAttachmentResponse {})
+    }
+
+    /// ListAttachmentDownloads: the uploader, or an OWNER / ADMIN. Key: ViewAttachmentFile.
+    pub async fn list_attachment_downloads(
+        &self,
+        caller: &Caller,
+        req: proto::ListAttachmentDownloadsRequest,
+    ) -> Result<proto::ListAttachmentDownloadsResponse> {
+        caller.require(Permission::ViewAttachmentFile)?;
+        let mut c = Check::new();
+        c.id("attachment_id", &req.attachment_id);
+        let size = c.page_size("page_size", req.page_size);
+        c.done()?;
+        let (a, member) = self.visible_attachment(caller, &req.attachment_id).await?;
+        if a.uploader_id != caller.user_id {
+            policy::require_manager(&member)?;
+        }
+        let scope = format!("downloads/{}", a.id);
+        let before = validate::decode_page_token(&req.page_token, &scope)?;
+        if before
+            .as_deref()
+            .is_some_and(|k| Uuid::try_parse(k).is_err())
+        {
+            return Err(Error::invalid(
+                "page_token",
+                "not a page token of this request",
+            ));
+        }
+        let mut rows = self
+            .store
+            .list_downloads(&a.id, before.as_deref(), size + 1)
+            .await?;
+        let next_page_token = if rows.len() as i64 > size {
+            rows.truncate(size as usize);
+            rows.last()
+                .map(|r| validate::encode_page_token(&scope, &r.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(proto::ListAttachmentDownloadsResponse {
+            downloads: rows
+                .iter()
+                .map(|d| proto::DownloadRecord {
+                    attachment_id: d.attachment_id.clone(),
+                    user_id: d.user_id.clone(),
+                    download_time: Some(timestamp(d.download_time)),
+                    bytes_sent: d.bytes_sent,
+                    completed: d.completed != 0,
+                })
+                .collect(),
+            next_page_token,
+        })
+    }
+
+    /// DownloadAttachment: metadata frame, then data from `offset`. Every call writes a download
+    /// record, updated when the download ends, also when the client stops midway.
+    /// Key: ViewAttachmentFile.
+    pub async fn download_attachment(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: proto::DownloadAttachmentRequest,
+    ) -> Result<mpsc::Receiver<Result<proto::DownloadAttachmentResponse>>> {
+        caller.require(Permission::ViewAttachmentFile)?;
+        let mut c = Check::new();
+        c.id("attachment_id", &req.attachment_id);
+        if req.offset < 0 {
+            c.fail("offset", "must not be negative");
+        }
+        c.done()?;
+        let (a, _) = self.visible_attachment(caller, &req.attachment_id).await?;
+        if req.offset > a.size_bytes {
+            return Err(Error::OutOfRange(format!(
+                "offset {} is beyond the size {}",
+                req.offset, a.size_bytes
+            )));
+        }
+        let mut data = if req.offset < a.size_bytes {
+            Some(self.blobs.read(&a.storage_key, req.offset as u64).await?)
+        } else {
+            None
+        };
+        let record = DownloadRow {
+            id: Uuid::now_v7().to_string(),
+            tenant_id: caller.tenant_id.clone(),
+            attachment_id: a.id.clone(),
+            user_id: caller.user_id.clone(),
+            download_time: now_micros(),
+            bytes_sent: 0,
+            completed: 0,
+        };
+        self.store.insert_download(record.clone()).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let chat = self.clone();
+        tokio::spawn(async move {
+            let mut sent: i64 = 0;
+            let head = proto::DownloadAttachmentResponse {
+                data: Some(Data::Attachment(attachment(&a))),
+            };
+            let mut ok = tx.send(Ok(head)).await.is_ok();
+            let mut buf = BytesMut::new();
+            if let Some(stream) = data.as_mut() {
+                while ok {
+                    let next = stream.next().await;
+                    let flush = match &next {
+                        Some(Ok(b)) => {
+                            buf.extend_from_slice(b);
+                            buf.len() >= DOWNLOAD_CHUNK_BYTES
+                        }
+                        Some(Err(_)) | None => true,
+                    };
+                    while flush && !buf.is_empty() && ok {
+                        let part = buf.split_to(buf.len().min(DOWNLOAD_CHUNK_BYTES)).freeze();
+                        let n = part.len() as i64;
+                        ok = tx
+                            .send(Ok(proto::DownloadAttachmentResponse {
+                                data: Some(Data::Chunk(part)),
+                            }))
+                            .await
+                            .is_ok();
+                        if ok {
+                            sent += n;
+                        }
+                    }
+                    match next {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            let completed = ok && req.offset + sent == a.size_bytes;
+            if let Err(e) = chat
+                .store
+                .finish_download(&record.id, sent, completed)
+                .await
+            {
+                tracing::error!(error = %e, download = %record.id, "could not finish the download record");
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Deletes unlinked attachments and unfinished uploads created before `before`
+    /// (microseconds since the epoch). Returns how many of each were removed.
+    pub async fn sweep(&self, before: i64) -> Result<(usize, usize)> {
+        let mut attachments = 0;
+        for a in self.store.unlinked_before(before, 500).await? {
+            if self.store.sweep_attachment(&a.id).await? {
+                self.blobs.delete(&a.storage_key).await?;
+                attachments += 1;
+            }
+        }
+        let mut uploads = 0;
+        for up in self.store.uploads_before(before, 500).await? {
+            self.discard_upload(&up).await?;
+            uploads += 1;
+        }
+        Ok((attachments, uploads))
+    }
+}

@@ -1,0 +1,797 @@
+//! AttachmentService on local disk and on a real S3-compatible server (moto, started by
+//! `scripts/test`): streamed and resumable uploads, downloads with resume, limits, cleanup of
+//! failed uploads, access rules, download records, the sweep, and real files from the machine.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chat_service::blob::Blobs;
+use chat_service::proto::attachment_service_client::AttachmentServiceClient;
+use chat_service::proto::{self, download_attachment_response, upload_attachment_request};
+use common::*;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Client = AttachmentServiceClient<InterceptedService<Channel, chat_service::cli::Bearer>>;
+
+const MIB: usize = 1024 * 1024;
+
+/// Where the bytes go, and which database holds the rows.
+#[derive(Debug, Clone, Copy)]
+enum Storage {
+    Local,
+    S3,
+    LocalOnPostgres,
+}
+
+async fn start(storage: Storage, max_upload_bytes: Option<i64>) -> TestServer {
+    let mut opts = Options::default();
+    if let Some(m) = max_upload_bytes {
+        opts.max_upload_bytes = m;
+    }
+    let backend = match storage {
+        Storage::LocalOnPostgres => Backend::Postgres,
+        _ => Backend::Sqlite,
+    };
+    if let Storage::S3 = storage {
+        let bucket = std::env::var("CHAT_TEST_S3_BUCKET")
+            .expect("CHAT_TEST_S3_BUCKET (and AWS_ENDPOINT_URL): run the tests with ./scripts/test, which starts an S3 server");
+        let url = format!("s3://{bucket}/{}", uuid::Uuid::new_v4().simple());
+        opts.storage = Some(Blobs::from_url(&url).expect("s3 blobs"));
+    }
+    TestServer::start_with(backend, opts).await
+}
+
+/// Every object in the server's storage (for "nothing left behind" checks); on local disk also
+/// any staging file of an unfinished multipart upload.
+async fn stored_objects(server: &TestServer) -> usize {
+    match &server.opts.storage {
+        Some(blobs) => blobs.list("").await.expect("list").len(),
+        None => count_files(&server.db.blob_dir()),
+    }
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+async fn client(server: &TestServer, user: &str) -> Client {
+    let channel = Channel::from_shared(server.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    AttachmentServiceClient::with_interceptor(
+        channel,
+        chat_service::cli::Bearer::new(&token(user)).expect("token"),
+    )
+    .max_decoding_message_size(2 * MIB)
+    .max_encoding_message_size(4 * MIB)
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn sha(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn frames(
+    meta: proto::AttachmentMetadata,
+    bytes: &[u8],
+    frame: usize,
+) -> Vec<proto::UploadAttachmentRequest> {
+    let mut out = vec![proto::UploadAttachmentRequest {
+        data: Some(upload_attachment_request::Data::Metadata(meta)),
+    }];
+    for c in bytes.chunks(frame.max(1)) {
+        out.push(proto::UploadAttachmentRequest {
+            data: Some(upload_attachment_request::Data::Chunk(
+                Bytes::copy_from_slice(c),
+            )),
+        });
+    }
+    out
+}
+
+fn meta(channel: &str, name: &str, bytes: &[u8]) -> proto::AttachmentMetadata {
+    proto::AttachmentMetadata {
+        channel_id: channel.into(),
+        file_name: name.into(),
+        content_type: "application/octet-stream".into(),
+        size_bytes: bytes.len() as i64,
+        sha256: sha(bytes),
+    }
+}
+
+async fn upload(
+    c: &mut Client,
+    m: proto::AttachmentMetadata,
+    bytes: &[u8],
+) -> Result<proto::Attachment, tonic::Status> {
+    let reqs = frames(m, bytes, MIB);
+    c.upload_attachment(futures::stream::iter(reqs))
+        .await
+        .map(|r| r.into_inner().attachment.expect("attachment"))
+}
+
+/// Downloads from `offset`; returns (metadata, bytes).
+async fn download(
+    c: &mut Client,
+    id: &str,
+    offset: i64,
+) -> Result<(proto::Attachment, Vec<u8>), tonic::Status> {
+    let mut s = c
+        .download_attachment(proto::DownloadAttachmentRequest {
+            attachment_id: id.into(),
+            offset,
+        })
+        .await?
+        .into_inner();
+    let mut head = None;
+    let mut out = Vec::new();
+    while let Some(frame) = s.message().await? {
+        match frame.data {
+            Some(download_attachment_response::Data::Attachment(a)) => {
+                assert!(
+                    head.is_none() && out.is_empty(),
+                    "metadata comes first, once"
+                );
+                head = Some(a);
+            }
+            Some(download_attachment_response::Data::Chunk(b)) => {
+                assert!(b.len() <= MIB);
+                out.extend_from_slice(&b)
+            }
+            None => panic!("empty frame"),
+        }
+    }
+    Ok((head.expect("metadata frame"), out))
+}
+
+/// Links attachments to a message from `user`.
+async fn link(server: &TestServer, user: &str, channel: &str, ids: Vec<String>) -> proto::Message {
+    let mut chat = server.chat(&token(user)).await;
+    chat.send_message(proto::SendMessageRequest {
+        channel_id: channel.into(),
+        attachment_ids: ids,
+        ..Default::default()
+    })
+    .await
+    .expect("send with attachments")
+    .into_inner()
+    .message
+    .expect("message")
+}
+
+async fn round_trips_of_every_size(storage: Storage) {
+    let server = start(storage, None).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = client(&server, "alice").await;
+    let mut bob = client(&server, "bob").await;
+    let sizes = [0, 1, MIB, MIB + 1, 50 * MIB + 123];
+    let mut ids = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let bytes = data(*size, i as u8);
+        let a = upload(
+            &mut alice,
+            meta(&ch, &format!("file-{size}.bin"), &bytes),
+            &bytes,
+        )
+        .await
+        .expect("upload");
+        assert_eq!(a.size_bytes, *size as i64);
+        assert_eq!(a.sha256, sha(&bytes), "server-computed sha256");
+        assert_eq!(a.message_id, "");
+        ids.push((a.id, bytes));
+    }
+    let msg = link(
+        &server,
+        "alice",
+        &ch,
+        ids.iter().map(|(id, _)| id.clone()).collect(),
+    )
+    .await;
+    assert_eq!(
+        msg.body, "",
+        "a message of attachments alone may have an empty body"
+    );
+    assert_eq!(msg.attachment_ids.len(), sizes.len());
+    for (id, bytes) in &ids {
+        let (head, got) = download(&mut bob, id, 0).await.expect("download");
+        assert_eq!(head.message_id, msg.id);
+        assert_eq!(got.len(), bytes.len());
+        assert_eq!(sha(&got), sha(bytes), "same bytes at both ends");
+    }
+    // Resume a broken download from an offset.
+    let (id, bytes) = &ids[4];
+    let offset = 17 * MIB as i64 + 5;
+    let (_, tail) = download(&mut bob, id, offset).await.expect("resume");
+    assert_eq!(tail, bytes[offset as usize..]);
+    let (_, nothing) = download(&mut bob, id, bytes.len() as i64)
+        .await
+        .expect("at end");
+    assert!(nothing.is_empty());
+    let err = download(&mut bob, id, bytes.len() as i64 + 1)
+        .await
+        .expect_err("beyond end");
+    assert_eq!(err.code(), Code::OutOfRange);
+    // A linked attachment cannot be linked again.
+    let mut chat = server.chat(&token("alice")).await;
+    let again = chat
+        .send_message(proto::SendMessageRequest {
+            channel_id: ch.clone(),
+            attachment_ids: vec![ids[0].0.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("linked already");
+    assert_eq!(again.code(), Code::InvalidArgument);
+    assert_eq!(violations(&again), vec!["attachment_ids[0]"]);
+}
+
+async fn refused_uploads_leave_nothing(storage: Storage) {
+    let server = start(storage, Some(3 * MIB as i64)).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = client(&server, "alice").await;
+    let bytes = data(2 * MIB + 10, 7);
+    // Fewer bytes than declared.
+    let mut m = meta(&ch, "short.bin", &bytes);
+    m.size_bytes += 1;
+    let e = upload(&mut alice, m, &bytes).await.expect_err("short");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(violations(&e).contains(&"metadata.size_bytes".to_owned()));
+    // More bytes than declared.
+    let mut m = meta(&ch, "long.bin", &bytes);
+    m.size_bytes -= 1;
+    assert_eq!(
+        upload(&mut alice, m, &bytes)
+            .await
+            .expect_err("long")
+            .code(),
+        Code::InvalidArgument
+    );
+    // Wrong sha256.
+    let mut m = meta(&ch, "sha.bin", &bytes);
+    m.sha256 = sha(b"something else");
+    let e = upload(&mut alice, m, &bytes).await.expect_err("sha");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(violations(&e).contains(&"metadata.sha256".to_owned()));
+    // Declared over the limit: refused at the first frame.
+    let big = proto::AttachmentMetadata {
+        size_bytes: 10 * MIB as i64,
+        sha256: String::new(),
+        ..meta(&ch, "big.bin", &[])
+    };
+    let e = upload(&mut alice, big, &[])
+        .await
+        .expect_err("over the limit");
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    // Lying about the size: refused at the frame that crosses the limit, before the rest is sent.
+    let pulled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = pulled.clone();
+    let liar = proto::AttachmentMetadata {
+        size_bytes: 2 * MIB as i64,
+        sha256: String::new(),
+        ..meta(&ch, "liar.bin", &[])
+    };
+    let chunk = Bytes::from(data(MIB, 1));
+    let frames = futures::stream::iter(0..100).map(move |i| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        proto::UploadAttachmentRequest {
+            data: Some(if i == 0 {
+                upload_attachment_request::Data::Metadata(liar.clone())
+            } else {
+                upload_attachment_request::Data::Chunk(chunk.clone())
+            }),
+        }
+    });
+    let e = alice.upload_attachment(frames).await.expect_err("liar");
+    assert!(
+        matches!(e.code(), Code::InvalidArgument | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    assert!(
+        pulled.load(std::sync::atomic::Ordering::SeqCst) < 100,
+        "refused before the whole file was sent"
+    );
+    // Bad metadata.
+    for (name, field) in [
+        ("", "metadata.file_name"),
+        ("bell\u{7}.txt", "metadata.file_name"),
+        ("nul\u{0}.txt", "metadata.file_name"),
+    ] {
+        let e = upload(&mut alice, meta(&ch, name, b"x"), b"x")
+            .await
+            .expect_err("bad name");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(violations(&e), vec![field.to_owned()]);
+    }
+    // Frames over 1 MiB are refused.
+    let e = alice
+        .upload_attachment(futures::stream::iter(frames_of(&ch, 2 * MIB)))
+        .await
+        .expect_err("2 MiB frame");
+    assert!(
+        matches!(e.code(), Code::InvalidArgument | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    // Nothing kept: no row, no object (aborts may finish just after the reply).
+    assert_eq!(server.db.count("attachments").await, 0);
+    settle(&server, 0).await;
+}
+
+fn frames_of(ch: &str, frame: usize) -> Vec<proto::UploadAttachmentRequest> {
+    let bytes = data(frame, 3);
+    frames(meta(ch, "f.bin", &bytes), &bytes, frame)
+}
+
+/// Waits (bounded) until storage holds exactly `n` objects, then asserts it.
+async fn settle(server: &TestServer, n: usize) {
+    for _ in 0..50 {
+        if stored_objects(server).await == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stored_objects(server).await, n, "objects in storage");
+}
+
+async fn cancelled_upload_leaves_nothing(storage: Storage) {
+    let server = start(storage, None).await;
+    let ch = group(&server, "alice", &[]).await;
+    let mut alice = client(&server, "alice").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let m = proto::AttachmentMetadata {
+        size_bytes: 20 * MIB as i64,
+        sha256: String::new(),
+        ..meta(&ch, "cancel.bin", &[])
+    };
+    tx.send(proto::UploadAttachmentRequest {
+        data: Some(upload_attachment_request::Data::Metadata(m)),
+    })
+    .await
+    .expect("meta");
+    let call = tokio::spawn(async move {
+        alice
+            .upload_attachment(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let chunk = Bytes::from(data(MIB, 9));
+    for _ in 0..8 {
+        tx.send(proto::UploadAttachmentRequest {
+            data: Some(upload_attachment_request::Data::Chunk(chunk.clone())),
+        })
+        .await
+        .expect("chunk");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call.abort(); // the client goes away mid-upload
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.db.count("attachments").await, 0);
+    settle(&server, 0).await;
+}
+
+async fn resumable_upload_survives_a_restart(storage: Storage) {
+    let server = start(storage, None).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let bytes = data(3 * MIB + 77, 4);
+    let mut alice = client(&server, "alice").await;
+    let up = alice
+        .create_upload(proto::CreateUploadRequest {
+            metadata: Some(meta(&ch, "resumable.bin", &bytes)),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .upload_id;
+    let first = alice
+        .upload_chunk(proto::UploadChunkRequest {
+            upload_id: up.clone(),
+            offset: 0,
+            chunk: Bytes::copy_from_slice(&bytes[..MIB]),
+        })
+        .await
+        .expect("chunk 1")
+        .into_inner();
+    assert_eq!(first.committed_bytes, MIB as i64);
+    // The server restarts mid-upload.
+    let server = server.restart().await;
+    let mut alice = client(&server, "alice").await;
+    // A wrong offset says where to resume.
+    let e = alice
+        .upload_chunk(proto::UploadChunkRequest {
+            upload_id: up.clone(),
+            offset: 0,
+            chunk: Bytes::copy_from_slice(&bytes[..10]),
+        })
+        .await
+        .expect_err("wrong offset");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    use tonic_types::StatusExt;
+    let info = e.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(
+        info.metadata.get("committed_bytes").map(String::as_str),
+        Some("1048576")
+    );
+    // Completing early is refused.
+    let e = alice
+        .complete_upload(proto::CompleteUploadRequest {
+            upload_id: up.clone(),
+        })
+        .await
+        .expect_err("early");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    // Bob cannot touch Alice's upload.
+    let mut bob = client(&server, "bob").await;
+    let e = bob
+        .upload_chunk(proto::UploadChunkRequest {
+            upload_id: up.clone(),
+            offset: MIB as i64,
+            chunk: Bytes::from_static(b"x"),
+        })
+        .await
+        .expect_err("not his");
+    assert_eq!(e.code(), Code::NotFound);
+    let mut offset = MIB;
+    while offset < bytes.len() {
+        let end = (offset + MIB).min(bytes.len());
+        let r = alice
+            .upload_chunk(proto::UploadChunkRequest {
+                upload_id: up.clone(),
+                offset: offset as i64,
+                chunk: Bytes::copy_from_slice(&bytes[offset..end]),
+            })
+            .await
+            .expect("chunk")
+            .into_inner();
+        assert_eq!(r.committed_bytes, end as i64);
+        offset = end;
+    }
+    let a = alice
+        .complete_upload(proto::CompleteUploadRequest {
+            upload_id: up.clone(),
+        })
+        .await
+        .expect("complete")
+        .into_inner()
+        .attachment
+        .expect("attachment");
+    assert_eq!(a.sha256, sha(&bytes));
+    link(&server, "alice", &ch, vec![a.id.clone()]).await;
+    let (_, got) = download(&mut bob, &a.id, 0).await.expect("download");
+    assert_eq!(sha(&got), sha(&bytes));
+    settle(&server, 1).await; // the chunks are gone, the attachment stays
+    assert_eq!(server.db.count("uploads").await, 0);
+}
+
+async fn access_rules_and_download_records(storage: Storage) {
+    let server = start(storage, None).await;
+    let ch = group(&server, "alice", &["bob", "carol"]).await;
+    let mut alice = client(&server, "alice").await;
+    // Large enough that a reader stopping after two frames cannot have been sent it all
+    // (transport buffers hold a few MiB).
+    let bytes = data(24 * MIB, 5);
+    let a = upload(&mut alice, meta(&ch, "../../etc/passwd", &bytes), &bytes)
+        .await
+        .expect("upload");
+    assert_eq!(a.file_name, "../../etc/passwd", "the name is metadata only");
+    // Unlinked: only the uploader sees it.
+    let mut bob = client(&server, "bob").await;
+    assert_eq!(
+        download(&mut bob, &a.id, 0)
+            .await
+            .expect_err("unlinked")
+            .code(),
+        Code::NotFound
+    );
+    let msg = link(&server, "alice", &ch, vec![a.id.clone()]).await;
+    // Outsiders: a non-member, and the same user id in another tenant.
+    let mut mallory = client(&server, "mallory").await;
+    assert_eq!(
+        download(&mut mallory, &a.id, 0)
+            .await
+            .expect_err("non-member")
+            .code(),
+        Code::NotFound
+    );
+    let channel = Channel::from_shared(server.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let other = token_with(
+        "bob",
+        "other",
+        chat_service::auth::all_permission_names(),
+        3600,
+    );
+    let mut other = AttachmentServiceClient::with_interceptor(
+        channel,
+        chat_service::cli::Bearer::new(&other).expect("t"),
+    );
+    assert_eq!(
+        download(&mut other, &a.id, 0)
+            .await
+            .expect_err("other tenant")
+            .code(),
+        Code::NotFound
+    );
+    // A full download and a partial one.
+    let (_, got) = download(&mut bob, &a.id, 0).await.expect("full");
+    assert_eq!(got.len(), bytes.len());
+    let mut carol = client(&server, "carol").await;
+    let mut partial = carol
+        .download_attachment(proto::DownloadAttachmentRequest {
+            attachment_id: a.id.clone(),
+            offset: 0,
+        })
+        .await
+        .expect("partial")
+        .into_inner();
+    partial.message().await.expect("head").expect("frame");
+    partial.message().await.expect("chunk").expect("frame");
+    drop(partial); // carol stops midway
+    let mut records = Vec::new();
+    for _ in 0..50 {
+        records = alice
+            .list_attachment_downloads(proto::ListAttachmentDownloadsRequest {
+                attachment_id: a.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("records")
+            .into_inner()
+            .downloads;
+        if records
+            .iter()
+            .any(|r| r.user_id == "carol" && r.bytes_sent > 0)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bob_rec = records
+        .iter()
+        .find(|r| r.user_id == "bob")
+        .expect("bob's record");
+    assert!(bob_rec.completed);
+    assert_eq!(bob_rec.bytes_sent, bytes.len() as i64);
+    let carol_rec = records
+        .iter()
+        .find(|r| r.user_id == "carol")
+        .expect("carol's record");
+    assert!(!carol_rec.completed);
+    assert!(
+        carol_rec.bytes_sent > 0 && carol_rec.bytes_sent < bytes.len() as i64,
+        "{carol_rec:?}"
+    );
+    // Only the uploader (or a manager) sees the records.
+    let e = bob
+        .list_attachment_downloads(proto::ListAttachmentDownloadsRequest {
+            attachment_id: a.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bob is a plain member");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Listing by channel and by message.
+    let by_msg = bob
+        .list_attachments(proto::ListAttachmentsRequest {
+            message_id: msg.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(
+        by_msg
+            .attachments
+            .iter()
+            .map(|a| a.id.clone())
+            .collect::<Vec<_>>(),
+        vec![a.id.clone()]
+    );
+    // After the message is deleted, the attachment is no longer served.
+    let mut chat = server.chat(&token("alice")).await;
+    chat.delete_message(proto::DeleteMessageRequest {
+        message_id: msg.id.clone(),
+    })
+    .await
+    .expect("delete");
+    assert_eq!(
+        download(&mut bob, &a.id, 0)
+            .await
+            .expect_err("deleted message")
+            .code(),
+        Code::NotFound
+    );
+    let e = bob
+        .get_attachment(proto::GetAttachmentRequest {
+            attachment_id: a.id.clone(),
+        })
+        .await
+        .expect_err("get");
+    assert_eq!(e.code(), Code::NotFound);
+    // Deleting an attachment removes its bytes.
+    let b = upload(&mut alice, meta(&ch, "gone.bin", b"bye"), b"bye")
+        .await
+        .expect("upload");
+    settle(&server, 2).await;
+    let e = bob
+        .delete_attachment(proto::DeleteAttachmentRequest {
+            attachment_id: b.id.clone(),
+        })
+        .await
+        .expect_err("not bob's");
+    assert_eq!(
+        e.code(),
+        Code::NotFound,
+        "unlinked uploads are invisible to others"
+    );
+    alice
+        .delete_attachment(proto::DeleteAttachmentRequest {
+            attachment_id: b.id.clone(),
+        })
+        .await
+        .expect("delete");
+    settle(&server, 1).await;
+}
+
+async fn sweep_removes_unlinked_and_unfinished(storage: Storage) {
+    let server = start(storage, None).await;
+    let ch = group(&server, "alice", &[]).await;
+    let mut alice = client(&server, "alice").await;
+    let kept = upload(&mut alice, meta(&ch, "kept.bin", b"kept"), b"kept")
+        .await
+        .expect("upload");
+    link(&server, "alice", &ch, vec![kept.id.clone()]).await;
+    upload(&mut alice, meta(&ch, "orphan.bin", b"orphan"), b"orphan")
+        .await
+        .expect("upload");
+    let up = alice
+        .create_upload(proto::CreateUploadRequest {
+            metadata: Some(meta(&ch, "half.bin", &[0u8; 10])),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .upload_id;
+    alice
+        .upload_chunk(proto::UploadChunkRequest {
+            upload_id: up,
+            offset: 0,
+            chunk: Bytes::from_static(&[0u8; 5]),
+        })
+        .await
+        .expect("chunk");
+    settle(&server, 3).await;
+    // Nothing is old enough yet.
+    let now = chat_service::store::now_micros();
+    assert_eq!(
+        server.chat.sweep(now - 3_600_000_000).await.expect("sweep"),
+        (0, 0)
+    );
+    // Everything unlinked is, a moment from now.
+    assert_eq!(
+        server.chat.sweep(now + 1_000_000).await.expect("sweep"),
+        (1, 1)
+    );
+    assert_eq!(server.db.count("attachments").await, 1);
+    assert_eq!(server.db.count("uploads").await, 0);
+    settle(&server, 1).await;
+}
+
+/// Real files of several types from the machine, linked to one message; another member
+/// downloads each and gets the same bytes.
+async fn real_files_from_the_machine(storage: Storage) {
+    let server = start(storage, None).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = client(&server, "alice").await;
+    let mut ids = Vec::new();
+    for (ext, content_type) in [
+        ("pdf", "application/pdf"),
+        ("png", "image/png"),
+        ("gz", "application/gzip"),
+    ] {
+        let path = find_file("/usr/share/doc", ext)
+            .unwrap_or_else(|| panic!("no .{ext} file under /usr/share/doc"));
+        let bytes = std::fs::read(&path).expect("read");
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name")
+            .to_owned();
+        let m = proto::AttachmentMetadata {
+            content_type: content_type.into(),
+            ..meta(&ch, &name, &bytes)
+        };
+        let a = upload(&mut alice, m, &bytes).await.expect("upload");
+        assert_eq!(a.content_type, content_type);
+        ids.push((a.id, bytes));
+    }
+    link(
+        &server,
+        "alice",
+        &ch,
+        ids.iter().map(|(id, _)| id.clone()).collect(),
+    )
+    .await;
+    let mut bob = client(&server, "bob").await;
+    for (id, bytes) in &ids {
+        let (_, got) = download(&mut bob, id, 0).await.expect("download");
+        assert_eq!(&got, bytes);
+    }
+}
+
+fn find_file(dir: &str, ext: &str) -> Option<std::path::PathBuf> {
+    let mut stack = vec![std::path::PathBuf::from(dir)];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().and_then(|e| e.to_str()) == Some(ext)
+                && std::fs::metadata(&p)
+                    .map(|m| m.len() > 1000)
+                    .unwrap_or(false)
+            {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+macro_rules! on_every_storage {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(super::Storage::Local).await } )*
+        }
+        mod s3 {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(super::Storage::S3).await } )*
+        }
+        mod local_on_postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(super::Storage::LocalOnPostgres).await } )*
+        }
+    };
+}
+
+on_every_storage!(
+    round_trips_of_every_size,
+    refused_uploads_leave_nothing,
+    cancelled_upload_leaves_nothing,
+    resumable_upload_survives_a_restart,
+    access_rules_and_download_records,
+    sweep_removes_unlinked_and_unfinished,
+    real_files_from_the_machine,
+);
