@@ -769,6 +769,206 @@ fn find_file(dir: &str, ext: &str) -> Option<std::path::PathBuf> {
     None
 }
 
+async fn resumable_edge_cases(storage: Storage) {
+    let server = start(storage, Some(4 * MIB as i64)).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let other = group(&server, "bob", &["alice"]).await;
+    let mut alice = client(&server, "alice").await;
+    let create = |m: proto::AttachmentMetadata| proto::CreateUploadRequest { metadata: Some(m) };
+    // Zero bytes: create and complete.
+    let up = alice
+        .create_upload(create(meta(&ch, "empty.txt", b"")))
+        .await
+        .expect("create")
+        .into_inner()
+        .upload_id;
+    let a = alice
+        .complete_upload(proto::CompleteUploadRequest {
+            upload_id: up.clone(),
+        })
+        .await
+        .expect("complete")
+        .into_inner();
+    let a = a.attachment.expect("attachment");
+    assert_eq!((a.size_bytes, a.sha256.as_str()), (0, sha(b"").as_str()));
+    // A retried CompleteUpload gives the same attachment.
+    let again = alice
+        .complete_upload(proto::CompleteUploadRequest { upload_id: up })
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(again.attachment.map(|x| x.id), Some(a.id.clone()));
+    // Over the limit at CreateUpload; chunks over 1 MiB; chunks past the declared size.
+    let big = proto::AttachmentMetadata {
+        size_bytes: 5 * MIB as i64,
+        ..meta(&ch, "big", b"")
+    };
+    assert_eq!(
+        alice
+            .create_upload(create(big))
+            .await
+            .expect_err("big")
+            .code(),
+        Code::ResourceExhausted
+    );
+    let bytes = data(10, 1);
+    let up = alice
+        .create_upload(create(meta(&ch, "ten.bin", &bytes)))
+        .await
+        .expect("create")
+        .into_inner()
+        .upload_id;
+    let e = alice
+        .upload_chunk(proto::UploadChunkRequest {
+            upload_id: up.clone(),
+            offset: 0,
+            chunk: Bytes::from(data(MIB + 1, 2)),
+        })
+        .await
+        .expect_err("chunk over 1 MiB");
+    assert_eq!(
+        (e.code(), violations(&e)),
+        (Code::InvalidArgument, vec!["chunk".to_owned()])
+    );
+    let e = alice
+        .upload_chunk(proto::UploadChunkRequest {
+            upload_id: up.clone(),
+            offset: 0,
+            chunk: Bytes::from(data(11, 2)),
+        })
+        .await
+        .expect_err("past the declared size");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // Wrong content at completion: refused and nothing kept.
+    let mut wrong = bytes.clone();
+    wrong[0] ^= 1;
+    alice
+        .upload_chunk(proto::UploadChunkRequest {
+            upload_id: up.clone(),
+            offset: 0,
+            chunk: Bytes::from(wrong),
+        })
+        .await
+        .expect("chunk");
+    let e = alice
+        .complete_upload(proto::CompleteUploadRequest {
+            upload_id: up.clone(),
+        })
+        .await
+        .expect_err("sha");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(server.db.count("uploads").await, 0);
+    let e = alice
+        .complete_upload(proto::CompleteUploadRequest { upload_id: up })
+        .await
+        .expect_err("gone");
+    assert_eq!(e.code(), Code::NotFound);
+    // Linking is refused for another channel's or another uploader's attachment.
+    let x = upload(&mut alice, meta(&other, "x.bin", b"x"), b"x")
+        .await
+        .expect("upload");
+    let mut chat = server.chat(&token("alice")).await;
+    let e = chat
+        .send_message(proto::SendMessageRequest {
+            channel_id: ch.clone(),
+            attachment_ids: vec![x.id.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("other channel");
+    assert_eq!(violations(&e), vec!["attachment_ids[0]"]);
+    let mut bob_chat = server.chat(&token("bob")).await;
+    let e = bob_chat
+        .send_message(proto::SendMessageRequest {
+            channel_id: other.clone(),
+            attachment_ids: vec![x.id.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("other uploader");
+    assert_eq!(violations(&e), vec!["attachment_ids[0]"]);
+    // Linking writes an audit row for the attachment.
+    let audit = server.db.count("audit_logs").await;
+    let m = link(&server, "alice", &other, vec![x.id.clone()]).await;
+    assert_eq!(
+        server.db.count("audit_logs").await,
+        audit + 2,
+        "the message and the link"
+    );
+    assert_eq!(m.attachment_ids, vec![x.id]);
+}
+
+async fn list_shows_only_what_the_caller_may_see(storage: Storage) {
+    let server = start(storage, None).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = client(&server, "alice").await;
+    let mut bob = client(&server, "bob").await;
+    let mut linked = Vec::new();
+    for i in 0..3u8 {
+        let a = upload(&mut alice, meta(&ch, &format!("l{i}"), &[i]), &[i])
+            .await
+            .expect("upload");
+        link(&server, "alice", &ch, vec![a.id.clone()]).await;
+        linked.push(a.id);
+        // Alice's unlinked uploads in between are hers alone.
+        upload(&mut alice, meta(&ch, &format!("u{i}"), &[i]), &[i])
+            .await
+            .expect("upload");
+    }
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = bob
+            .list_attachments(proto::ListAttachmentsRequest {
+                channel_id: ch.clone(),
+                page_size: 2,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        seen.extend(page.attachments.into_iter().map(|a| a.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    linked.reverse();
+    assert_eq!(
+        seen, linked,
+        "bob sees the linked ones, newest first, across pages"
+    );
+    let mine = alice
+        .list_attachments(proto::ListAttachmentsRequest {
+            channel_id: ch.clone(),
+            page_size: 200,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(mine.attachments.len(), 6);
+    let e = bob
+        .list_attachments(proto::ListAttachmentsRequest {
+            channel_id: ch.clone(),
+            page_token: "bm9wZQ".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad token");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let mut mallory = client(&server, "mallory").await;
+    let e = mallory
+        .list_attachments(proto::ListAttachmentsRequest {
+            channel_id: ch.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("non-member");
+    assert_eq!(e.code(), Code::NotFound);
+}
+
 macro_rules! on_every_storage {
     ($($name:ident),* $(,)?) => {
         mod local {
@@ -794,4 +994,6 @@ on_every_storage!(
     access_rules_and_download_records,
     sweep_removes_unlinked_and_unfinished,
     real_files_from_the_machine,
+    resumable_edge_cases,
+    list_shows_only_what_the_caller_may_see,
 );

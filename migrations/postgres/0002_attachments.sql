@@ -1,7 +1,7 @@
 -- Attachments: resumable uploads in progress, and the download audit.
 
 -- A resumable upload (CreateUpload / UploadChunk / CompleteUpload). Its bytes are stored as one
--- object per chunk under u/<id>/; committed_bytes says how many are stored.
+-- object per chunk under u/<id>/ (see upload_chunks); committed_bytes says how many count.
 CREATE TABLE uploads (
     id              TEXT PRIMARY KEY,
     tenant_id       TEXT NOT NULL,
@@ -15,6 +15,16 @@ CREATE TABLE uploads (
     create_time     BIGINT NOT NULL
 );
 CREATE INDEX uploads_by_time ON uploads (create_time);
+
+-- The committed chunk of each offset. Every attempt writes its own object, and the one whose
+-- compare-and-set on committed_bytes wins is recorded here, so a slow retry can never replace
+-- a committed chunk.
+CREATE TABLE upload_chunks (
+    upload_id   TEXT NOT NULL,
+    byte_offset BIGINT NOT NULL,
+    storage_key TEXT NOT NULL,
+    PRIMARY KEY (upload_id, byte_offset)
+);
 
 -- One row per DownloadAttachment call: who, when, how much, whether it reached the end.
 CREATE TABLE attachment_downloads (

@@ -38,8 +38,9 @@ impl From<object_store::Error> for BlobError {
 
 /// Size of a multipart part: S3's minimum (5 MiB), so that memory per upload stays a few parts.
 pub const PART_BYTES: usize = 5 * 1024 * 1024;
-/// Parts uploaded at once per upload; memory per upload is about `(1 + this) × PART_BYTES`.
-const PART_CONCURRENCY: usize = 2;
+/// Parts in flight per upload while the next one fills: memory per upload is about
+/// `(2 + this) × PART_BYTES` at the most.
+const PART_CONCURRENCY: usize = 1;
 
 /// Where attachment bytes live.
 #[derive(Clone, Debug)]

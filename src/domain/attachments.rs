@@ -37,7 +37,8 @@ const MAX_CONTENT_TYPE_BYTES: usize = 255;
 impl From<BlobError> for Error {
     fn from(e: BlobError) -> Self {
         match e {
-            BlobError::NotFound(k) => Error::Internal(format!("blob {k} is missing")),
+            // Deleted meanwhile (DeleteAttachment, the sweep, a concurrent CompleteUpload).
+            BlobError::NotFound(_) => Error::not_found("the bytes are gone (deleted meanwhile)"),
             BlobError::Unavailable(m) => Error::Unavailable(m),
         }
     }
@@ -132,8 +133,8 @@ impl Chat {
         }
         Ok(())
     }
-
     /// Checks what the stream brought against what was declared, then completes the object.
+    /// A refusal of the content is `Error::Invalid`; anything else is a storage failure.
     async fn finish_sink(sink: Sink, size: i64, sha256: &str) -> Result<String> {
         let digest = hex::encode(sink.hasher.clone().finalize());
         let refusal = if sink.written != size {
@@ -150,7 +151,9 @@ impl Chat {
             None
         };
         if let Some(e) = refusal {
-            sink.writer.abort().await?;
+            if let Err(abort) = sink.writer.abort().await {
+                tracing::warn!(error = %abort, "aborting a refused upload failed");
+            }
             return Err(e);
         }
         sink.writer.finish().await?;
@@ -225,9 +228,11 @@ impl Chat {
                 attachment: Some(attachment(&row)),
             }),
             Err(e) => {
-                self.blobs.delete(&key).await?;
+                if let Err(d) = self.blobs.delete(&key).await {
+                    tracing::warn!(error = %d, key, "could not delete the blob of a refused upload");
+                }
                 Err(match e {
-                    StoreError::NotFound => Error::not_found(format!("channel {key}")),
+                    StoreError::NotFound => Error::not_found("channel (the uploader left it)"),
                     e => e.into(),
                 })
             }
@@ -315,11 +320,23 @@ impl Chat {
                     up.size_bytes
                 ),
             ));
-        }
-        // The key is fixed by the offset, so a retried chunk overwrites its earlier attempt.
-        let key = format!("{}{:020}", chunk_prefix(&up.id), req.offset);
+        } // Every attempt writes an object of its own; the one that wins the compare-and-set on
+          // the committed size is recorded, so a slow retry can never replace a committed chunk.
+        let key = format!(
+            "{}{:020}-{}",
+            chunk_prefix(&up.id),
+            req.offset,
+            Uuid::new_v4().simple()
+        );
         self.blobs.put(&key, req.chunk).await?;
-        if !self.store.advance_upload(&up.id, req.offset, end).await? {
+        if !self
+            .store
+            .commit_chunk(&up.id, req.offset, end, &key)
+            .await?
+        {
+            if let Err(e) = self.blobs.delete(&key).await {
+                tracing::warn!(error = %e, key, "could not delete a losing chunk attempt");
+            }
             let now = self.own_upload(caller, &req.upload_id).await?;
             return Err(Error::OffsetMismatch {
                 offset: req.offset,
@@ -330,13 +347,43 @@ impl Chat {
             committed_bytes: end,
         })
     }
-
+    /// Deletes an upload: the row first (so no chunk can commit after), then every object
+    /// under its prefix (committed chunks and stray attempts alike).
     async fn discard_upload(&self, up: &UploadRow) -> Result<()> {
-        for key in self.blobs.list(&chunk_prefix(&up.id)).await? {
-            self.blobs.delete(&key).await?;
-        }
         self.store.delete_upload(&up.id).await?;
+        self.delete_chunks(&up.id).await;
         Ok(())
+    }
+
+    /// Best effort: the upload's row is gone, so a leftover object is only wasted space.
+    async fn delete_chunks(&self, upload_id: &str) {
+        let keys = match self.blobs.list(&chunk_prefix(upload_id)).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, upload_id, "could not list upload chunks to delete");
+                return;
+            }
+        };
+        for key in keys {
+            if let Err(e) = self.blobs.delete(&key).await {
+                tracing::warn!(error = %e, key, "could not delete an upload chunk");
+            }
+        }
+    }
+
+    /// The attachment a completed upload became (its id is the upload's), for retries.
+    async fn completed_upload(
+        &self,
+        caller: &Caller,
+        upload_id: &str,
+    ) -> Result<Option<proto::CompleteUploadResponse>> {
+        match self.store.attachment(&caller.tenant_id, upload_id).await {
+            Ok(a) if a.uploader_id == caller.user_id => Ok(Some(proto::CompleteUploadResponse {
+                attachment: Some(attachment(&a)),
+            })),
+            Ok(_) | Err(StoreError::NotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// CompleteUpload: checks size and SHA-256 and makes the attachment visible.
@@ -350,14 +397,25 @@ impl Chat {
         let mut c = Check::new();
         c.id("upload_id", &req.upload_id);
         c.done()?;
-        let up = self.own_upload(caller, &req.upload_id).await?;
+        let up = match self.own_upload(caller, &req.upload_id).await {
+            Ok(up) => up,
+            // A retry after success: the same answer again.
+            Err(Error::NotFound(m)) => {
+                return self
+                    .completed_upload(caller, &req.upload_id)
+                    .await?
+                    .ok_or(Error::NotFound(m));
+            }
+            Err(e) => return Err(e),
+        };
         if up.committed_bytes != up.size_bytes {
             return Err(Error::FailedPrecondition(format!(
                 "the upload holds {} of its {} bytes; send the rest first",
                 up.committed_bytes, up.size_bytes
             )));
-        }
-        let id = Uuid::now_v7().to_string();
+        } // The attachment takes the upload's id, so a retried or concurrent CompleteUpload finds
+          // the attachment the first one made.
+        let id = up.id.clone();
         let key = blob_key(&id);
         let mut sink = Sink {
             writer: self.blobs.writer(&key).await?,
@@ -365,7 +423,7 @@ impl Chat {
             written: 0,
         };
         let copied: Result<()> = async {
-            for chunk_key in self.blobs.list(&chunk_prefix(&up.id)).await? {
+            for chunk_key in self.store.chunk_keys(&up.id).await? {
                 let mut bytes = self.blobs.read(&chunk_key, 0).await?;
                 while let Some(b) = bytes.next().await {
                     sink.write(b?).await?;
@@ -375,16 +433,24 @@ impl Chat {
         }
         .await;
         if let Err(e) = copied {
-            sink.writer.abort().await?;
-            return Err(e);
+            if let Err(abort) = sink.writer.abort().await {
+                tracing::warn!(error = %abort, "aborting a failed completion failed");
+            }
+            // A concurrent CompleteUpload may have finished it (and removed the chunks).
+            return match self.completed_upload(caller, &up.id).await? {
+                Some(done) => Ok(done),
+                None => Err(e),
+            };
         }
         let sha256 = match Self::finish_sink(sink, up.size_bytes, &up.sha256).await {
             Ok(s) => s,
-            Err(e) => {
+            Err(e @ Error::Invalid(_)) => {
                 // Wrong content: nothing is kept.
                 self.discard_upload(&up).await?;
                 return Err(e);
             }
+            // Storage failed: keep the upload, so the client can retry CompleteUpload.
+            Err(e) => return Err(e),
         };
         let row = AttachmentRow {
             id,
@@ -405,17 +471,21 @@ impl Chat {
             .await
         {
             Ok(row) => row,
+            // Completed concurrently: the same object was written, the other call recorded it.
+            Err(StoreError::NotFound) => {
+                return self
+                    .completed_upload(caller, &up.id)
+                    .await?
+                    .ok_or_else(|| Error::not_found(format!("upload {}", up.id)));
+            }
             Err(e) => {
-                self.blobs.delete(&key).await?;
-                return Err(match e {
-                    StoreError::NotFound => Error::not_found(format!("upload {}", up.id)),
-                    e => e.into(),
-                });
+                if let Err(d) = self.blobs.delete(&key).await {
+                    tracing::warn!(error = %d, key, "could not delete the blob of a failed completion");
+                }
+                return Err(e.into());
             }
         };
-        for chunk_key in self.blobs.list(&chunk_prefix(&up.id)).await? {
-            self.blobs.delete(&chunk_key).await?;
-        }
+        self.delete_chunks(&up.id).await;
         Ok(proto::CompleteUploadResponse {
             attachment: Some(attachment(&row)),
         })
@@ -427,6 +497,17 @@ impl Chat {
         &self,
         caller: &Caller,
         id: &str,
+    ) -> Result<(AttachmentRow, crate::store::MemberRow)> {
+        self.attachment_for(caller, id, false).await
+    }
+
+    /// As [`Chat::visible_attachment`]; with `managing`, attachments of deleted messages are
+    /// included, so their uploader or a manager can still delete them or see their downloads.
+    async fn attachment_for(
+        &self,
+        caller: &Caller,
+        id: &str,
+        managing: bool,
     ) -> Result<(AttachmentRow, crate::store::MemberRow)> {
         let nf = || Error::not_found(format!("attachment {id}"));
         let a = self
@@ -449,7 +530,7 @@ impl Chat {
             None => {}
             Some(m) => {
                 let msg = self.store.message(&caller.tenant_id, m).await?;
-                if msg.delete_time.is_some() {
+                if msg.delete_time.is_some() && !managing {
                     return Err(nf());
                 }
             }
@@ -500,39 +581,35 @@ impl Chat {
             (msg.channel_id, Some(req.message_id.clone()))
         };
         let scope = format!("attachments/{}/{}", req.channel_id, req.message_id);
-        let mut before = validate::decode_page_token(&req.page_token, &scope)?;
-        let mut out = Vec::new();
-        let mut next_page_token = String::new();
-        // Keep paging past attachments the caller may not see (others' unlinked uploads,
-        // attachments of deleted messages).
-        while (out.len() as i64) < size {
-            let rows = self
-                .store
-                .list_attachments(
-                    &channel_id,
-                    message_id.as_deref(),
-                    before.as_deref(),
-                    size + 1,
-                )
-                .await?;
-            let more = rows.len() as i64 > size;
-            for a in rows.into_iter().take(size as usize) {
-                before = Some(a.id.clone());
-                if self.visible_attachment(caller, &a.id).await.is_ok() {
-                    out.push(attachment(&a));
-                    if out.len() as i64 == size {
-                        break;
-                    }
-                }
-            }
-            if !more {
-                break;
-            }
-            if out.len() as i64 == size {
-                next_page_token =
-                    validate::encode_page_token(&scope, before.as_deref().unwrap_or_default());
-            }
+        let before = validate::decode_page_token(&req.page_token, &scope)?;
+        if before
+            .as_deref()
+            .is_some_and(|k| Uuid::try_parse(k).is_err())
+        {
+            return Err(Error::invalid(
+                "page_token",
+                "not a page token of this request",
+            ));
         }
+        let mut rows = self
+            .store
+            .list_attachments(
+                &channel_id,
+                message_id.as_deref(),
+                &caller.user_id,
+                before.as_deref(),
+                size + 1,
+            )
+            .await?;
+        let next_page_token = if rows.len() as i64 > size {
+            rows.truncate(size as usize);
+            rows.last()
+                .map(|a| validate::encode_page_token(&scope, &a.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let out = rows.iter().map(attachment).collect();
         Ok(proto::ListAttachmentsResponse {
             attachments: out,
             next_page_token,
@@ -550,7 +627,9 @@ impl Chat {
         let mut c = Check::new();
         c.id("attachment_id", &req.attachment_id);
         c.done()?;
-        let (a, member) = self.visible_attachment(caller, &req.attachment_id).await?;
+        let (a, member) = self
+            .attachment_for(caller, &req.attachment_id, true)
+            .await?;
         if a.uploader_id != caller.user_id {
             policy::require_manager(&member)?;
         }
@@ -558,7 +637,10 @@ impl Chat {
             .store
             .delete_attachment(Self::actor(caller), &a.id)
             .await?;
-        self.blobs.delete(&row.storage_key).await?;
+        // The row is gone, so the blob is unreachable; a failure here only wastes space.
+        if let Err(e) = self.blobs.delete(&row.storage_key).await {
+            tracing::warn!(error = %e, key = row.storage_key, "could not delete an attachment's blob");
+        }
         Ok(proto::DeleteAttachmentResponse {})
     }
 
@@ -573,7 +655,9 @@ impl Chat {
         c.id("attachment_id", &req.attachment_id);
         let size = c.page_size("page_size", req.page_size);
         c.done()?;
-        let (a, member) = self.visible_attachment(caller, &req.attachment_id).await?;
+        let (a, member) = self
+            .attachment_for(caller, &req.attachment_id, true)
+            .await?;
         if a.uploader_id != caller.user_id {
             policy::require_manager(&member)?;
         }
@@ -637,11 +721,6 @@ impl Chat {
                 req.offset, a.size_bytes
             )));
         }
-        let mut data = if req.offset < a.size_bytes {
-            Some(self.blobs.read(&a.storage_key, req.offset as u64).await?)
-        } else {
-            None
-        };
         let record = DownloadRow {
             id: Uuid::now_v7().to_string(),
             tenant_id: caller.tenant_id.clone(),
@@ -652,7 +731,13 @@ impl Chat {
             completed: 0,
         };
         self.store.insert_download(record.clone()).await?;
-        let (tx, rx) = mpsc::channel(4);
+        let mut data = if req.offset < a.size_bytes {
+            Some(self.blobs.read(&a.storage_key, req.offset as u64).await?)
+        } else {
+            None
+        };
+        // One frame of slack: "bytes sent" then lags what the client took by little.
+        let (tx, rx) = mpsc::channel(1);
         let chat = self.clone();
         tokio::spawn(async move {
             let mut sent: i64 = 0;
@@ -707,19 +792,51 @@ impl Chat {
     }
 
     /// Deletes unlinked attachments and unfinished uploads created before `before`
-    /// (microseconds since the epoch). Returns how many of each were removed.
+    /// (microseconds since the epoch), in batches until none is left. One item that fails is
+    /// logged and skipped, so it cannot stall the rest. Returns how many of each were removed.
     pub async fn sweep(&self, before: i64) -> Result<(usize, usize)> {
+        const BATCH: i64 = 500;
         let mut attachments = 0;
-        for a in self.store.unlinked_before(before, 500).await? {
-            if self.store.sweep_attachment(&a.id).await? {
-                self.blobs.delete(&a.storage_key).await?;
-                attachments += 1;
+        loop {
+            let batch = self.store.unlinked_before(before, BATCH).await?;
+            let mut progressed = false;
+            for a in &batch {
+                match self.store.sweep_attachment(&a.id).await {
+                    Ok(true) => {
+                        progressed = true;
+                        attachments += 1;
+                        if let Err(e) = self.blobs.delete(&a.storage_key).await {
+                            tracing::warn!(error = %e, key = a.storage_key, "sweep: could not delete a blob");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, id = a.id, "sweep: could not delete an attachment")
+                    }
+                }
+            }
+            if (batch.len() as i64) < BATCH || !progressed {
+                break;
             }
         }
         let mut uploads = 0;
-        for up in self.store.uploads_before(before, 500).await? {
-            self.discard_upload(&up).await?;
-            uploads += 1;
+        loop {
+            let batch = self.store.uploads_before(before, BATCH).await?;
+            let mut progressed = false;
+            for up in &batch {
+                match self.discard_upload(up).await {
+                    Ok(()) => {
+                        progressed = true;
+                        uploads += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, id = up.id, "sweep: could not delete an upload")
+                    }
+                }
+            }
+            if (batch.len() as i64) < BATCH || !progressed {
+                break;
+            }
         }
         Ok((attachments, uploads))
     }

@@ -491,12 +491,14 @@ pub trait AttachmentStore: Send + Sync {
     ) -> StoreResult<AttachmentRow>;
     /// One attachment of the tenant.
     async fn attachment(&self, tenant: &str, id: &str) -> StoreResult<AttachmentRow>;
-    /// Attachments of a channel (or of one message when `message_id` is set), newest first,
-    /// ids below `before` when given.
+    /// Attachments of a channel (or of one message when `message_id` is set) that `viewer` may
+    /// see — linked to a message that is not deleted, or the viewer's own unlinked uploads —
+    /// newest first, ids below `before` when given.
     async fn list_attachments(
         &self,
         channel_id: &str,
         message_id: Option<&str>,
+        viewer: &str,
         before: Option<&str>,
         limit: i64,
     ) -> StoreResult<Vec<AttachmentRow>>;
@@ -510,8 +512,12 @@ pub trait AttachmentStore: Send + Sync {
     async fn create_upload(&self, row: UploadRow) -> StoreResult<()>;
     /// One upload of the tenant.
     async fn upload(&self, tenant: &str, id: &str) -> StoreResult<UploadRow>;
-    /// Moves `committed_bytes` from `from` to `to`; false when it was not `from` any more.
-    async fn advance_upload(&self, id: &str, from: i64, to: i64) -> StoreResult<bool>;
+    /// Commits the chunk stored at `key` for bytes `from..to`: moves `committed_bytes` from
+    /// `from` to `to` and records the key, in one transaction; false when `committed_bytes` was
+    /// not `from` any more (or the upload is gone).
+    async fn commit_chunk(&self, id: &str, from: i64, to: i64, key: &str) -> StoreResult<bool>;
+    /// Storage keys of an upload's committed chunks, in offset order.
+    async fn chunk_keys(&self, id: &str) -> StoreResult<Vec<String>>;
     /// Completes an upload: deletes its row and inserts the attachment, in one transaction.
     async fn complete_upload(
         &self,
@@ -521,7 +527,7 @@ pub trait AttachmentStore: Send + Sync {
     ) -> StoreResult<AttachmentRow>;
     /// Uploads created before `before` (for the sweep).
     async fn uploads_before(&self, before: i64, limit: i64) -> StoreResult<Vec<UploadRow>>;
-    /// Deletes an upload row.
+    /// Deletes an upload row and its chunk records.
     async fn delete_upload(&self, id: &str) -> StoreResult<()>;
     /// Writes a download record.
     async fn insert_download(&self, row: DownloadRow) -> StoreResult<()>;

@@ -852,6 +852,8 @@ macro_rules! impl_store {
                     if linked != 1 {
                         return Err(StoreError::Unlinkable(i));
                     }
+                    let after = serde_json::json!({ "message_id": row.id }).to_string();
+                    Self::audit(&mut tx, actor, "update", "attachments", attachment_id, None, Some(after)).await?;
                 }
                 let payload = enc(&row, sequence);
                 Self::event(&mut tx, &row.channel_id, sequence, &payload).await?;
@@ -1101,18 +1103,23 @@ macro_rules! impl_store {
                 &self,
                 channel_id: &str,
                 message_id: Option<&str>,
+                viewer: &str,
                 before: Option<&str>,
                 limit: i64,
             ) -> StoreResult<Vec<AttachmentRow>> {
                 Ok(sqlx::query_as(
-                    "SELECT * FROM attachments WHERE channel_id = $1 \
-                     AND (CAST($2 AS TEXT) IS NULL OR message_id = $2) \
-                     AND (CAST($3 AS TEXT) IS NULL OR id < $3) ORDER BY id DESC LIMIT $4",
+                    "SELECT a.* FROM attachments a WHERE a.channel_id = $1 \
+                     AND (CAST($2 AS TEXT) IS NULL OR a.message_id = $2) \
+                     AND (CAST($3 AS TEXT) IS NULL OR a.id < $3) \
+                     AND ((a.message_id IS NULL AND a.uploader_id = $5) OR EXISTS (\
+                         SELECT 1 FROM messages m WHERE m.id = a.message_id AND m.delete_time IS NULL)) \
+                     ORDER BY a.id DESC LIMIT $4",
                 )
                 .bind(channel_id)
                 .bind(message_id)
                 .bind(before)
                 .bind(limit)
+                .bind(viewer)
                 .fetch_all(&self.read)
                 .await?)
             }
@@ -1188,15 +1195,35 @@ macro_rules! impl_store {
                     .ok_or(StoreError::NotFound)
             }
 
-            async fn advance_upload(&self, id: &str, from: i64, to: i64) -> StoreResult<bool> {
+            async fn commit_chunk(&self, id: &str, from: i64, to: i64, key: &str) -> StoreResult<bool> {
+                let mut tx = self.write.begin().await?;
                 let n = sqlx::query("UPDATE uploads SET committed_bytes = $3 WHERE id = $1 AND committed_bytes = $2")
                     .bind(id)
                     .bind(from)
                     .bind(to)
-                    .execute(&self.write)
+                    .execute(&mut *tx)
                     .await?
                     .rows_affected();
-                Ok(n == 1)
+                if n != 1 {
+                    return Ok(false);
+                }
+                sqlx::query("INSERT INTO upload_chunks (upload_id, byte_offset, storage_key) VALUES ($1, $2, $3)")
+                    .bind(id)
+                    .bind(from)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn chunk_keys(&self, id: &str) -> StoreResult<Vec<String>> {
+                Ok(sqlx::query_scalar(
+                    "SELECT storage_key FROM upload_chunks WHERE upload_id = $1 ORDER BY byte_offset",
+                )
+                .bind(id)
+                .fetch_all(&self.write)
+                .await?)
             }
 
             async fn complete_upload(&self, actor: Actor<'_>, upload_id: &str, row: AttachmentRow) -> StoreResult<AttachmentRow> {
@@ -1209,6 +1236,10 @@ macro_rules! impl_store {
                 if n != 1 {
                     return Err(StoreError::NotFound);
                 }
+                sqlx::query("DELETE FROM upload_chunks WHERE upload_id = $1")
+                    .bind(upload_id)
+                    .execute(&mut *tx)
+                    .await?;
                 Self::insert_attachment_in(&mut tx, actor, &row).await?;
                 tx.commit().await?;
                 Ok(row)
@@ -1223,10 +1254,16 @@ macro_rules! impl_store {
             }
 
             async fn delete_upload(&self, id: &str) -> StoreResult<()> {
+                let mut tx = self.write.begin().await?;
                 sqlx::query("DELETE FROM uploads WHERE id = $1")
                     .bind(id)
-                    .execute(&self.write)
+                    .execute(&mut *tx)
                     .await?;
+                sqlx::query("DELETE FROM upload_chunks WHERE upload_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
                 Ok(())
             }
 
