@@ -581,16 +581,7 @@ impl Chat {
             (msg.channel_id, Some(req.message_id.clone()))
         };
         let scope = format!("attachments/{}/{}", req.channel_id, req.message_id);
-        let before = validate::decode_page_token(&req.page_token, &scope)?;
-        if before
-            .as_deref()
-            .is_some_and(|k| Uuid::try_parse(k).is_err())
-        {
-            return Err(Error::invalid(
-                "page_token",
-                "not a page token of this request",
-            ));
-        }
+        let before = validate::decode_id_page_token(&req.page_token, &scope)?;
         let mut rows = self
             .store
             .list_attachments(
@@ -601,14 +592,7 @@ impl Chat {
                 size + 1,
             )
             .await?;
-        let next_page_token = if rows.len() as i64 > size {
-            rows.truncate(size as usize);
-            rows.last()
-                .map(|a| validate::encode_page_token(&scope, &a.id))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = validate::finish_page(&mut rows, size, &scope, |a| a.id.clone());
         let out = rows.iter().map(attachment).collect();
         Ok(proto::ListAttachmentsResponse {
             attachments: out,
@@ -662,28 +646,12 @@ impl Chat {
             policy::require_manager(&member)?;
         }
         let scope = format!("downloads/{}", a.id);
-        let before = validate::decode_page_token(&req.page_token, &scope)?;
-        if before
-            .as_deref()
-            .is_some_and(|k| Uuid::try_parse(k).is_err())
-        {
-            return Err(Error::invalid(
-                "page_token",
-                "not a page token of this request",
-            ));
-        }
+        let before = validate::decode_id_page_token(&req.page_token, &scope)?;
         let mut rows = self
             .store
             .list_downloads(&a.id, before.as_deref(), size + 1)
             .await?;
-        let next_page_token = if rows.len() as i64 > size {
-            rows.truncate(size as usize);
-            rows.last()
-                .map(|r| validate::encode_page_token(&scope, &r.id))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = validate::finish_page(&mut rows, size, &scope, |r| r.id.clone());
         Ok(proto::ListAttachmentDownloadsResponse {
             downloads: rows
                 .iter()

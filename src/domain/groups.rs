@@ -112,16 +112,7 @@ impl Chat {
         let mut c = Check::new();
         let size = c.page_size("page_size", req.page_size);
         c.done()?;
-        let before = validate::decode_page_token(&req.page_token, "groups")?;
-        if before
-            .as_deref()
-            .is_some_and(|k| uuid::Uuid::try_parse(k).is_err())
-        {
-            return Err(Error::invalid(
-                "page_token",
-                "not a page token of this request",
-            ));
-        }
+        let before = validate::decode_id_page_token(&req.page_token, "groups")?;
         let mut rows = self
             .store
             .list_channels(
@@ -131,14 +122,7 @@ impl Chat {
                 size + 1,
             )
             .await?;
-        let next_page_token = if rows.len() as i64 > size {
-            rows.truncate(size as usize);
-            rows.last()
-                .map(|r| validate::encode_page_token("groups", &r.id))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = validate::finish_page(&mut rows, size, "groups", |r| r.id.clone());
         Ok(proto::ListGroupsResponse {
             channels: rows.iter().map(convert::channel).collect(),
             next_page_token,
@@ -350,16 +334,9 @@ impl Chat {
             .store
             .list_members(&req.channel_id, after, size + 1)
             .await?;
-        let next_page_token = if rows.len() as i64 > size {
-            rows.truncate(size as usize);
-            rows.last()
-                .map(|m| {
-                    validate::encode_page_token(&scope, &format!("{}/{}", m.join_time, m.user_id))
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = validate::finish_page(&mut rows, size, &scope, |m| {
+            format!("{}/{}", m.join_time, m.user_id)
+        });
         Ok(proto::ListMembersResponse {
             members: rows.iter().map(convert::member).collect(),
             next_page_token,

@@ -200,14 +200,8 @@ impl Chat {
             .store
             .list_messages(&req.channel_id, parent.as_deref(), before, size + 1)
             .await?;
-        let next_page_token = if rows.len() as i64 > size {
-            rows.truncate(size as usize);
-            rows.last()
-                .map(|m| validate::encode_page_token(&scope, &m.sequence.to_string()))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token =
+            validate::finish_page(&mut rows, size, &scope, |m| m.sequence.to_string());
         Ok(proto::ListMessagesResponse {
             messages: rows.iter().map(convert::message).collect(),
             next_page_token,

@@ -129,6 +129,39 @@ pub fn encode_page_token(scope: &str, key: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{scope}\n{key}"))
 }
 
+/// Ends a keyset page: `rows` were fetched with a limit of `size + 1`; when the extra row came,
+/// it is dropped and the token names the key of the last row kept. Returns the token, empty on
+/// the last page (AIP-158).
+pub fn finish_page<T>(
+    rows: &mut Vec<T>,
+    size: i64,
+    scope: &str,
+    key: impl Fn(&T) -> String,
+) -> String {
+    if rows.len() as i64 <= size {
+        return String::new();
+    }
+    rows.truncate(size as usize);
+    rows.last()
+        .map(|r| encode_page_token(scope, &key(r)))
+        .unwrap_or_default()
+}
+
+/// Decodes a page token of `scope` whose key is an id (UUID); errors as [`decode_page_token`].
+pub fn decode_id_page_token(token: &str, scope: &str) -> Result<Option<String>> {
+    let key = decode_page_token(token, scope)?;
+    if key
+        .as_deref()
+        .is_some_and(|k| uuid::Uuid::try_parse(k).is_err())
+    {
+        return Err(Error::invalid(
+            "page_token",
+            "not a page token of this request",
+        ));
+    }
+    Ok(key)
+}
+
 /// Decodes a page token of `scope`; an empty token is the first page (`None`).
 ///
 /// Errors: `INVALID_ARGUMENT` on `page_token` for a token that is not ours or is of another
