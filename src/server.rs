@@ -40,10 +40,15 @@ pub async fn serve(
     health
         .set_serving::<AttachmentServiceServer<AttachmentApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl and other tools before 2023 speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection()
         .build_v1()
+        .and_then(|v1| reflection().build_v1alpha().map(|alpha| (v1, alpha)))
         .map_err(|e| {
             tracing::error!(error = %e, "reflection descriptors are broken");
             e
@@ -75,8 +80,8 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_FRAME_BYTES),
             auth,
         ));
-    if let Ok(reflection) = reflection {
-        router = router.add_service(reflection);
+    if let Ok((v1, v1alpha)) = reflection {
+        router = router.add_service(v1).add_service(v1alpha);
     }
     router
         .serve_with_incoming_shutdown(incoming, async move {
