@@ -102,10 +102,11 @@ async fn replay_corpus(backend: Backend) {
             .await;
     let elapsed = started.elapsed();
     eprintln!(
-        "corpus replay on {backend:?}: {total_lines} messages in {} dialogs in {:.1} s = {:.0} messages/s (debug build, {CONCURRENCY} dialogs at once)",
+        "corpus replay on {backend:?}: {total_lines} messages in {} dialogs in {:.1} s = {:.0} messages/s ({} build, {CONCURRENCY} dialogs at once)",
         results.len(),
         elapsed.as_secs_f64(),
-        total_lines as f64 / elapsed.as_secs_f64()
+        total_lines as f64 / elapsed.as_secs_f64(),
+        if cfg!(debug_assertions) { "debug" } else { "release" }
     );
 
     // The live feed: every line, in order, per channel.
