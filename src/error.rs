@@ -65,6 +65,15 @@ impl Error {
         }])
     }
 
+    /// A store error, with `StoreError::NotFound` replaced by `not_found()` (a `NOT_FOUND`
+    /// that names what was looked for); every other error maps as usual.
+    pub fn or_not_found(e: StoreError, not_found: impl FnOnce() -> Error) -> Error {
+        match e {
+            StoreError::NotFound => not_found(),
+            e => e.into(),
+        }
+    }
+
     /// `NOT_FOUND` naming what was looked for.
     pub fn not_found(what: impl Into<String>) -> Error {
         Error::NotFound(what.into())

@@ -275,10 +275,7 @@ impl Chat {
             .store
             .upload(&caller.tenant_id, upload_id)
             .await
-            .map_err(|e| match e {
-                StoreError::NotFound => nf(),
-                e => e.into(),
-            })?;
+            .map_err(|e| Error::or_not_found(e, nf))?;
         if up.uploader_id != caller.user_id {
             return Err(nf());
         }
@@ -514,10 +511,7 @@ impl Chat {
             .store
             .attachment(&caller.tenant_id, id)
             .await
-            .map_err(|e| match e {
-                StoreError::NotFound => nf(),
-                e => e.into(),
-            })?;
+            .map_err(|e| Error::or_not_found(e, nf))?;
         let member = self
             .membership(caller, &a.channel_id)
             .await

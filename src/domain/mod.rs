@@ -178,10 +178,7 @@ impl Chat {
             .store
             .message(&caller.tenant_id, message_id)
             .await
-            .map_err(|e| match e {
-                StoreError::NotFound => nf(),
-                e => e.into(),
-            })?;
+            .map_err(|e| Error::or_not_found(e, nf))?;
         self.membership(caller, &msg.channel_id)
             .await
             .map_err(|e| match e {
