@@ -161,7 +161,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
              More tokens: chat-service token --sub bob\n"
         );
     }
-    crate::server::serve(listener, chat, verifier, shutdown_signal())
+    let options = crate::server::ServeOptions {
+        cors_allowed_origins: args.cors_allowed_origins.clone(),
+    };
+    crate::server::serve(listener, chat, verifier, options, shutdown_signal())
         .await
         .map_err(|e| format!("server: {e}"))?;
     store.close().await;

@@ -154,6 +154,10 @@ pub struct ServeArgs {
     /// Address to listen on (gRPC).
     #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
+    /// Browser origins allowed to call over grpc-web: comma-separated exact origins
+    /// (`https://app.example.com,http://localhost:5173`), or `*` for any. Empty: none.
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "")]
+    pub cors_allowed_origins: crate::server::AllowedOrigins,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or tracing directives).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,

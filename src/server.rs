@@ -1,13 +1,19 @@
-//! Assembles the gRPC server: ChatService and GroupService behind the auth layer, plus health
-//! and reflection (no auth, so probes and `grpcurl list` work) on one listener.
+//! Assembles the gRPC server: ChatService, GroupService and AttachmentService behind the auth
+//! layer, plus health and reflection (no auth, so probes and `grpcurl list` work), all on one
+//! listener that speaks gRPC (HTTP/2) and grpc-web (HTTP/1.1 and HTTP/2) with CORS.
 
 use std::future::Future;
+use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tonic::transport::Server;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::api::attachment::AttachmentApi;
 use crate::api::auth::AuthInterceptor;
@@ -23,14 +29,116 @@ use crate::proto::group_service_server::GroupServiceServer;
 /// frame. Larger frames are refused by tonic with `RESOURCE_EXHAUSTED`.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024 + 64 * 1024;
 
+/// Browser origins allowed to call over grpc-web (`CORS_ALLOWED_ORIGINS`).
+///
+/// Parsed from a comma-separated list of exact origins (`scheme://host[:port]`, no path, as a
+/// browser sends them in `Origin`), or `*` alone for any origin. Empty means no cross-origin
+/// calls (same-origin pages and non-browser clients are unaffected).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AllowedOrigins {
+    /// No `Access-Control-Allow-Origin` is ever sent.
+    #[default]
+    None,
+    /// `*`: every origin.
+    Any,
+    /// These origins, compared byte for byte with the request's `Origin`.
+    List(Vec<String>),
+}
+
+impl FromStr for AllowedOrigins {
+    type Err = String;
+
+    /// Errors: `*` mixed with origins, or an entry that is not `http(s)://host[:port]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let entries: Vec<&str> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .collect();
+        if entries.is_empty() {
+            return Ok(AllowedOrigins::None);
+        }
+        if entries.contains(&"*") {
+            return if entries.len() == 1 {
+                Ok(AllowedOrigins::Any)
+            } else {
+                Err("`*` must stand alone".into())
+            };
+        }
+        let mut origins = Vec::with_capacity(entries.len());
+        for e in entries {
+            let uri: http::Uri = e.parse().map_err(|_| format!("`{e}` is not an origin"))?;
+            let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+            // An origin has no path: `http::Uri` reports "/" for both "" and "/", so look at
+            // the text too.
+            if !scheme_ok || uri.authority().is_none() || e.ends_with('/') || uri.path() != "/" {
+                return Err(format!(
+                    "`{e}` is not an origin: write scheme://host[:port], without a path"
+                ));
+            }
+            origins.push(e.to_owned());
+        }
+        Ok(AllowedOrigins::List(origins))
+    }
+}
+
+/// Request headers a grpc-web client may send cross-origin (answered in preflight).
+const CORS_ALLOW_HEADERS: [&str; 8] = [
+    "authorization",
+    "content-type",
+    "x-grpc-web",
+    "x-user-agent",
+    "grpc-timeout",
+    "grpc-accept-encoding",
+    "grpc-encoding",
+    "connect-protocol-version",
+];
+
+/// Response headers a page may read: without them a browser reports every error of a
+/// trailers-only response (such as `UNAUTHENTICATED`) as `UNKNOWN`.
+const CORS_EXPOSE_HEADERS: [&str; 4] = [
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    "grpc-encoding",
+];
+
+/// The CORS layer for `origins`: POST only, the grpc-web headers, preflight cached 24 h.
+fn cors(origins: &AllowedOrigins) -> CorsLayer {
+    let allow_origin = match origins {
+        AllowedOrigins::None => AllowOrigin::list(Vec::<HeaderValue>::new()),
+        AllowedOrigins::Any => AllowOrigin::any(),
+        AllowedOrigins::List(list) => AllowOrigin::list(
+            list.iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        ),
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::POST])
+        .allow_headers(CORS_ALLOW_HEADERS.map(HeaderName::from_static))
+        .expose_headers(CORS_EXPOSE_HEADERS.map(HeaderName::from_static))
+        .max_age(Duration::from_secs(86_400))
+}
+
+/// Transport settings of [`serve`] beyond the services themselves.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Origins allowed to call over grpc-web from a browser.
+    pub cors_allowed_origins: AllowedOrigins,
+}
+
 /// Serves on `listener` until `shutdown` resolves; then live feeds end cleanly and in-flight
-/// calls finish before this returns.
+/// calls finish before this returns. The listener takes gRPC over HTTP/2 and grpc-web over
+/// HTTP/1.1 or HTTP/2 (tonic-web translates; CORS per `options`).
 ///
 /// Errors: the transport's, when serving fails.
 pub async fn serve(
     listener: TcpListener,
     chat: Arc<Chat>,
     verifier: Arc<Verifier>,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let auth = AuthInterceptor::new(verifier);
@@ -64,6 +172,11 @@ pub async fn serve(
         })
     });
     let mut router = Server::builder()
+        // grpc-web from browsers arrives over HTTP/1.1 as often as HTTP/2.
+        .accept_http1(true)
+        // Outermost first: CORS answers preflight before grpc-web translation sees it.
+        .layer(cors(&options.cors_allowed_origins))
+        .layer(tonic_web::GrpcWebLayer::new())
         .add_service(health_service)
         .add_service(ChatServiceServer::with_interceptor(
             ChatApi::new(chat.clone()),

@@ -160,6 +160,8 @@ pub struct Options {
     pub key: Option<KeySource>,
     pub storage: Option<chat_service::blob::Blobs>,
     pub max_upload_bytes: i64,
+    /// Transport options (CORS origins).
+    pub serve: chat_service::server::ServeOptions,
 }
 
 impl Default for Options {
@@ -172,6 +174,7 @@ impl Default for Options {
             key: None,
             storage: None,
             max_upload_bytes: chat_service::domain::DEFAULT_MAX_UPLOAD_BYTES,
+            serve: Default::default(),
         }
     }
 }
@@ -245,6 +248,7 @@ impl TestServer {
             listener,
             chat.clone(),
             Arc::new(verifier),
+            opts.serve.clone(),
             async {
                 let _ = rx.await;
             },
