@@ -10,12 +10,13 @@ pub mod auth;
 pub mod chat;
 pub mod group;
 
-/// The verified caller of a request (put there by [`auth::AuthInterceptor`]).
+/// The verified caller of a request, or the auth layer's refusal
+/// ([`auth::AuthInterceptor`]); `UNAUTHENTICATED` when the layer did not run.
 pub(crate) fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    req.extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))
+    match req.extensions().get::<auth::AuthOutcome>() {
+        Some(auth::AuthOutcome(outcome)) => outcome.clone(),
+        None => Err(Status::unauthenticated("missing authorization metadata")),
+    }
 }
 
 /// Runs a unary domain call: caller out of the request, error mapped.
