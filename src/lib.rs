@@ -33,7 +33,8 @@
 //! - [`fanout`]: in-process delivery of committed events to live feeds.
 //! - [`blob`]: attachment bytes on local disk or S3, through `object_store`.
 //! - [`api`]: the thin tonic services.
-//! - [`server`]: assembles services, auth, health and reflection on one listener.
+//! - [`server`]: assembles services, auth, health and reflection on one listener that speaks
+//!   gRPC and grpc-web (with CORS).
 //! - [`cli`]: the `chat-service` command line, including a small client.
 
 pub mod api;
@@ -56,3 +57,8 @@ pub mod proto {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/chat_descriptor.bin"));
 }
+
+/// The README's Rust blocks, compiled as doc tests so the documented client code stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,10 +1,11 @@
-// Runs examples/quickstart.ts (the README's example) against a live server and checks what it
-// prints, so the documented example cannot rot. esbuild strips the types; the package resolves
-// itself by name (`@chat-service/client`) through its `exports`.
+// Takes the example out of README.md (its first ```ts block), type-checks it with tsc, runs it
+// against a live server and checks what it prints, so the documented example cannot rot.
+// esbuild strips the types; the package resolves itself by name (`@chat-service/client`)
+// through its `exports`.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { build } from "esbuild";
@@ -20,10 +21,24 @@ after(async () => {
 });
 
 test("the README example runs and prints what it promises", async () => {
-  const out = join(here, "..", "test-results");
+  const pkg = join(here, "..");
+  const out = join(pkg, "test-results");
   mkdirSync(out, { recursive: true });
+  const readme = readFileSync(join(pkg, "README.md"), "utf8");
+  const code = readme.match(/```ts\n([\s\S]*?)```/)?.[1];
+  assert.ok(code, "README.md has a ```ts block");
+  writeFileSync(join(out, "quickstart.ts"), code);
+  execFileSync(
+    process.execPath,
+    [
+      join(pkg, "node_modules/typescript/bin/tsc"),
+      ...["--noEmit", "--strict", "--target", "es2022", "--module", "nodenext"],
+      ...["--moduleResolution", "nodenext", "--types", "node", join(out, "quickstart.ts")],
+    ],
+    { encoding: "utf8" },
+  );
   await build({
-    entryPoints: [join(here, "..", "examples/quickstart.ts")],
+    entryPoints: [join(out, "quickstart.ts")],
     outfile: join(out, "quickstart.mjs"),
     format: "esm",
     platform: "node",
