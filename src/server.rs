@@ -67,19 +67,52 @@ impl FromStr for AllowedOrigins {
         }
         let mut origins = Vec::with_capacity(entries.len());
         for e in entries {
-            let uri: http::Uri = e.parse().map_err(|_| format!("`{e}` is not an origin"))?;
-            let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
-            // An origin has no path: `http::Uri` reports "/" for both "" and "/", so look at
-            // the text too.
-            if !scheme_ok || uri.authority().is_none() || e.ends_with('/') || uri.path() != "/" {
+            if !is_serialized_origin(e) {
                 return Err(format!(
-                    "`{e}` is not an origin: write scheme://host[:port], without a path"
+                    "`{e}` is not an origin as browsers send it: write scheme://host[:port] in \
+                     lower case, without a path, query, user or default port"
                 ));
             }
             origins.push(e.to_owned());
         }
         Ok(AllowedOrigins::List(origins))
     }
+}
+
+/// Whether `e` is an origin exactly as a browser serializes it in `Origin` (RFC 6454 §6.1):
+/// `http` or `https`, a lower-case host, a port only when not the scheme's default, nothing
+/// else. Anything else could never match byte for byte.
+fn is_serialized_origin(e: &str) -> bool {
+    let Ok(uri) = e.parse::<http::Uri>() else {
+        return false;
+    };
+    let Some(authority) = uri.authority() else {
+        return false;
+    };
+    let default_port = match uri.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
+        _ => return false,
+    };
+    // `http::Uri` reports the path "/" for both "" and "/", so compare the text itself.
+    e == format!("{}://{}", uri.scheme_str().unwrap_or_default(), authority)
+        && e == e.to_ascii_lowercase()
+        && !authority.as_str().contains('@')
+        && !authority.host().is_empty()
+        && authority.port_u16() != Some(default_port)
+}
+
+/// The HTTP version a request arrived on (a request extension), so the auth layer can tell
+/// HTTP/1.1 grpc-web calls from the rest (see [`crate::api::auth`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpVersion(pub http::Version);
+
+fn mark_http_version(
+    mut req: http::Request<tonic::body::Body>,
+) -> http::Request<tonic::body::Body> {
+    let version = req.version();
+    req.extensions_mut().insert(HttpVersion(version));
+    req
 }
 
 /// Request headers a grpc-web client may send cross-origin (answered in preflight).
@@ -103,7 +136,8 @@ const CORS_EXPOSE_HEADERS: [&str; 4] = [
     "grpc-encoding",
 ];
 
-/// The CORS layer for `origins`: POST only, the grpc-web headers, preflight cached 24 h.
+/// The CORS layer for `origins`: POST only, the grpc-web headers, preflight cached 2 h (the
+/// most Chromium honours).
 fn cors(origins: &AllowedOrigins) -> CorsLayer {
     let allow_origin = match origins {
         AllowedOrigins::None => AllowOrigin::list(Vec::<HeaderValue>::new()),
@@ -119,7 +153,7 @@ fn cors(origins: &AllowedOrigins) -> CorsLayer {
         .allow_methods([Method::POST])
         .allow_headers(CORS_ALLOW_HEADERS.map(HeaderName::from_static))
         .expose_headers(CORS_EXPOSE_HEADERS.map(HeaderName::from_static))
-        .max_age(Duration::from_secs(86_400))
+        .max_age(Duration::from_secs(7_200))
 }
 
 /// Transport settings of [`serve`] beyond the services themselves.
@@ -176,6 +210,8 @@ pub async fn serve(
         .accept_http1(true)
         // Outermost first: CORS answers preflight before grpc-web translation sees it.
         .layer(cors(&options.cors_allowed_origins))
+        // Before tonic-web, which presents every request to the services as HTTP/2.
+        .layer(tower::util::MapRequestLayer::new(mark_http_version))
         .layer(tonic_web::GrpcWebLayer::new())
         .add_service(health_service)
         .add_service(ChatServiceServer::with_interceptor(

@@ -95,17 +95,23 @@ async fn preflight_answers_allowed_origin_only() {
     let (status, h, _) = preflight(PAGE).await;
     assert_eq!(status, 200);
     assert_eq!(header(&h, "access-control-allow-origin"), PAGE);
-    let allowed = header(&h, "access-control-allow-headers");
+    let allowed: Vec<&str> = header(&h, "access-control-allow-headers")
+        .split(',')
+        .map(str::trim)
+        .collect();
     for needed in [
         "authorization",
         "content-type",
         "x-grpc-web",
         "x-user-agent",
     ] {
-        assert!(allowed.contains(needed), "{needed} missing from {allowed}");
+        assert!(
+            allowed.contains(&needed),
+            "{needed} missing from {allowed:?}"
+        );
     }
-    assert!(header(&h, "access-control-allow-methods").contains("POST"));
-    assert_eq!(header(&h, "access-control-max-age"), "86400");
+    assert_eq!(header(&h, "access-control-allow-methods"), "POST");
+    assert_eq!(header(&h, "access-control-max-age"), "7200");
 
     // Not on the list: no Access-Control-Allow-Origin, so the browser refuses the call.
     let (_, h, _) = preflight("http://evil.example").await;
@@ -172,9 +178,15 @@ async fn errors_reach_the_page_with_their_code() {
     assert_eq!(status, 200);
     assert_eq!(header(&h, "access-control-allow-origin"), PAGE);
     assert_eq!(header(&h, "grpc-status"), "16", "{h:?}");
-    let exposed = header(&h, "access-control-expose-headers");
+    let exposed: Vec<&str> = header(&h, "access-control-expose-headers")
+        .split(',')
+        .map(str::trim)
+        .collect();
     for needed in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
-        assert!(exposed.contains(needed), "{needed} missing from {exposed}");
+        assert!(
+            exposed.contains(&needed),
+            "{needed} missing from {exposed:?}"
+        );
     }
 }
 
@@ -269,8 +281,154 @@ fn allowed_origins_parse() {
         "localhost:5173",
         "http://a.example/",
         "http://a.example/app",
+        "http://a.example?x",
         "ftp://a.example",
+        "https://App.example",
+        "https://a.example:443",
+        "http://a.example:80",
+        "http://user@a.example",
     ] {
         assert!(bad.parse::<AllowedOrigins>().is_err(), "{bad} accepted");
     }
+}
+
+/// Every RPC of every chat.v1 service, taken from the descriptor so a new RPC cannot be
+/// forgotten: (path, client streaming, server streaming).
+fn every_rpc() -> Vec<(String, bool, bool)> {
+    let fds = <prost_types::FileDescriptorSet as prost::Message>::decode(
+        chat_service::proto::FILE_DESCRIPTOR_SET,
+    )
+    .expect("descriptor set");
+    let mut rpcs = Vec::new();
+    for file in fds.file {
+        for service in &file.service {
+            for m in &service.method {
+                rpcs.push((
+                    format!("/{}.{}/{}", file.package(), service.name(), m.name()),
+                    m.client_streaming(),
+                    m.server_streaming(),
+                ));
+            }
+        }
+    }
+    assert!(rpcs.len() >= 30, "{} RPCs", rpcs.len());
+    rpcs
+}
+
+/// Calls `path` with an empty request and no token; the status, from the call or the stream.
+async fn call_without_token<T>(
+    grpc: &mut tonic::client::Grpc<T>,
+    path: &str,
+    client_streaming: bool,
+    server_streaming: bool,
+) -> tonic::Status
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if grpc.ready().await.is_err() {
+        panic!("connection not ready");
+    }
+    let path: http::uri::PathAndQuery = path.parse().expect("path");
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let result = match (client_streaming, server_streaming) {
+        (false, false) => grpc
+            .unary(tonic::Request::new(()), path, codec)
+            .await
+            .map(|_| ()),
+        (false, true) => match grpc
+            .server_streaming(tonic::Request::new(()), path, codec)
+            .await
+        {
+            Ok(resp) => resp.into_inner().message().await.map(|_| ()),
+            Err(e) => Err(e),
+        },
+        (true, false) => grpc
+            .client_streaming(
+                tonic::Request::new(futures::stream::iter([()])),
+                path,
+                codec,
+            )
+            .await
+            .map(|_| ()),
+        (true, true) => unreachable!("no bidirectional RPCs"),
+    };
+    result.expect_err("refused without a token")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_refuses_a_call_without_a_token_on_every_transport() {
+    let server = TestServer::start(Backend::Sqlite).await;
+    let channel = tonic::transport::Channel::from_shared(server.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let web_http = Client::builder(TokioExecutor::new()).build_http();
+    let web = tower::ServiceBuilder::new()
+        .layer(tonic_web::GrpcWebClientLayer::new())
+        .service(web_http);
+    let mut grpc_web =
+        tonic::client::Grpc::with_origin(web, server.url().parse::<http::Uri>().expect("uri"));
+    for (path, client_streaming, server_streaming) in every_rpc() {
+        let s = call_without_token(&mut grpc, &path, client_streaming, server_streaming).await;
+        assert_eq!(s.code(), tonic::Code::Unauthenticated, "gRPC {path}: {s:?}");
+        if client_streaming {
+            continue; // grpc-web has no client streaming
+        }
+        let s = call_without_token(&mut grpc_web, &path, false, server_streaming).await;
+        assert_eq!(
+            s.code(),
+            tonic::Code::Unauthenticated,
+            "grpc-web/1.1 {path}: {s:?}"
+        );
+    }
+}
+
+/// grpc-web-text (base64 frames), the mode of older grpc-web clients, on HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_text_works() {
+    use base64::Engine as _;
+    let server = server_allowing(PAGE).await;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = b64.encode(frame(&proto::CreateGroupRequest {
+        name: "text mode".into(),
+        ..Default::default()
+    }));
+    let (status, h, resp) = http1(
+        &server,
+        "POST",
+        "/chat.v1.GroupService/CreateGroup",
+        &[
+            ("content-type", "application/grpc-web-text"),
+            // grpc-web-text clients ask for a text answer; tonic-web answers in kind.
+            ("accept", "application/grpc-web-text"),
+            ("x-grpc-web", "1"),
+            ("authorization", &format!("Bearer {}", token("alice"))),
+        ],
+        body.into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        header(&h, "content-type").starts_with("application/grpc-web-text"),
+        "{h:?} {resp:?}"
+    );
+    // The body is base64, each frame padded on its own: decode it quad by quad (every four
+    // characters decode independently), giving a data frame and then a trailer frame.
+    let mut raw = Vec::new();
+    for quad in resp.chunks(4) {
+        raw.extend(b64.decode(quad).expect("base64"));
+    }
+    assert_eq!(raw[0], 0, "data frame first");
+    let len = u32::from_be_bytes([raw[1], raw[2], raw[3], raw[4]]) as usize;
+    let created =
+        <proto::CreateGroupResponse as prost::Message>::decode(&raw[5..5 + len]).expect("response");
+    assert_eq!(created.channel.expect("channel").name, "text mode");
+    let trailer = &raw[5 + len..];
+    assert_eq!(trailer[0], 0x80, "trailer frame");
+    assert!(String::from_utf8_lossy(&trailer[5..]).contains("grpc-status:0"));
 }

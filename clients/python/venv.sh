@@ -4,8 +4,10 @@
 _venv="${1:-clients/python/.venv}"
 _req="$(dirname "${BASH_SOURCE[0]}")/requirements-dev.txt"
 if [ ! -x "$_venv/bin/python" ] || ! cmp -s "$_req" "$_venv/requirements-dev.txt"; then
-  python3 -m venv "$_venv"
-  "$_venv/bin/pip" install -q --disable-pip-version-check -r "$_req"
-  cp "$_req" "$_venv/requirements-dev.txt"
+  # The marker is written only after a complete install, so a failed one is redone next time.
+  rm -f "$_venv/requirements-dev.txt"
+  python3 -m venv "$_venv" \
+    && "$_venv/bin/pip" install -q --disable-pip-version-check -r "$_req" \
+    && cp "$_req" "$_venv/requirements-dev.txt"
 fi
 unset _venv _req

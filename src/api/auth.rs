@@ -1,11 +1,12 @@
 //! The auth layer: verifies the bearer token once per request and puts the outcome, the typed
 //! [`Caller`](crate::auth::Caller) or the refusal, into request extensions.
 //!
-//! A refusal is not answered here but by the handler ([`crate::api::caller`]), once tonic has
-//! read the request message. Answering from the interceptor replies before the request body
-//! has been read; on HTTP/1.1 (grpc-web) the server then closes the connection under a client
-//! still writing, and the client sees a broken pipe (`INTERNAL` / a browser network error)
-//! instead of `UNAUTHENTICATED`.
+//! A refusal on HTTP/2 is answered here, before the request body is read. On HTTP/1.1
+//! (grpc-web) it is answered by the handler ([`crate::api::caller`]) once tonic has read the
+//! request message: replying earlier makes the server close the connection under a client still
+//! writing its body, and the client sees a broken pipe (`INTERNAL`, or a network error in a
+//! browser) instead of `UNAUTHENTICATED`. The message read first is bounded by the service's
+//! decoding limit (4 MiB; 1 MiB + 64 KiB for AttachmentService).
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::auth::{Caller, Verifier};
+use crate::server::HttpVersion;
 
 /// A tonic interceptor around a shared [`Verifier`].
 #[derive(Clone, Debug)]
@@ -37,8 +39,17 @@ impl Interceptor for AuthInterceptor {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        let outcome = AuthOutcome(self.verifier.verify_header(header).map_err(Status::from));
-        req.extensions_mut().insert(outcome);
-        Ok(req)
+        let outcome = self.verifier.verify_header(header).map_err(Status::from);
+        let http1 = matches!(
+            req.extensions().get::<HttpVersion>(),
+            Some(HttpVersion(v)) if *v < http::Version::HTTP_2
+        );
+        match outcome {
+            Err(status) if !http1 => Err(status),
+            outcome => {
+                req.extensions_mut().insert(AuthOutcome(outcome));
+                Ok(req)
+            }
+        }
     }
 }

@@ -31,6 +31,8 @@ class Server:
             "JWT_SECRET": SECRET,
             "GRPC_ADDR": "127.0.0.1:0",
             "LOG_LEVEL": "info",
+            # A heartbeat a second: a client that has seen one knows its stream is live.
+            "HEARTBEAT_SECONDS": "1",
             "NO_COLOR": "1",
         }
         self.proc = subprocess.Popen(

@@ -36,7 +36,7 @@ def test_readme_example(server, tmp_path):
         check=True,
     ).stdout
     assert out.splitlines() == [
-        "live: ['Hello Bob 👋', 'Lunch at noon?']",
+        "received: ['Hello Bob 👋', 'Lunch at noon?']",
         "resumed: ['sent while you were away'] cursor: 5",
         "history: ['sent while you were away', 'Lunch at noon?', 'Hello Bob 👋']",
         "same bytes: True",

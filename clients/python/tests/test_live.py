@@ -95,6 +95,13 @@ def test_conversation_subscribe_drop_resume(server):
         ]
         assert missed[1].message_created.message.body == "missed 2"
         assert missed[2].message_deleted.message.id == gone.id
+        # A heartbeat comes only once the replay is over: from then on the stream is live, and
+        # a message sent now can only arrive live.
+        take(resumed, 1, lambda ev: ev.WhichOneof("event") == "heartbeat")
+        alice.chat.SendMessage(chat.SendMessageRequest(channel_id=channel.id, body="back live"))
+        [again] = take(resumed, 1, created)
+        assert again.sequence == cursor + 4
+        assert again.message_created.message.body == "back live"
         call.cancel()
 
         # History, newest first, page by page; the deleted message is left out.
@@ -107,7 +114,7 @@ def test_conversation_subscribe_drop_resume(server):
             token = page.next_page_token
             if not token:
                 break
-        assert bodies == ["missed 2", *reversed(texts)]
+        assert bodies == ["back live", "missed 2", *reversed(texts)]
 
 
 def test_chunked_upload_of_a_real_file_and_download(server, tmp_path):

@@ -32,22 +32,36 @@ export interface UploadOptions {
   sha256?: string;
   /** Bytes per UploadChunk call, at most 1 MiB (the default). */
   chunkBytes?: number;
-  /** Called after each chunk with the bytes sent so far and the total. */
-  onProgress?: (sent: number, total: number) => void;
-  /** Cancels the upload (it is swept after ATTACHMENT_UNLINKED_TTL). */
+  /** Called after each chunk with the bytes committed so far, the total, and the upload id. */
+  onProgress?: (committed: number, total: number, uploadId: string) => void;
+  /** Cancels the upload; resume it later with its `uploadId` (unfinished uploads are swept after ATTACHMENT_UNLINKED_TTL). */
   signal?: AbortSignal;
+  /** Resume this upload instead of creating one; it continues from the server's committed size. */
+  uploadId?: string;
+  /** How many times in a row a failed chunk is sent again (default 3). */
+  retries?: number;
 }
 
 /**
+ * The committed size in bytes that a FAILED_PRECONDITION from UploadChunk carries
+ * (`google.rpc.ErrorInfo`, reason OFFSET_MISMATCH, `metadata.committed_bytes`); undefined for
+ * any other error.
+ */
+export declare function committedBytes(error: unknown): number | undefined;
+
+/**
  * Uploads through CreateUpload → UploadChunk… → CompleteUpload (the browser path: grpc-web has
- * no client streaming). Resolves to the stored Attachment, not yet linked to a message.
+ * no client streaming). A failed chunk is sent again (`retries` in a row, with back-off); a
+ * chunk at the wrong offset continues from the server's committed size; `uploadId` resumes an
+ * interrupted upload. Resolves to the stored Attachment, not yet linked to a message.
  * Rejects with the server's ConnectError (for example `Code.ResourceExhausted` over
- * MAX_UPLOAD_BYTES, `Code.InvalidArgument` for a wrong sha256).
+ * MAX_UPLOAD_BYTES, `Code.InvalidArgument` for a wrong sha256, `Code.Canceled` when `signal`
+ * aborts) or a RangeError for a `chunkBytes` outside 1 to 1 MiB.
  */
 export declare function uploadResumable(
   client: Client<typeof AttachmentService>,
   options: UploadOptions,
-): Promise<Attachment | undefined>;
+): Promise<Attachment>;
 
 /**
  * Downloads an attachment over DownloadAttachment (a server stream) from `offset` (default 0)

@@ -57,7 +57,7 @@ test("the README example runs and prints what it promises", async () => {
   });
   const lines = stdout.trim().split("\n");
   assert.deepEqual(lines, [
-    "live: [ 'Hello Bob 👋', 'Lunch at noon?' ]",
+    "received: [ 'Hello Bob 👋', 'Lunch at noon?' ]",
     // Sequences: 1-2 members joined, 3-4 the live messages, 5 the one sent while away.
     "resumed: [ 'sent while you were away' ] cursor: 5n",
     "history: [ 'sent while you were away', 'Lunch at noon?', 'Hello Bob 👋' ]",

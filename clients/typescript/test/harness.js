@@ -29,6 +29,8 @@ export async function startServer({ corsAllowedOrigins = "" } = {}) {
     GRPC_ADDR: "127.0.0.1:0",
     CORS_ALLOWED_ORIGINS: corsAllowedOrigins,
     LOG_LEVEL: "info",
+    // A heartbeat a second: a client that has seen one knows its stream is live.
+    HEARTBEAT_SECONDS: "1",
     NO_COLOR: "1",
   };
   const child = spawn(bin, ["serve"], { env, stdio: ["ignore", "ignore", "pipe"] });

@@ -141,6 +141,46 @@ for (const [name, makeTransport] of Object.entries(transports)) {
       assert.deepEqual(Buffer.from(tail.bytes), data.subarray(1_000_000));
     });
 
+    test("an interrupted upload resumes from the server's committed size", async () => {
+      const alice = clients("alice");
+      const { channel } = await alice.groups.createGroup({ name: "resume" });
+      const data = new Uint8Array(randomBytes(3 * 1024 * 1024 + 5));
+      const sha256 = createHash("sha256").update(data).digest("hex");
+      const stop = new AbortController();
+      let uploadId = "";
+      await assert.rejects(
+        uploadResumable(alice.files, {
+          channelId: channel.id,
+          fileName: "big.bin",
+          data,
+          sha256,
+          signal: stop.signal,
+          onProgress: (committed, _total, id) => {
+            uploadId = id;
+            if (committed >= 1 << 20) stop.abort(); // the connection "drops" after one chunk
+          },
+        }),
+        (e) => ConnectError.from(e).code === Code.Canceled,
+      );
+      assert.ok(uploadId);
+      // Resume: the first chunk goes at offset 0, the server answers FAILED_PRECONDITION with
+      // committed_bytes = 1 MiB in an ErrorInfo, and the helper carries on from there.
+      const progress = [];
+      const attachment = await uploadResumable(alice.files, {
+        channelId: channel.id,
+        fileName: "big.bin",
+        data,
+        uploadId,
+        onProgress: (committed) => progress.push(committed),
+      });
+      assert.deepEqual(progress, [2 << 20, 3 << 20, data.length]);
+      assert.equal(attachment.sha256, sha256);
+      await assert.rejects(
+        uploadResumable(alice.files, { channelId: channel.id, fileName: "x", data, chunkBytes: 0 }),
+        RangeError,
+      );
+    });
+
     test("errors keep their codes", async () => {
       const expired = clients("alice", -120);
       await assert.rejects(

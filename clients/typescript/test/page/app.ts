@@ -49,9 +49,10 @@ async function main() {
     channelIds: [channelId],
     cursors: { [channelId]: 0n },
   });
-  $("status").textContent = "ready";
   (async () => {
     for await (const ev of feed) {
+      // Heartbeats come only once replay is over and the stream is live.
+      if (ev.event.case === "heartbeat") $("status").textContent = "ready";
       if (ev.event.case === "messageCreated") {
         const m = ev.event.value.message!;
         const li = document.createElement("li");
@@ -81,13 +82,13 @@ async function main() {
       await aliceChat.sendMessage({
         channelId,
         body: `file: ${file.name}`,
-        attachmentIds: [attachment!.id],
+        attachmentIds: [attachment.id],
       });
-      const { bytes } = await downloadAll(bobFiles, attachment!.id);
+      const { bytes } = await downloadAll(bobFiles, attachment.id);
       const result = $("upload-result");
       result.dataset.size = String(bytes.byteLength);
       result.dataset.sha256 = await hex(bytes);
-      result.dataset.serverSha256 = attachment!.sha256;
+      result.dataset.serverSha256 = attachment.sha256;
       result.textContent = `downloaded ${bytes.byteLength} bytes, sha256 ${result.dataset.sha256}`;
     } catch (e) {
       showError(e);
