@@ -1,0 +1,320 @@
+//! `chat-bench`: the benchmark program. Drives a real `chat-service serve` process over
+//! loopback with tonic clients on many HTTP/2 connections, closed-loop and open-loop, records
+//! latencies in HDR histograms, measures the machine's own limits in the same run (pgbench
+//! single-row INSERTs, a sqlx SQLite insert loop, a bare tonic server, sequential disk writes)
+//! and writes `BENCHMARKS.md` and `results.json`.
+//!
+//! ```text
+//! scripts/bench                      # everything, SQLite and PostgreSQL (~12 min)
+//! chat-bench --quick                 # a smoke run of every scenario in seconds (CI)
+//! chat-bench --backends sqlite --scenarios 1,2
+//! ```
+
+mod baselines;
+mod proc;
+mod report;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::{json, Value};
+
+/// Errors of the bench: text is enough, it is a tool.
+pub type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmarks chat-service against the machine's own limits and writes a report")]
+struct Args {
+    /// Tiny sizes and durations: every scenario in a few seconds (the CI smoke run).
+    #[arg(long)]
+    quick: bool,
+    /// Databases to run on.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    backends: Vec<Backend>,
+    /// Scenarios to run (1 sends, 2 latency, 3 fan-out, 4 idle streams, 5 history, 6 uploads).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
+    scenarios: Vec<u8>,
+    /// The server binary (default: `chat-service` beside this program).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// PostgreSQL for the server and pgbench.
+    #[arg(
+        long,
+        env = "CHAT_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres_url: String,
+    /// Where the report, the JSON and scratch files go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Internal: serve only gRPC health on 127.0.0.1:0 (the bare-tonic baseline).
+    #[arg(long, hide = true)]
+    echo_server: bool,
+}
+
+/// A database backend of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+        }
+    }
+}
+
+/// Sizes and durations of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    /// Concurrent senders of scenario 1.
+    pub send_concurrency: Vec<usize>,
+    /// Seconds per closed-loop measurement (scenario 1 and its baselines).
+    pub send_seconds: f64,
+    /// Open-loop load levels, as fractions of scenario 1's best rate.
+    pub load_levels: Vec<f64>,
+    /// Seconds per open-loop level.
+    pub open_loop_seconds: f64,
+    /// Fan-out subscribers, their connections, and messages sent.
+    pub fanout_subscribers: usize,
+    pub fanout_connections: usize,
+    pub fanout_messages: usize,
+    /// Idle streams and streams per connection.
+    pub idle_streams: usize,
+    pub idle_streams_per_connection: usize,
+    /// Seconds of idle CPU measurement.
+    pub idle_seconds: f64,
+    /// Messages in the history channel; seconds per history measurement; concurrent readers.
+    pub history_messages: i64,
+    pub history_seconds: f64,
+    pub history_readers: usize,
+    /// Bytes uploaded in scenario 6 (and written by the disk baseline).
+    pub upload_bytes: u64,
+}
+
+impl Plan {
+    fn full() -> Plan {
+        Plan {
+            send_concurrency: vec![1, 16, 64],
+            send_seconds: 8.0,
+            load_levels: vec![0.1, 0.5, 0.8],
+            open_loop_seconds: 30.0,
+            fanout_subscribers: 1000,
+            fanout_connections: 10,
+            fanout_messages: 1000,
+            idle_streams: 10_000,
+            idle_streams_per_connection: 100,
+            idle_seconds: 10.0,
+            history_messages: 1_000_000,
+            history_seconds: 3.0,
+            history_readers: 16,
+            upload_bytes: 1 << 30,
+        }
+    }
+
+    fn quick() -> Plan {
+        Plan {
+            send_concurrency: vec![1, 4],
+            send_seconds: 0.5,
+            load_levels: vec![0.5],
+            open_loop_seconds: 0.5,
+            fanout_subscribers: 20,
+            fanout_connections: 2,
+            fanout_messages: 10,
+            idle_streams: 50,
+            idle_streams_per_connection: 25,
+            idle_seconds: 0.5,
+            history_messages: 2_000,
+            history_seconds: 0.3,
+            history_readers: 4,
+            upload_bytes: 8 << 20,
+        }
+    }
+}
+
+/// What every scenario needs.
+pub struct Bench {
+    pub plan: Plan,
+    pub quick: bool,
+    pub server_bin: PathBuf,
+    pub pg_url: String,
+    pub dir: PathBuf,
+    pub secret: String,
+    ids: AtomicU64,
+}
+
+impl Bench {
+    /// A number unique in this run (database files, schemas).
+    pub fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A token for `user` with every permission, valid 4 h.
+    pub fn token(&self, user: &str) -> String {
+        chat_service::auth::mint_hs256(
+            self.secret.as_bytes(),
+            &chat_service::auth::TokenSpec {
+                sub: user,
+                tenant: "default",
+                permissions: chat_service::auth::all_permission_names(),
+                ttl_seconds: 4 * 3600,
+                issuer: None,
+                audience: None,
+            },
+        )
+        .unwrap_or_default()
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    if args.echo_server {
+        if let Err(e) = baselines::echo_server().await {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Err(e) = run(args).await {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> BenchResult<()> {
+    let started = std::time::Instant::now();
+    let server_bin = match args.server_bin {
+        Some(p) => p,
+        None => std::env::current_exe()?
+            .parent()
+            .ok_or("no folder")?
+            .join("chat-service"),
+    };
+    if !server_bin.exists() {
+        return Err(format!("no server binary at {}", server_bin.display()).into());
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let dir = args.out.join("scratch");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let bench = Bench {
+        plan: if args.quick {
+            Plan::quick()
+        } else {
+            Plan::full()
+        },
+        quick: args.quick,
+        server_bin,
+        pg_url: args.postgres_url,
+        dir: std::fs::canonicalize(&dir)?,
+        secret: "bench-secret-0123456789abcdef".into(),
+        ids: AtomicU64::new(0),
+    };
+    let wants = |n: u8| args.scenarios.contains(&n);
+    let mut results = json!({
+        "machine": report::machine(&bench).await,
+        "plan": serde_json::to_value(&bench.plan)?,
+        "baselines": {},
+        "backends": {},
+    });
+
+    say("baseline: sequential disk write (dd, fdatasync)");
+    results["baselines"]["disk"] = baselines::disk(&bench).await?;
+    if wants(1) || wants(2) {
+        say("baseline: bare tonic server (gRPC health check, no database)");
+        results["baselines"]["echo"] = baselines::echo(&bench).await?;
+    }
+    for &backend in &args.backends {
+        let mut out = json!({});
+        if wants(1) || wants(2) {
+            say(&format!("{}: baseline single-row INSERT", backend.name()));
+            out["insert_baseline"] = match backend {
+                Backend::Postgres => baselines::pgbench(&bench).await?,
+                Backend::Sqlite => baselines::sqlite_loop(&bench).await?,
+            };
+            say(&format!("{}: 1. persisted sends/s", backend.name()));
+            out["sends"] = scenarios::sends(&bench, backend).await?;
+        }
+        if wants(2) {
+            let best = out["sends"]["runs"]
+                .as_array()
+                .map(|runs| {
+                    runs.iter()
+                        .filter_map(|r| r["per_second"].as_f64())
+                        .fold(0.0, f64::max)
+                })
+                .unwrap_or(0.0);
+            say(&format!(
+                "{}: 2. latency at fixed load (best {best:.0}/s)",
+                backend.name()
+            ));
+            out["latency"] = scenarios::latency(&bench, backend, best).await?;
+        }
+        if wants(3) {
+            say(&format!("{}: 3. fan-out", backend.name()));
+            out["fanout"] = scenarios::fanout(&bench, backend).await?;
+        }
+        if wants(4) {
+            say(&format!("{}: 4. idle streams", backend.name()));
+            out["idle"] = scenarios::idle(&bench, backend).await?;
+        }
+        if wants(5) {
+            say(&format!("{}: 5. history", backend.name()));
+            out["history"] = scenarios::history(&bench, backend).await?;
+        }
+        if wants(6) {
+            say(&format!("{}: 6. uploads", backend.name()));
+            out["upload"] = scenarios::upload(&bench, backend).await?;
+        }
+        results["backends"][backend.name()] = out;
+    }
+    results["elapsed_seconds"] = json!(started.elapsed().as_secs_f64());
+    let json_path = args.out.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
+    let md_path = args.out.join("BENCHMARKS.md");
+    std::fs::write(&md_path, report::markdown(&results))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    say(&format!(
+        "done in {:.0} s: {} and {}",
+        started.elapsed().as_secs_f64(),
+        md_path.display(),
+        json_path.display()
+    ));
+    Ok(())
+}
+
+/// Progress on stderr.
+pub fn say(what: &str) {
+    eprintln!("[chat-bench] {what}");
+}
+
+/// A histogram of microseconds, 1 µs to 60 s, 3 significant digits.
+pub fn histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+/// Records `d` in microseconds (clamped to the histogram's range).
+pub fn record(h: &mut hdrhistogram::Histogram<u64>, d: Duration) {
+    h.saturating_record((d.as_micros() as u64).max(1));
+}
+
+/// p50 / p99 / p99.9 / max in milliseconds, and the count.
+pub fn summary(h: &hdrhistogram::Histogram<u64>) -> Value {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({
+        "count": h.len(),
+        "p50_ms": ms(0.5),
+        "p99_ms": ms(0.99),
+        "p999_ms": ms(0.999),
+        "max_ms": h.max() as f64 / 1000.0,
+    })
+}

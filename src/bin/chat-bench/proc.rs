@@ -1,0 +1,259 @@
+//! The server under test as a child process, and what /proc says about it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::{Backend, Bench, BenchResult};
+
+/// A running `chat-service serve` (or `chat-bench echo-server`).
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    pub pid: u32,
+    /// PostgreSQL schema to drop at the end, if any.
+    schema: Option<String>,
+    pg_url: String,
+    /// The server's DATABASE_URL.
+    pub database_url: String,
+}
+
+impl Server {
+    /// Starts `chat-service serve` on `backend` with a fresh database, port 0 and the bench's
+    /// secret; `env` adds or overrides variables.
+    pub async fn start(
+        bench: &Bench,
+        backend: Backend,
+        env: &[(&str, String)],
+    ) -> BenchResult<Server> {
+        let n = bench.next_id();
+        let mut vars: Vec<(String, String)> = vec![
+            ("JWT_SECRET".into(), bench.secret.clone()),
+            ("GRPC_ADDR".into(), "127.0.0.1:0".into()),
+            ("LOG_LEVEL".into(), "info".into()),
+            ("NO_COLOR".into(), "1".into()),
+            (
+                "STORAGE_URL".into(),
+                format!("file://{}", bench.dir.join(format!("blobs-{n}")).display()),
+            ),
+        ];
+        let mut schema = None;
+        match backend {
+            Backend::Sqlite => vars.push((
+                "DATABASE_URL".into(),
+                format!(
+                    "sqlite://{}",
+                    bench.dir.join(format!("chat-{n}.db")).display()
+                ),
+            )),
+            Backend::Postgres => {
+                let name = format!("bench_{}_{n}", std::process::id());
+                let pool = sqlx::PgPool::connect(&bench.pg_url).await?;
+                sqlx::query(&format!("CREATE SCHEMA {name}"))
+                    .execute(&pool)
+                    .await?;
+                pool.close().await;
+                vars.push(("DATABASE_URL".into(), bench.pg_url.clone()));
+                vars.push(("DB_SCHEMA".into(), name.clone()));
+                schema = Some(name);
+            }
+        }
+        for (k, v) in env {
+            vars.retain(|(name, _)| name != k);
+            vars.push(((*k).into(), v.clone()));
+        }
+        let mut server = Self::spawn(&bench.server_bin, &["serve"], &vars).await?;
+        server.schema = schema;
+        server.pg_url = bench.pg_url.clone();
+        server.database_url = vars
+            .iter()
+            .find(|(k, _)| k == "DATABASE_URL")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        Ok(server)
+    }
+
+    /// Starts `bin args…` and waits for its `listening … addr=HOST:PORT` log line.
+    pub async fn spawn(
+        bin: &Path,
+        args: &[&str],
+        vars: &[(String, String)],
+    ) -> BenchResult<Server> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        let pid = child.id().ok_or("server exited at once")?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut tx = Some(tx);
+            let mut log = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(tx) = tx.take_if(|_| line.contains("listening")) {
+                    let addr = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("addr="))
+                        .unwrap_or_default()
+                        .to_owned();
+                    let _ = tx.send(Ok(addr));
+                } else if tx.is_some() {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+            if let Some(tx) = tx {
+                let _ = tx.send(Err(log));
+            }
+        });
+        let addr = match tokio::time::timeout(Duration::from_secs(60), rx).await {
+            Ok(Ok(Ok(addr))) if !addr.is_empty() => addr,
+            Ok(Ok(Err(log))) => return Err(format!("server did not start:\n{log}").into()),
+            _ => return Err("server did not report its address within 60 s".into()),
+        };
+        Ok(Server {
+            child,
+            addr,
+            pid,
+            schema: None,
+            pg_url: String::new(),
+            database_url: String::new(),
+        })
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        status_kib(self.pid, "VmRSS:")
+    }
+
+    /// Peak resident memory since start or the last [`Server::reset_peak`], in KiB.
+    pub fn peak_kib(&self) -> u64 {
+        status_kib(self.pid, "VmHWM:")
+    }
+
+    /// Resets the peak RSS (`/proc/PID/clear_refs` = 5); false where the kernel refuses.
+    pub fn reset_peak(&self) -> bool {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5").is_ok()
+    }
+
+    /// CPU time used so far (user + system), in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        // Fields after the parenthesised command name: state is field 3; utime 14, stime 15.
+        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+            .sum();
+        ticks as f64 / clock_ticks()
+    }
+
+    /// SIGKILL and drop the PostgreSQL schema.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+        if let Some(schema) = self.schema.take() {
+            if let Ok(pool) = sqlx::PgPool::connect(&self.pg_url).await {
+                let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .execute(&pool)
+                    .await;
+                pool.close().await;
+            }
+        }
+    }
+
+    /// The PostgreSQL schema of this server, if any.
+    pub fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `/proc/PID/stat` counts CPU time in USER_HZ ticks, 100 per second on every Linux ABI we run on.
+fn clock_ticks() -> f64 {
+    100.0
+}
+
+/// Samples a server's RSS every 50 ms until dropped; `max()` is the highest seen.
+pub struct RssSampler {
+    max: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> RssSampler {
+        let max = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let m = max.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                m.fetch_max(
+                    status_kib(pid, "VmRSS:"),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        RssSampler { max, task }
+    }
+
+    /// The highest RSS seen, in KiB.
+    pub fn max(&self) -> u64 {
+        self.max.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// First line of `cmd args` (stdout, else stderr), or "unknown".
+pub fn version_of(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            let s = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&s)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A scratch file path under the bench directory.
+pub fn scratch(bench: &Bench, name: &str) -> PathBuf {
+    bench.dir.join(name)
+}

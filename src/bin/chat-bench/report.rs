@@ -1,0 +1,245 @@
+//! The machine description and the markdown report.
+
+use serde_json::{json, Value};
+
+use crate::proc::version_of;
+use crate::Bench;
+
+/// Cores, memory, CPU, kernel and versions, read off this machine.
+pub async fn machine(bench: &Bench) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let postgres = match sqlx::PgPool::connect(&bench.pg_url).await {
+        Ok(pool) => {
+            let v: Result<String, _> = sqlx::query_scalar("SHOW server_version")
+                .fetch_one(&pool)
+                .await;
+            pool.close().await;
+            v.unwrap_or_else(|e| e.to_string())
+        }
+        Err(e) => format!("unreachable: {e}"),
+    };
+    let sqlite = match sqlx::SqlitePool::connect("sqlite::memory:").await {
+        Ok(pool) => sqlx::query_scalar::<_, String>("SELECT sqlite_version()")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_default(),
+        Err(_) => "unknown".into(),
+    };
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "memory_gib": mem_kib as f64 / 1024.0 / 1024.0,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "rustc": version_of("rustc", &["--version"]),
+        "postgresql": postgres,
+        "sqlite": sqlite,
+        "pgbench": version_of("pgbench", &["--version"]),
+        "chat_service": env!("CARGO_PKG_VERSION"),
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "quick": bench.quick,
+        "date_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "load_generator": "chat-bench on the same machine, over loopback",
+    })
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn ok(pass: bool) -> &'static str {
+    if pass {
+        "✅"
+    } else {
+        "❌"
+    }
+}
+
+/// Throughput of the run at `c` in `runs`.
+fn rate_at(runs: &Value, c: u64) -> f64 {
+    runs.as_array()
+        .and_then(|rs| rs.iter().find(|r| r["concurrency"].as_u64() == Some(c)))
+        .map(|r| f(&r["per_second"]))
+        .unwrap_or(f64::NAN)
+}
+
+/// The report: machine, settings, baselines, then each backend's scenarios with ratios and
+/// targets (✅ met, ❌ missed).
+pub fn markdown(r: &Value) -> String {
+    let m = &r["machine"];
+    let mut out = String::new();
+    let mut w = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    w("# chat-service benchmark results".into());
+    w(String::new());
+    w(format!(
+        "Machine: {} cores ({}), {:.1} GiB RAM, Linux {}; {}; PostgreSQL {}, SQLite {}; \
+         chat-service {} ({} build); load generator on the same machine over loopback.{}",
+        m["cores"],
+        m["cpu"].as_str().unwrap_or("?"),
+        f(&m["memory_gib"]),
+        m["kernel"].as_str().unwrap_or("?"),
+        m["rustc"].as_str().unwrap_or("?"),
+        m["postgresql"].as_str().unwrap_or("?"),
+        m["sqlite"].as_str().unwrap_or("?"),
+        m["chat_service"].as_str().unwrap_or("?"),
+        m["build"].as_str().unwrap_or("?"),
+        if m["quick"].as_bool() == Some(true) {
+            " **Quick (smoke) run: tiny sizes, numbers mean nothing.**"
+        } else {
+            ""
+        }
+    ));
+    w(format!(
+        "Run took {:.0} s. Settings: `{}`",
+        f(&r["elapsed_seconds"]),
+        r["plan"]
+    ));
+    w(String::new());
+    let b = &r["baselines"];
+    w("## Baselines (same run)".into());
+    w(String::new());
+    w(format!(
+        "- Disk, sequential write (`{}`): **{:.0} MB/s**",
+        b["disk"]["tool"].as_str().unwrap_or(""),
+        f(&b["disk"]["mb_per_second"])
+    ));
+    if let Some(runs) = b["echo"]["runs"].as_array() {
+        for e in runs {
+            w(format!("- Bare tonic server (health check, no database), {} callers: **{:.0} calls/s**, p50 {:.2} ms, p99 {:.2} ms",
+                e["concurrency"], f(&e["per_second"]), f(&e["latency"]["p50_ms"]), f(&e["latency"]["p99_ms"])));
+        }
+    }
+    w(String::new());
+    let Some(backends) = r["backends"].as_object() else {
+        return out;
+    };
+    for (name, s) in backends {
+        w(format!("## {name}"));
+        w(String::new());
+        if s["sends"].is_object() {
+            w(
+                "### 1. Persisted sends/s (closed loop, 16 channels, one connection per 4 senders)"
+                    .into(),
+            );
+            w(String::new());
+            w(format!("| senders | sends/s | {} single-row INSERT/s | ratio | ack p50 / p99 ms | peak RSS MiB | target |", name));
+            w("|---|---|---|---|---|---|---|".into());
+            for run in s["sends"]["runs"].as_array().into_iter().flatten() {
+                let c = run["concurrency"].as_u64().unwrap_or(0);
+                let base = rate_at(&s["insert_baseline"]["runs"], c);
+                let ratio = f(&run["per_second"]) / base;
+                let rss = f(&run["peak_rss_mib"]);
+                w(format!("| {c} | {:.0} | {:.0} | **{:.2}×** | {:.2} / {:.2} | {:.1} | {} ratio ≥ 1.0, {} RSS ≤ 75 MiB |",
+                    f(&run["per_second"]), base, ratio, f(&run["ack"]["p50_ms"]), f(&run["ack"]["p99_ms"]), rss,
+                    ok(ratio >= 1.0), ok(rss <= 75.0)));
+            }
+            w(format!(
+                "\nBaseline: {}.",
+                s["insert_baseline"]["tool"].as_str().unwrap_or("")
+            ));
+            w(String::new());
+        }
+        if s["latency"].is_object() {
+            w(format!(
+                "### 2. Latency at fixed load (open loop, % of {:.0} sends/s)",
+                f(&s["latency"]["best_per_second"])
+            ));
+            w(String::new());
+            w("| load | sends/s | ack p50 / p99 / p99.9 ms | send → delivery p50 / p99 / p99.9 ms | target (50%: delivery p99 ≤ 5 ms) |".into());
+            w("|---|---|---|---|---|".into());
+            for l in s["latency"]["levels"].as_array().into_iter().flatten() {
+                let lvl = f(&l["level"]);
+                let d99 = f(&l["delivery"]["p99_ms"]);
+                w(format!(
+                    "| {:.0}% | {:.0} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} |",
+                    lvl * 100.0,
+                    f(&l["achieved_per_second"]),
+                    f(&l["ack"]["p50_ms"]),
+                    f(&l["ack"]["p99_ms"]),
+                    f(&l["ack"]["p999_ms"]),
+                    f(&l["delivery"]["p50_ms"]),
+                    d99,
+                    f(&l["delivery"]["p999_ms"]),
+                    if (lvl - 0.5).abs() < 1e-9 {
+                        ok(d99 <= 5.0)
+                    } else {
+                        "–"
+                    }
+                ));
+            }
+            w(String::new());
+        }
+        if s["fanout"].is_object() {
+            let x = &s["fanout"];
+            let rate = f(&x["deliveries_per_second"]);
+            let complete = x["subscribers_missing_events"].as_u64() == Some(0)
+                && x["subscribers_with_gaps"].as_u64() == Some(0);
+            w("### 3. Fan-out".into());
+            w(String::new());
+            w(format!("{} subscribers of one channel over {} connections, {} messages of ~100 bytes: **{:.0} deliveries/s**, \
+                delivery p50 {:.2} ms, p99 {:.2} ms; every subscriber got every event in order: {}. \
+                Server CPU {:.1} s, peak RSS {:.1} MiB. Target ≥ 250,000/s with nothing missed: {}",
+                x["subscribers"], x["connections"], x["messages"], rate, f(&x["delivery"]["p50_ms"]), f(&x["delivery"]["p99_ms"]),
+                if complete { "yes" } else { "**no**" }, f(&x["server_cpu_seconds"]), f(&x["peak_rss_mib"]), ok(rate >= 250_000.0 && complete)));
+            w(String::new());
+        }
+        if s["idle"].is_object() {
+            let x = &s["idle"];
+            let kib = f(&x["kib_per_stream"]);
+            let cpu = f(&x["idle_cpu_percent"]);
+            w("### 4. Idle streams".into());
+            w(String::new());
+            w(format!("{} open Subscribe streams over {} connections (heartbeat every {} s): RSS {:.1} → {:.1} MiB = **{:.1} KiB per stream** \
+                (target ≤ 16 KiB {}), idle CPU **{:.2}%** (target < 2% {})",
+                x["streams"], x["connections"], x["heartbeat_seconds"], f(&x["rss_before_mib"]), f(&x["rss_after_mib"]), kib, ok(kib <= 16.0), cpu, ok(cpu < 2.0)));
+            w(String::new());
+        }
+        if s["history"].is_object() {
+            let x = &s["history"];
+            w(format!(
+                "### 5. History: ListMessages, pages of 50, channel of {} messages",
+                x["messages"]
+            ));
+            w(String::new());
+            w("| page | p50 ms | p99 ms | target p99 ≤ 2 ms |".into());
+            w("|---|---|---|---|".into());
+            for pos in ["first", "middle", "last"] {
+                let p = &x["single_reader"][pos];
+                w(format!(
+                    "| {pos} | {:.2} | {:.2} | {} |",
+                    f(&p["p50_ms"]),
+                    f(&p["p99_ms"]),
+                    ok(f(&p["p99_ms"]) <= 2.0)
+                ));
+            }
+            let rate = f(&x["pages_per_second"]);
+            w(format!("\n{} concurrent readers: **{:.0} pages/s**, p99 {:.2} ms (target ≥ 10,000 pages/s {})",
+                x["readers"], rate, f(&x["concurrent"]["p99_ms"]), ok(rate >= 10_000.0)));
+            w(String::new());
+        }
+        if s["upload"].is_object() {
+            let x = &s["upload"];
+            let ratio = f(&x["mb_per_second"]) / f(&b["disk"]["mb_per_second"]);
+            let growth = f(&x["peak_rss_growth_mib"]);
+            w("### 6. Uploads".into());
+            w(String::new());
+            w(format!("{} MiB in 1 MiB frames: **{:.0} MB/s = {:.2}× the disk baseline** (target ≥ 0.8 {}), peak RSS growth **{:.1} MiB** (target < 64 MiB {}; {})",
+                x["bytes"].as_u64().unwrap_or(0) >> 20, f(&x["mb_per_second"]), ratio, ok(ratio >= 0.8), growth, ok(growth < 64.0), x["peak_from"].as_str().unwrap_or("")));
+            w(String::new());
+        }
+    }
+    out
+}

@@ -1,0 +1,729 @@
+//! The six scenarios, each against a fresh `chat-service serve` process.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chat_service::cli::{Bearer, ChatClient, GroupClient};
+use chat_service::proto::attachment_service_client::AttachmentServiceClient;
+use chat_service::proto::chat_service_client::ChatServiceClient;
+use chat_service::proto::group_service_client::GroupServiceClient;
+use chat_service::proto::{self, subscribe_response::Event};
+use serde_json::{json, Value};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::baselines::BODY;
+use crate::proc::{RssSampler, Server};
+use crate::{histogram, record, say, summary, Backend, Bench, BenchResult};
+
+/// `n` HTTP/2 connections to `url`.
+pub async fn connect_many(url: &str, n: usize) -> BenchResult<Vec<Channel>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        out.push(
+            Endpoint::from_shared(url.to_owned())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+fn chat(ch: &Channel, token: &str) -> BenchResult<ChatClient> {
+    Ok(ChatServiceClient::with_interceptor(
+        ch.clone(),
+        Bearer::new(token)?,
+    ))
+}
+
+fn groups(ch: &Channel, token: &str) -> BenchResult<GroupClient> {
+    Ok(GroupServiceClient::with_interceptor(
+        ch.clone(),
+        Bearer::new(token)?,
+    ))
+}
+
+/// Alice makes `n` groups with `members`; their channel ids.
+async fn make_groups(
+    g: &mut GroupClient,
+    n: usize,
+    members: &[String],
+) -> BenchResult<Vec<String>> {
+    Ok(make_groups_at(g, n, members)
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect())
+}
+
+/// Alice makes `n` groups with `members`; their channel ids and last sequences (a cursor from
+/// which a feed sees everything that follows, however late it opens).
+async fn make_groups_at(
+    g: &mut GroupClient,
+    n: usize,
+    members: &[String],
+) -> BenchResult<Vec<(String, i64)>> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let ch = g
+            .create_group(proto::CreateGroupRequest {
+                name: format!("bench {i}"),
+                member_ids: members.to_vec(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .channel
+            .ok_or("no channel")?;
+        ids.push((ch.id, ch.last_sequence));
+    }
+    Ok(ids)
+}
+
+fn send_req(channel_id: &str, body: String) -> proto::SendMessageRequest {
+    proto::SendMessageRequest {
+        channel_id: channel_id.to_owned(),
+        body,
+        ..Default::default()
+    }
+}
+
+/// Nanoseconds since `epoch`, written first in a body so the receiver can time delivery.
+fn stamped(epoch: Instant, at: Instant) -> String {
+    format!("{}|{BODY}", at.duration_since(epoch).as_nanos())
+}
+
+fn stamp_of(epoch: Instant, body: &str) -> Option<Instant> {
+    let nanos: u64 = body.split_once('|')?.0.parse().ok()?;
+    Some(epoch + Duration::from_nanos(nanos))
+}
+
+/// Scenario 1: closed-loop persisted sends at each concurrency, over 16 channels, one
+/// connection per four senders; ack latency and the server's peak RSS.
+pub async fn sends(bench: &Bench, backend: Backend) -> BenchResult<Value> {
+    let server = Server::start(bench, backend, &[]).await?;
+    let alice = bench.token("alice");
+    let conns = connect_many(&server.url(), 16).await?;
+    let channels = make_groups(&mut groups(&conns[0], &alice)?, 16, &["bob".into()]).await?;
+    let rss_idle = server.rss_kib();
+    let mut runs = Vec::new();
+    for &c in &bench.plan.send_concurrency {
+        let sampler = RssSampler::start(server.pid);
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(AtomicU64::new(0));
+        let n_conns = c.div_ceil(4);
+        let mut tasks = Vec::new();
+        for i in 0..c {
+            let mut client = chat(&conns[i % n_conns], &alice)?;
+            let channel = channels[i % channels.len()].clone();
+            let (stop, errors) = (stop.clone(), errors.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut h = histogram();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match client.send_message(send_req(&channel, BODY.into())).await {
+                        Ok(_) => record(&mut h, t.elapsed()),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                h
+            }));
+        }
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(bench.plan.send_seconds)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut h = histogram();
+        for task in tasks {
+            h.add(task.await?)?;
+        }
+        let rate = h.len() as f64 / t.elapsed().as_secs_f64();
+        say(&format!(
+            "  c={c}: {rate:.0} sends/s, p99 {:.2} ms",
+            h.value_at_quantile(0.99) as f64 / 1000.0
+        ));
+        runs.push(json!({
+            "concurrency": c,
+            "connections": n_conns,
+            "per_second": rate,
+            "errors": errors.load(Ordering::Relaxed),
+            "ack": summary(&h),
+            "peak_rss_mib": sampler.max() as f64 / 1024.0,
+        }));
+    }
+    server.stop().await;
+    Ok(json!({ "channels": 16, "idle_rss_mib": rss_idle as f64 / 1024.0, "runs": runs }))
+}
+
+/// Scenario 2: open loop at fractions of `best` sends/s; ack latency and send → delivery to a
+/// live subscriber, both from the intended send time (no coordinated omission).
+pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<Value> {
+    let mut levels = Vec::new();
+    for &level in &bench.plan.load_levels {
+        let rate = (best * level).max(1.0);
+        let server = Server::start(bench, backend, &[]).await?;
+        let (alice, bob) = (bench.token("alice"), bench.token("bob"));
+        let conns = connect_many(&server.url(), 9).await?;
+        let channels = make_groups(&mut groups(&conns[0], &alice)?, 16, &["bob".into()]).await?;
+        let epoch = Instant::now();
+        // Bob follows the 16 channels on a connection of his own.
+        let mut feed = chat(&conns[8], &bob)?
+            .subscribe(proto::SubscribeRequest {
+                channel_ids: channels.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut warm = chat(&conns[0], &alice)?;
+        warm.send_message(send_req(&channels[0], "warm-up".into()))
+            .await?;
+        loop {
+            let ev = feed.message().await?.ok_or("feed ended")?;
+            if matches!(ev.event, Some(Event::MessageCreated(_))) {
+                break;
+            }
+        }
+        let total = (rate * bench.plan.open_loop_seconds).round() as u64;
+        let received = Arc::new(AtomicU64::new(0));
+        let receiver = {
+            let received = received.clone();
+            tokio::spawn(async move {
+                let mut h = histogram();
+                while let Ok(Some(ev)) = feed.message().await {
+                    if let Some(Event::MessageCreated(m)) = ev.event {
+                        if let Some(at) = m.message.as_ref().and_then(|m| stamp_of(epoch, &m.body))
+                        {
+                            record(&mut h, at.elapsed());
+                        }
+                        if received.fetch_add(1, Ordering::Relaxed) + 1 >= total {
+                            break;
+                        }
+                    }
+                }
+                h
+            })
+        };
+        let clients: Vec<ChatClient> = (0..8)
+            .map(|i| chat(&conns[i], &alice))
+            .collect::<BenchResult<_>>()?;
+        let acks = Arc::new(std::sync::Mutex::new(histogram()));
+        let errors = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let mut inflight = tokio::task::JoinSet::new();
+        for k in 0..total {
+            let due = start + Duration::from_secs_f64(k as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            let mut client = clients[(k % 8) as usize].clone();
+            let req = send_req(&channels[(k % 16) as usize], stamped(epoch, due));
+            let (acks, errors) = (acks.clone(), errors.clone());
+            inflight.spawn(async move {
+                match client.send_message(req).await {
+                    Ok(_) => {
+                        if let Ok(mut h) = acks.lock() {
+                            record(&mut h, due.elapsed());
+                        }
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+            while inflight.try_join_next().is_some() {}
+        }
+        while inflight.join_next().await.is_some() {}
+        let sent_secs = start.elapsed().as_secs_f64();
+        let delivery = match tokio::time::timeout(Duration::from_secs(30), receiver).await {
+            Ok(h) => h?,
+            Err(_) => {
+                return Err(format!(
+                    "deliveries stopped at {} of {total}",
+                    received.load(Ordering::Relaxed)
+                )
+                .into())
+            }
+        };
+        let ack = acks.lock().map(|h| h.clone()).map_err(|_| "poisoned")?;
+        say(&format!(
+            "  {:.0}% ({rate:.0}/s): ack p99 {:.2} ms, delivery p99 {:.2} ms",
+            level * 100.0,
+            ack.value_at_quantile(0.99) as f64 / 1000.0,
+            delivery.value_at_quantile(0.99) as f64 / 1000.0
+        ));
+        levels.push(json!({
+            "level": level,
+            "target_per_second": rate,
+            "achieved_per_second": total as f64 / sent_secs,
+            "errors": errors.load(Ordering::Relaxed),
+            "ack": summary(&ack),
+            "delivery": summary(&delivery),
+        }));
+        server.stop().await;
+    }
+    Ok(json!({ "best_per_second": best, "levels": levels }))
+}
+
+/// Scenario 3: one channel, `fanout_subscribers` subscribers over `fanout_connections`
+/// connections; `fanout_messages` messages of ~100 bytes; deliveries/s, delivery latency, and
+/// a check that every subscriber saw every sequence exactly once, in order.
+pub async fn fanout(bench: &Bench, backend: Backend) -> BenchResult<Value> {
+    let plan = &bench.plan;
+    let server = Server::start(bench, backend, &[]).await?;
+    let alice = bench.token("alice");
+    let conns = connect_many(&server.url(), plan.fanout_connections + 1).await?;
+    let users: Vec<String> = (0..plan.fanout_subscribers)
+        .map(|i| format!("sub-{i}"))
+        .collect();
+    let (channel, cursor) = make_groups_at(&mut groups(&conns[0], &alice)?, 1, &users)
+        .await?
+        .remove(0);
+    let epoch = Instant::now();
+    let ready = Arc::new(AtomicUsize::new(0));
+    let want = plan.fanout_messages as u64;
+    let mut subs = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let mut client = chat(&conns[1 + i % plan.fanout_connections], &bench.token(user))?;
+        let (channel, ready) = (channel.clone(), ready.clone());
+        subs.push(tokio::spawn(async move {
+            // From the group's creation on: the warm-up arrives however late this stream opens.
+            let mut feed = client
+                .subscribe(proto::SubscribeRequest {
+                    channel_ids: vec![channel.clone()],
+                    cursors: [(channel, cursor)].into(),
+                })
+                .await?
+                .into_inner();
+            let mut h = histogram();
+            let (mut got, mut last, mut gaps) = (0u64, 0i64, 0u64);
+            let mut warmed = false;
+            while let Some(ev) = feed.message().await? {
+                let Some(Event::MessageCreated(m)) = ev.event else {
+                    continue;
+                };
+                if last != 0 && ev.sequence != last + 1 {
+                    gaps += 1;
+                }
+                last = ev.sequence;
+                if !warmed {
+                    warmed = true;
+                    ready.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if let Some(at) = m.message.as_ref().and_then(|m| stamp_of(epoch, &m.body)) {
+                    record(&mut h, at.elapsed());
+                }
+                got += 1;
+                if got == want {
+                    break;
+                }
+            }
+            BenchResult::Ok((h, got, gaps, Instant::now()))
+        }));
+    }
+    // Warm-up: every subscriber has its stream open once it has seen this message.
+    let mut sender = chat(&conns[0], &alice)?;
+    sender
+        .send_message(send_req(&channel, "warm-up".into()))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ready.load(Ordering::Relaxed) < users.len() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {} subscribers live",
+                ready.load(Ordering::Relaxed),
+                users.len()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sampler = RssSampler::start(server.pid);
+    let cpu0 = server.cpu_seconds();
+    let start = Instant::now();
+    // Four senders in a closed loop on the sender's connection.
+    let next = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    for _ in 0..4 {
+        let (mut s, next, channel) = (sender.clone(), next.clone(), channel.clone());
+        senders.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < want {
+                s.send_message(send_req(&channel, stamped(epoch, Instant::now())))
+                    .await?;
+            }
+            BenchResult::Ok(())
+        }));
+    }
+    for s in senders {
+        s.await??;
+    }
+    let mut h = histogram();
+    let (mut delivered, mut gaps, mut short, mut last_at) = (0u64, 0u64, 0usize, start);
+    for sub in subs {
+        let (sh, got, g, at) = tokio::time::timeout(Duration::from_secs(120), sub)
+            .await
+            .map_err(|_| "a subscriber stalled")???;
+        h.add(sh)?;
+        delivered += got;
+        gaps += g;
+        short += usize::from(got != want);
+        last_at = last_at.max(at);
+    }
+    let secs = last_at.duration_since(start).as_secs_f64();
+    let cpu = server.cpu_seconds() - cpu0;
+    let rate = delivered as f64 / secs;
+    say(&format!("  {delivered} deliveries in {secs:.2} s = {rate:.0}/s, p99 {:.2} ms, gaps {gaps}, short {short}",
+        h.value_at_quantile(0.99) as f64 / 1000.0));
+    server.stop().await;
+    Ok(json!({
+        "subscribers": users.len(),
+        "connections": plan.fanout_connections,
+        "messages": want,
+        "deliveries": delivered,
+        "seconds": secs,
+        "deliveries_per_second": rate,
+        "delivery": summary(&h),
+        "subscribers_with_gaps": gaps,
+        "subscribers_missing_events": short,
+        "server_cpu_seconds": cpu,
+        "peak_rss_mib": sampler.max() as f64 / 1024.0,
+    }))
+}
+
+/// Scenario 4: `idle_streams` open Subscribe streams, `idle_streams_per_connection` per
+/// connection; the server's RSS per stream and its CPU while they sit idle (heartbeats only).
+pub async fn idle(bench: &Bench, backend: Backend) -> BenchResult<Value> {
+    let plan = &bench.plan;
+    let server = Server::start(bench, backend, &[]).await?;
+    let alice = bench.token("alice");
+    let n_conns = plan.idle_streams.div_ceil(plan.idle_streams_per_connection);
+    let users: Vec<String> = (0..n_conns).map(|i| format!("idle-{i}")).collect();
+    let admin = connect_many(&server.url(), 1).await?;
+    let (channel, cursor) = make_groups_at(&mut groups(&admin[0], &alice)?, 1, &users)
+        .await?
+        .remove(0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = server.rss_kib();
+    let conns = connect_many(&server.url(), n_conns).await?;
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut streams = tokio::task::JoinSet::new();
+    for s in 0..plan.idle_streams {
+        let c = s / plan.idle_streams_per_connection;
+        let mut client = chat(&conns[c], &bench.token(&users[c]))?;
+        let (live, channel) = (live.clone(), channel.clone());
+        streams.spawn(async move {
+            // All of the user's channels, the group's from its creation on (see fanout).
+            let req = proto::SubscribeRequest {
+                channel_ids: Vec::new(),
+                cursors: [(channel, cursor)].into(),
+            };
+            let Ok(resp) = client.subscribe(req).await else {
+                return;
+            };
+            let mut feed = resp.into_inner();
+            let mut counted = false;
+            while let Ok(Some(ev)) = feed.message().await {
+                if !counted && matches!(ev.event, Some(Event::MessageCreated(_))) {
+                    counted = true;
+                    live.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    // Every stream is open once it has seen this message.
+    let mut sender = chat(&admin[0], &alice)?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    sender
+        .send_message(send_req(&channel, "are you there?".into()))
+        .await?;
+    while live.load(Ordering::Relaxed) < plan.idle_streams {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {} streams live",
+                live.load(Ordering::Relaxed),
+                plan.idle_streams
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss1 = server.rss_kib();
+    let cpu0 = server.cpu_seconds();
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(plan.idle_seconds)).await;
+    let cpu_pct = (server.cpu_seconds() - cpu0) / t.elapsed().as_secs_f64() * 100.0;
+    let per_stream_kib = rss1.saturating_sub(rss0) as f64 / plan.idle_streams as f64;
+    say(&format!(
+        "  {} streams: {per_stream_kib:.1} KiB each, idle CPU {cpu_pct:.2}%",
+        plan.idle_streams
+    ));
+    streams.abort_all();
+    server.stop().await;
+    Ok(json!({
+        "streams": plan.idle_streams,
+        "connections": n_conns,
+        "rss_before_mib": rss0 as f64 / 1024.0,
+        "rss_after_mib": rss1 as f64 / 1024.0,
+        "kib_per_stream": per_stream_kib,
+        "idle_cpu_percent": cpu_pct,
+        "heartbeat_seconds": 15,
+    }))
+}
+
+/// Scenario 5: ListMessages pages of 50 on a channel of `history_messages` messages (written
+/// straight into the database): latency of the first, middle and last page with one reader,
+/// then pages/s with `history_readers` readers on random positions.
+pub async fn history(bench: &Bench, backend: Backend) -> BenchResult<Value> {
+    let plan = &bench.plan;
+    let server = Server::start(bench, backend, &[]).await?;
+    let alice = bench.token("alice");
+    let conns = connect_many(&server.url(), plan.history_readers.div_ceil(4)).await?;
+    let channel = make_groups(&mut groups(&conns[0], &alice)?, 1, &[])
+        .await?
+        .remove(0);
+    let t = Instant::now();
+    seed_history(bench, &server, backend, &channel, plan.history_messages).await?;
+    say(&format!(
+        "  seeded {} messages in {:.1} s",
+        plan.history_messages,
+        t.elapsed().as_secs_f64()
+    ));
+    let n = plan.history_messages;
+    let scope = format!("messages/{channel}/");
+    let token_before =
+        |seq: i64| chat_service::domain::validate::encode_page_token(&scope, &seq.to_string());
+    // The oldest page holds sequences base+1 … base+50.
+    let positions = [
+        ("first", String::new()),
+        ("middle", token_before(HISTORY_BASE + n / 2)),
+        ("last", token_before(HISTORY_BASE + 51)),
+    ];
+    let mut single = serde_json::Map::new();
+    for (name, token) in &positions {
+        let mut client = chat(&conns[0], &alice)?;
+        let mut h = histogram();
+        let end = Instant::now() + Duration::from_secs_f64(plan.history_seconds);
+        while Instant::now() < end {
+            let t = Instant::now();
+            let page = client
+                .list_messages(proto::ListMessagesRequest {
+                    channel_id: channel.clone(),
+                    page_size: 50,
+                    page_token: token.clone(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            record(&mut h, t.elapsed());
+            if page.messages.len() != 50 {
+                return Err(format!("{name} page has {} messages", page.messages.len()).into());
+            }
+        }
+        say(&format!(
+            "  {name} page: p50 {:.2} ms, p99 {:.2} ms",
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0
+        ));
+        single.insert((*name).into(), summary(&h));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..plan.history_readers {
+        let mut client = chat(&conns[i % conns.len()], &alice)?;
+        let (stop, channel) = (stop.clone(), channel.clone());
+        let tokens: Vec<String> = positions.iter().map(|(_, t)| t.clone()).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram();
+            let mut k = i;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = client
+                    .list_messages(proto::ListMessagesRequest {
+                        channel_id: channel.clone(),
+                        page_size: 50,
+                        page_token: tokens[k % 3].clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok();
+                if ok {
+                    record(&mut h, t.elapsed());
+                }
+                k += 1;
+            }
+            h
+        }));
+    }
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(plan.history_seconds * 2.0)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut h = histogram();
+    for task in tasks {
+        h.add(task.await?)?;
+    }
+    let rate = h.len() as f64 / t.elapsed().as_secs_f64();
+    say(&format!(
+        "  {} readers: {rate:.0} pages/s, p99 {:.2} ms",
+        plan.history_readers,
+        h.value_at_quantile(0.99) as f64 / 1000.0
+    ));
+    server.stop().await;
+    Ok(json!({
+        "messages": n,
+        "page_size": 50,
+        "single_reader": single,
+        "readers": plan.history_readers,
+        "pages_per_second": rate,
+        "concurrent": summary(&h),
+    }))
+}
+
+/// Seeded history starts after this sequence (the group's own events come first).
+const HISTORY_BASE: i64 = 100;
+
+/// Writes `n` messages into `channel` with one INSERT … SELECT, and moves its sequence on.
+async fn seed_history(
+    bench: &Bench,
+    server: &Server,
+    backend: Backend,
+    channel: &str,
+    n: i64,
+) -> BenchResult<()> {
+    let base = HISTORY_BASE;
+    let now = chat_service::store::now_micros();
+    match backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&server.database_url).await?;
+            sqlx::query(
+                "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < $1) \
+                 INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, sequence, create_time) \
+                 SELECT printf('00000000-0000-7000-8000-%012d', g), 'default', $2, 'alice', \
+                 'message ' || g || ' ' || $3, $4 + g, $5 FROM s",
+            )
+            .bind(n)
+            .bind(channel)
+            .bind(BODY)
+            .bind(base)
+            .bind(now)
+            .execute(&pool)
+            .await?;
+            sqlx::query("UPDATE channels SET last_sequence = $1 WHERE id = $2")
+                .bind(base + n)
+                .bind(channel)
+                .execute(&pool)
+                .await?;
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let schema = server.schema().ok_or("no schema")?;
+            let pool = sqlx::PgPool::connect(&bench.pg_url).await?;
+            sqlx::query(&format!(
+                "INSERT INTO {schema}.messages (id, tenant_id, channel_id, sender_id, body, sequence, create_time) \
+                 SELECT '00000000-0000-7000-8000-' || lpad(g::text, 12, '0'), 'default', $2, 'alice', \
+                 'message ' || g || ' ' || $3, $4 + g, $5 FROM generate_series(1, $1::bigint) g"
+            ))
+            .bind(n)
+            .bind(channel)
+            .bind(BODY)
+            .bind(base)
+            .bind(now)
+            .execute(&pool)
+            .await?;
+            sqlx::query(&format!(
+                "UPDATE {schema}.channels SET last_sequence = $1 WHERE id = $2"
+            ))
+            .bind(base + n)
+            .bind(channel)
+            .execute(&pool)
+            .await?;
+            sqlx::query(&format!("ANALYZE {schema}.messages"))
+                .execute(&pool)
+                .await?;
+            pool.close().await;
+        }
+    }
+    Ok(())
+}
+
+/// Scenario 6: `upload_bytes` through UploadAttachment in 1 MiB frames: MB/s and the server's
+/// peak RSS growth.
+pub async fn upload(bench: &Bench, backend: Backend) -> BenchResult<Value> {
+    let size = bench.plan.upload_bytes;
+    let server = Server::start(
+        bench,
+        backend,
+        &[("MAX_UPLOAD_BYTES", (size + 1).to_string())],
+    )
+    .await?;
+    let alice = bench.token("alice");
+    let conns = connect_many(&server.url(), 1).await?;
+    let channel = make_groups(&mut groups(&conns[0], &alice)?, 1, &[])
+        .await?
+        .remove(0);
+    let mut files =
+        AttachmentServiceClient::with_interceptor(conns[0].clone(), Bearer::new(&alice)?)
+            .max_encoding_message_size(2 << 20);
+    let frame = Bytes::from(
+        (0..1 << 20)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let frames = size.div_ceil(1 << 20);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reset = server.reset_peak();
+    let rss0 = server.rss_kib();
+    let sampler = RssSampler::start(server.pid);
+    let meta = proto::UploadAttachmentRequest {
+        data: Some(proto::upload_attachment_request::Data::Metadata(
+            proto::AttachmentMetadata {
+                channel_id: channel,
+                file_name: "bench.bin".into(),
+                content_type: "application/octet-stream".into(),
+                size_bytes: size as i64,
+                sha256: String::new(),
+            },
+        )),
+    };
+    let stream = futures::stream::iter(std::iter::once(meta).chain((0..frames).map(move |k| {
+        let len = (size - k * (1 << 20)).min(1 << 20) as usize;
+        proto::UploadAttachmentRequest {
+            data: Some(proto::upload_attachment_request::Data::Chunk(
+                frame.slice(..len),
+            )),
+        }
+    })));
+    let t = Instant::now();
+    let attachment = files
+        .upload_attachment(stream)
+        .await?
+        .into_inner()
+        .attachment
+        .ok_or("no attachment")?;
+    let secs = t.elapsed().as_secs_f64();
+    if attachment.size_bytes as u64 != size {
+        return Err("wrong size stored".into());
+    }
+    let peak = if reset {
+        server.peak_kib()
+    } else {
+        sampler.max()
+    };
+    let growth = peak.saturating_sub(rss0) as f64 / 1024.0;
+    let mb_s = size as f64 / 1e6 / secs;
+    say(&format!(
+        "  {} MiB in {secs:.2} s = {mb_s:.0} MB/s, peak RSS growth {growth:.1} MiB",
+        size >> 20
+    ));
+    server.stop().await;
+    Ok(json!({
+        "bytes": size,
+        "frame_bytes": 1 << 20,
+        "seconds": secs,
+        "mb_per_second": mb_s,
+        "rss_before_mib": rss0 as f64 / 1024.0,
+        "peak_rss_growth_mib": growth,
+        "peak_from": if reset { "VmHWM after clear_refs" } else { "VmRSS sampled every 50 ms" },
+    }))
+}
