@@ -6,7 +6,8 @@ mod common;
 use std::sync::Arc;
 
 use chat_service::store::{
-    self, Actor, ChannelRow, Inserted, MessagePatch, NewMessage, Role, Store, StoreError,
+    self, Actor, BatchMessage, ChannelRow, Inserted, MessagePatch, NewMessage, Role, Store,
+    StoreError,
 };
 use common::*;
 
@@ -503,7 +504,153 @@ async fn concurrent_add_members_skip_each_other(backend: Backend) {
     assert_eq!(db.count("members").await, 3);
 }
 
+fn batched(user: &str, channel: &str, body: &str, key: Option<&str>) -> BatchMessage {
+    BatchMessage {
+        tenant_id: "t1".into(),
+        user_id: user.into(),
+        msg: msg(channel, body, key),
+    }
+}
+
+/// Group commit: one transaction, each message its own outcome, as one by one in batch order.
+async fn group_commit_gives_each_message_its_own_outcome(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let a = group_with(&s, &["u1", "u2"]).await; // sequences 1-3 taken by members
+    let b = group_with(&s, &["u1"]).await; // 1-2
+    let earlier = match s
+        .insert_message(actor("u1"), msg(&a, "earlier", Some("k-old")), &enc)
+        .await
+        .expect("insert")
+    {
+        Inserted::New(row, _) => row,
+        Inserted::Existing(_) => panic!("new"),
+    };
+    let events_before = db.count("events").await;
+    let audits_before = db.count("audit_logs").await;
+    let missing = uuid::Uuid::now_v7().to_string();
+    let outcomes = s
+        .insert_messages(
+            vec![
+                batched("u1", &a, "a1", None),
+                batched("u2", &b, "not a member of b", None),
+                batched("u1", &b, "b1", Some("k1")),
+                batched("u2", &a, "a2", None),
+                batched("u1", &missing, "no such channel", None),
+                batched("u1", &a, "repeat of an old key", Some("k-old")),
+                batched("u1", &b, "repeat within the batch", Some("k1")),
+                batched("u1", &b, "b2", None),
+                BatchMessage {
+                    tenant_id: "other-tenant".into(),
+                    ..batched("u1", &a, "another tenant", None)
+                },
+            ],
+            &enc,
+        )
+        .await
+        .expect("batch");
+    let new = |i: usize| match &outcomes[i] {
+        Ok(Inserted::New(row, payload)) => {
+            assert_eq!(payload, &row.sequence.to_be_bytes().to_vec());
+            (row.channel_id.clone(), row.sequence, row.body.clone())
+        }
+        other => panic!("{i}: {other:?}"),
+    };
+    assert_eq!(new(0), (a.clone(), 5, "a1".into()));
+    assert_eq!(new(3), (a.clone(), 6, "a2".into()));
+    assert_eq!(new(2), (b.clone(), 3, "b1".into()));
+    assert_eq!(new(7), (b.clone(), 4, "b2".into()));
+    for i in [1, 4, 8] {
+        assert!(
+            matches!(outcomes[i], Err(StoreError::NotFound)),
+            "{i}: {:?}",
+            outcomes[i]
+        );
+    }
+    match &outcomes[5] {
+        Ok(Inserted::Existing(row)) => assert_eq!(row.id, earlier.id),
+        other => panic!("{other:?}"),
+    }
+    let b1_id = match &outcomes[2] {
+        Ok(Inserted::New(row, _)) => row.id.clone(),
+        _ => unreachable!(),
+    };
+    match &outcomes[6] {
+        Ok(Inserted::Existing(row)) => assert_eq!(row.id, b1_id),
+        other => panic!("{other:?}"),
+    }
+    // Refused messages took no sequence: both channels stay gap-free.
+    assert_eq!(s.channel("t1", &a).await.expect("a").last_sequence, 6);
+    assert_eq!(s.channel("t1", &b).await.expect("b").last_sequence, 4);
+    for (ch, last) in [(&a, 6), (&b, 4)] {
+        let seqs: Vec<i64> = s
+            .events(ch, 0, i64::MAX, 100)
+            .await
+            .expect("events")
+            .iter()
+            .map(|e| e.sequence)
+            .collect();
+        assert_eq!(seqs, (1..=last).collect::<Vec<i64>>());
+    }
+    assert_eq!(db.count("events").await, events_before + 4);
+    assert_eq!(db.count("audit_logs").await, audits_before + 4);
+    // An empty batch is fine.
+    assert!(s
+        .insert_messages(Vec::new(), &enc)
+        .await
+        .expect("empty")
+        .is_empty());
+}
+
+/// Concurrent batches over the same channels, listed in different orders: no deadlock, no gap.
+async fn concurrent_group_commits_interleave_without_gaps(backend: Backend) {
+    let (_db, s) = open(backend).await;
+    let channels: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(group_with(&s, &["u1"]).await); // sequences 1-2
+        }
+        v
+    };
+    let mut tasks = Vec::new();
+    for t in 0..6 {
+        let (s, channels) = (s.clone(), channels.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..10 {
+                let batch: Vec<BatchMessage> = (0..8)
+                    .map(|k| {
+                        let ch = &channels[(k + t + round) % channels.len()];
+                        batched("u1", ch, &format!("{t}-{round}-{k}"), None)
+                    })
+                    .rev()
+                    .collect();
+                for o in s.insert_messages(batch, &enc).await.expect("batch") {
+                    assert!(matches!(o, Ok(Inserted::New(..))), "{o:?}");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let mut total = 0;
+    for ch in &channels {
+        let last = s.channel("t1", ch).await.expect("channel").last_sequence;
+        let seqs: Vec<i64> = s
+            .events(ch, 0, i64::MAX, 1000)
+            .await
+            .expect("events")
+            .iter()
+            .map(|e| e.sequence)
+            .collect();
+        assert_eq!(seqs, (1..=last).collect::<Vec<i64>>());
+        total += last - 2;
+    }
+    assert_eq!(total, 6 * 10 * 8);
+}
+
 on_every_backend!(
+    group_commit_gives_each_message_its_own_outcome,
+    concurrent_group_commits_interleave_without_gaps,
     sequences_are_gap_free_under_concurrency,
     idempotent_insert_races_give_one_message,
     direct_channel_races_give_one_channel,

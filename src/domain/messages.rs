@@ -4,7 +4,7 @@ use crate::auth::{Caller, Permission};
 use crate::error::{Error, Result};
 use crate::fanout::LiveEvent;
 use crate::proto::{self, subscribe_response::Event};
-use crate::store::{Inserted, MessagePatch, MessageRow, NewMessage};
+use crate::store::{BatchMessage, Inserted, MessagePatch, MessageRow, NewMessage};
 
 use super::validate::{self, Check};
 use super::{convert, encode_member_added, encode_message_event, policy, Chat, MessageEvent};
@@ -56,6 +56,21 @@ impl Chat {
     }
 
     async fn insert(&self, caller: &Caller, msg: NewMessage) -> Result<MessageRow> {
+        if msg.attachment_ids.is_empty() {
+            // The common case goes through group commit, which also publishes.
+            let inserted = self
+                .sends()
+                .send(BatchMessage {
+                    tenant_id: caller.tenant_id.clone(),
+                    user_id: caller.user_id.clone(),
+                    msg,
+                })
+                .await?;
+            return Ok(match inserted {
+                Inserted::New(row, _) | Inserted::Existing(row) => row,
+            });
+        }
+        // Messages that link attachments take the single-message path (it locks them too).
         let inserted = self
             .store
             .insert_message(Self::actor(caller), msg, &|row, seq| {

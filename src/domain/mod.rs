@@ -17,6 +17,7 @@ use crate::proto::{self, subscribe_response::Event};
 use crate::store::{Actor, Changed, ChannelRow, MemberRow, MessageRow, Store, StoreError};
 
 pub mod attachments;
+mod commit;
 pub mod convert;
 pub mod feed;
 pub mod groups;
@@ -56,6 +57,8 @@ pub struct Chat {
     publisher: Arc<dyn Publisher>,
     blobs: Blobs,
     settings: Settings,
+    /// Group commit of sends, started on first use (it spawns tasks).
+    sends: std::sync::OnceLock<commit::GroupCommit>,
 }
 
 impl std::fmt::Debug for Chat {
@@ -89,6 +92,28 @@ pub(crate) fn encode_message_event(kind: MessageEvent, row: &MessageRow, sequenc
     .encode_to_vec()
 }
 
+/// Hands a committed event (its stored payload) to the live fan-out.
+pub(crate) fn publish_event(
+    publisher: &dyn Publisher,
+    tenant: &str,
+    channel_id: &str,
+    sequence: i64,
+    payload: &[u8],
+    membership: Option<MembershipChange>,
+) {
+    match proto::SubscribeResponse::decode(payload) {
+        Ok(response) => publisher.publish(Arc::new(LiveEvent {
+            tenant_id: tenant.to_owned(),
+            channel_id: channel_id.to_owned(),
+            sequence,
+            response,
+            membership,
+        })),
+        // Cannot happen (we encoded it); feeds catch up from storage anyway.
+        Err(e) => tracing::error!(error = %e, "undecodable event payload"),
+    }
+}
+
 pub(crate) fn encode_member_added(row: &MemberRow, sequence: i64) -> Vec<u8> {
     proto::SubscribeResponse {
         channel_id: row.channel_id.clone(),
@@ -120,6 +145,7 @@ impl Chat {
             hub,
             blobs,
             settings,
+            sends: std::sync::OnceLock::new(),
         }
     }
 
@@ -196,17 +222,20 @@ impl Chat {
         payload: &[u8],
         membership: Option<MembershipChange>,
     ) {
-        match proto::SubscribeResponse::decode(payload) {
-            Ok(response) => self.publisher.publish(Arc::new(LiveEvent {
-                tenant_id: tenant.to_owned(),
-                channel_id: channel_id.to_owned(),
-                sequence,
-                response,
-                membership,
-            })),
-            // Cannot happen (we encoded it); feeds catch up from storage anyway.
-            Err(e) => tracing::error!(error = %e, "undecodable event payload"),
-        }
+        publish_event(
+            self.publisher.as_ref(),
+            tenant,
+            channel_id,
+            sequence,
+            payload,
+            membership,
+        );
+    }
+
+    /// The group commit of sends (started here on first use).
+    pub(crate) fn sends(&self) -> &commit::GroupCommit {
+        self.sends
+            .get_or_init(|| commit::GroupCommit::start(self.store.clone(), self.publisher.clone()))
     }
 
     fn publish_members(&self, tenant: &str, changes: &[Changed<MemberRow>], added: bool) {

@@ -16,7 +16,7 @@ mod sql;
 pub use sql::{connect, now_micros, Database, PostgresStore, SqliteStore};
 
 /// Errors of the storage layer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The row the operation needs does not exist (or is not visible to the tenant).
     #[error("not found")]
@@ -218,6 +218,14 @@ pub struct NewMessage {
     pub forwarded_from_message_id: Option<String>,
 }
 
+/// One message of a group commit ([`MessageStore::insert_messages`]): who sends what.
+#[derive(Debug, Clone)]
+pub struct BatchMessage {
+    pub tenant_id: String,
+    pub user_id: String,
+    pub msg: NewMessage,
+}
+
 /// What happened to an insert.
 #[derive(Debug, Clone)]
 pub enum Inserted {
@@ -371,6 +379,21 @@ pub trait MessageStore: Send + Sync {
         msg: NewMessage,
         enc: Encoder<'_, MessageRow>,
     ) -> StoreResult<Inserted>;
+    /// Group commit: stores several messages (without attachments) in one transaction, each as
+    /// its channel's next event with its audit row, exactly as [`Self::insert_message`] would
+    /// one by one in batch order. Channels are locked in id order, so concurrent batches cannot
+    /// deadlock. Each message gets its own outcome: `NotFound` (no such channel in the tenant,
+    /// or the sender is not a member), `Existing` for a repeated `client_message_id` (also when
+    /// repeated within the batch), else `New`; none of these affect the others. The outer
+    /// error means the transaction failed and nothing was stored.
+    async fn insert_messages(
+        &self,
+        batch: Vec<BatchMessage>,
+        enc: Encoder<'_, MessageRow>,
+    ) -> StoreResult<Vec<StoreResult<Inserted>>>;
+    /// How many group-commit transactions may run at once: 1 for SQLite (one writer), more
+    /// for PostgreSQL (concurrent batches overlap their round trips).
+    fn write_concurrency(&self) -> usize;
     /// One message of the tenant (deleted ones included).
     async fn message(&self, tenant: &str, message_id: &str) -> StoreResult<MessageRow>;
     /// Live messages of a channel (or one thread), newest first, below `before_sequence`.

@@ -3,6 +3,7 @@
 //! `ON CONFLICT DO NOTHING`, so the text is shared; the differences (pools, pragmas, migration
 //! folders) live in [`connect`].
 
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,10 @@ pub fn now_micros() -> i64 {
         .unwrap_or_default();
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
+
+/// Rows per multi-row INSERT of a group commit (13 binds each: far below SQLite's 32,766
+/// and PostgreSQL's 65,535 parameters per statement).
+const ROWS_PER_INSERT: usize = 256;
 
 fn to_json<T: Serialize>(v: &T) -> Option<String> {
     serde_json::to_string(v).ok()
@@ -862,6 +867,196 @@ macro_rules! impl_store {
                 Ok(Inserted::New(row, payload))
             }
 
+            async fn insert_messages(
+                &self,
+                batch: Vec<BatchMessage>,
+                enc: Encoder<'_, MessageRow>,
+            ) -> StoreResult<Vec<StoreResult<Inserted>>> {
+                let mut out: Vec<Option<StoreResult<Inserted>>> = vec![None; batch.len()];
+                // (channel, tenant) → batch positions, channels in id order: every batch takes
+                // its locks in the same order.
+                let mut by_channel: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+                for (i, b) in batch.iter().enumerate() {
+                    by_channel
+                        .entry((b.msg.channel_id.clone(), b.tenant_id.clone()))
+                        .or_default()
+                        .push(i);
+                }
+                let mut batch: Vec<Option<BatchMessage>> = batch.into_iter().map(Some).collect();
+                let mut rows: Vec<(usize, MessageRow)> = Vec::new();
+                // Repeats of a client_message_id within the batch: (position, row index).
+                let mut repeats: Vec<(usize, usize)> = Vec::new();
+                let now = now_micros();
+                let mut tx = self.write.begin().await?;
+                for ((channel, tenant), positions) in &by_channel {
+                    let n = positions.len() as i64;
+                    let last: Option<i64> = sqlx::query_scalar(
+                        "UPDATE channels SET last_sequence = last_sequence + $1 \
+                         WHERE id = $2 AND tenant_id = $3 AND delete_time IS NULL \
+                         RETURNING last_sequence",
+                    )
+                    .bind(n)
+                    .bind(channel)
+                    .bind(tenant)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let Some(last) = last else {
+                        for &i in positions {
+                            out[i] = Some(Err(StoreError::NotFound));
+                        }
+                        continue;
+                    };
+                    let mut members: HashMap<String, bool> = HashMap::new();
+                    let mut keys: HashMap<(String, String), usize> = HashMap::new();
+                    let mut next = last - n;
+                    for &i in positions {
+                        let Some(b) = batch[i].take() else { continue };
+                        // Membership after the lock, as in insert_message.
+                        let member = match members.get(&b.user_id) {
+                            Some(&m) => m,
+                            None => {
+                                let m = sqlx::query_scalar::<_, String>(
+                                    "SELECT user_id FROM members WHERE channel_id = $1 AND user_id = $2",
+                                )
+                                .bind(channel)
+                                .bind(&b.user_id)
+                                .fetch_optional(&mut *tx)
+                                .await?
+                                .is_some();
+                                members.insert(b.user_id.clone(), m);
+                                m
+                            }
+                        };
+                        if !member {
+                            out[i] = Some(Err(StoreError::NotFound));
+                            continue;
+                        }
+                        if let Some(key) = &b.msg.client_message_id {
+                            let k = (b.user_id.clone(), key.clone());
+                            if let Some(&r) = keys.get(&k) {
+                                repeats.push((i, r));
+                                continue;
+                            }
+                            // Under the channel lock nobody else can insert this key now.
+                            let first: Option<MessageRow> = sqlx::query_as(
+                                "SELECT * FROM messages WHERE channel_id = $1 AND sender_id = $2 \
+                                 AND client_message_id = $3",
+                            )
+                            .bind(channel)
+                            .bind(&b.user_id)
+                            .bind(key)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                            if let Some(first) = first {
+                                out[i] = Some(Ok(Inserted::Existing(first)));
+                                continue;
+                            }
+                            keys.insert(k, rows.len());
+                        }
+                        next += 1;
+                        let BatchMessage { tenant_id, user_id, msg } = b;
+                        rows.push((
+                            i,
+                            MessageRow {
+                                id: Uuid::now_v7().to_string(),
+                                tenant_id,
+                                channel_id: msg.channel_id,
+                                sender_id: user_id,
+                                body: msg.body,
+                                subject: msg.subject,
+                                parent_message_id: msg.parent_message_id,
+                                attachment_ids: "[]".to_owned(),
+                                client_message_id: msg.client_message_id,
+                                forwarded_from_message_id: msg.forwarded_from_message_id,
+                                sequence: next,
+                                version: 1,
+                                create_time: now,
+                                update_time: None,
+                                delete_time: None,
+                                deleted_by: None,
+                            },
+                        ));
+                    }
+                    if next != last {
+                        // Some were refused: give back the sequences they would have taken.
+                        sqlx::query("UPDATE channels SET last_sequence = $1 WHERE id = $2")
+                            .bind(next)
+                            .bind(channel)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                let payloads: Vec<Vec<u8>> = rows.iter().map(|(_, r)| enc(r, r.sequence)).collect();
+                let audits: Vec<(String, Option<String>)> = rows
+                    .iter()
+                    .map(|(_, r)| (Uuid::now_v7().to_string(), to_json(r)))
+                    .collect();
+                for (chunk, (payloads, audits)) in rows
+                    .chunks(ROWS_PER_INSERT)
+                    .zip(payloads.chunks(ROWS_PER_INSERT).zip(audits.chunks(ROWS_PER_INSERT)))
+                {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, subject, \
+                         parent_message_id, attachment_ids, client_message_id, \
+                         forwarded_from_message_id, sequence, version, create_time) ",
+                    );
+                    q.push_values(chunk, |mut v, (_, r)| {
+                        v.push_bind(&r.id)
+                            .push_bind(&r.tenant_id)
+                            .push_bind(&r.channel_id)
+                            .push_bind(&r.sender_id)
+                            .push_bind(&r.body)
+                            .push_bind(&r.subject)
+                            .push_bind(&r.parent_message_id)
+                            .push_bind(&r.attachment_ids)
+                            .push_bind(&r.client_message_id)
+                            .push_bind(&r.forwarded_from_message_id)
+                            .push_bind(r.sequence)
+                            .push_bind(1i64)
+                            .push_bind(r.create_time);
+                    });
+                    q.build().execute(&mut *tx).await?;
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO events (channel_id, sequence, payload) ",
+                    );
+                    q.push_values(chunk.iter().zip(payloads), |mut v, ((_, r), p)| {
+                        v.push_bind(&r.channel_id).push_bind(r.sequence).push_bind(p.as_slice());
+                    });
+                    q.build().execute(&mut *tx).await?;
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO audit_logs (id, tenant_id, operation, table_name, entity_id, \
+                         actor_id, before_json, after_json, create_time) ",
+                    );
+                    q.push_values(chunk.iter().zip(audits), |mut v, ((_, r), (id, after))| {
+                        v.push_bind(id)
+                            .push_bind(&r.tenant_id)
+                            .push_bind("create")
+                            .push_bind("messages")
+                            .push_bind(&r.id)
+                            .push_bind(&r.sender_id)
+                            .push_bind(None::<String>)
+                            .push_bind(after)
+                            .push_bind(now);
+                    });
+                    q.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                for (i, r) in repeats {
+                    out[i] = Some(Ok(Inserted::Existing(rows[r].1.clone())));
+                }
+                for ((i, row), payload) in rows.into_iter().zip(payloads) {
+                    out[i] = Some(Ok(Inserted::New(row, payload)));
+                }
+                Ok(out
+                    .into_iter()
+                    .map(|o| o.unwrap_or_else(|| Err(StoreError::Internal("batch item without outcome".into()))))
+                    .collect())
+            }
+
+            fn write_concurrency(&self) -> usize {
+                Self::WRITE_CONCURRENCY
+            }
+
             async fn message(&self, tenant: &str, message_id: &str) -> StoreResult<MessageRow> {
                 sqlx::query_as("SELECT * FROM messages WHERE id = $1 AND tenant_id = $2")
                     .bind(message_id)
@@ -1316,6 +1511,17 @@ macro_rules! impl_store {
             }
         }
     };
+}
+
+impl SqliteStore {
+    /// One writer connection: one group commit at a time.
+    const WRITE_CONCURRENCY: usize = 1;
+}
+
+impl PostgresStore {
+    /// Batches in flight at once: while one waits for its commit (the WAL flush), the next
+    /// gathers and sends its statements.
+    const WRITE_CONCURRENCY: usize = 4;
 }
 
 impl_store!(SqliteStore, Sqlite);
