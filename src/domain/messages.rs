@@ -122,21 +122,30 @@ impl Chat {
             c.fail("client_message_id", "must not contain NUL characters");
         }
         c.done()?;
-        let channel_id = self
-            // A new direct channel holds no message to reply to and no attachment to link.
-            .target_channel(caller, &req.channel_id, &req.recipient_id, || {
-                if !req.parent_message_id.is_empty() {
-                    Err(Error::invalid(
-                        "parent_message_id",
-                        "no such message in this channel",
-                    ))
-                } else if !req.attachment_ids.is_empty() {
-                    Err(crate::store::StoreError::Unlinkable(0).into())
-                } else {
-                    Ok(())
-                }
-            })
-            .await?;
+        let plain = req.recipient_id.is_empty()
+            && req.parent_message_id.is_empty()
+            && req.attachment_ids.is_empty();
+        let channel_id = if plain {
+            // Group commit checks membership itself, under the channel lock (NOT_FOUND for a
+            // non-member, as here): reading it first would only add a query per send.
+            req.channel_id.clone()
+        } else {
+            self
+                // A new direct channel holds no message to reply to and no attachment to link.
+                .target_channel(caller, &req.channel_id, &req.recipient_id, || {
+                    if !req.parent_message_id.is_empty() {
+                        Err(Error::invalid(
+                            "parent_message_id",
+                            "no such message in this channel",
+                        ))
+                    } else if !req.attachment_ids.is_empty() {
+                        Err(crate::store::StoreError::Unlinkable(0).into())
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await?
+        };
         if !req.parent_message_id.is_empty() {
             let parent = match self
                 .store

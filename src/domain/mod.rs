@@ -2,7 +2,8 @@
 //!
 //! [`Chat`] holds the use cases of ChatService ([`messages`]), GroupService ([`groups`]) and
 //! the live feed ([`feed`]). Each change is one store call (one transaction) that returns the
-//! channel event(s) it wrote; those are then published to live feeds.
+//! channel event(s) it wrote; those are then published to live feeds. Sends without attachments
+//! go through group commit (the private `commit` module): concurrent sends share a transaction.
 
 use std::sync::Arc;
 use std::time::Duration;

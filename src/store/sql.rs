@@ -25,9 +25,28 @@ pub fn now_micros() -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// Rows per multi-row INSERT of a group commit (13 binds each: far below SQLite's 32,766
-/// and PostgreSQL's 65,535 parameters per statement).
+/// Most rows per multi-row INSERT of a group commit (13 binds each: far below SQLite's
+/// 32,766 and PostgreSQL's 65,535 parameters per statement).
 const ROWS_PER_INSERT: usize = 256;
+
+/// Splits `n` rows into multi-row INSERTs of power-of-two sizes (37 → 32, 4, 1), largest
+/// first, at most [`ROWS_PER_INSERT`] each. A statement's text depends on its row count, and
+/// prepared statements are cached per connection by text: with sizes from this small set
+/// (1, 2, 4, … 256) every one is prepared once, not re-parsed for each new batch size.
+fn insert_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if n == 0 {
+            return None;
+        }
+        let size = if n >= ROWS_PER_INSERT {
+            ROWS_PER_INSERT
+        } else {
+            1 << (usize::BITS - 1 - n.leading_zeros())
+        };
+        n -= size;
+        Some(size)
+    })
+}
 
 fn to_json<T: Serialize>(v: &T) -> Option<String> {
     serde_json::to_string(v).ok()
@@ -890,23 +909,51 @@ macro_rules! impl_store {
                 let mut tx = self.write.begin().await?;
                 for ((channel, tenant), positions) in &by_channel {
                     let n = positions.len() as i64;
-                    let last: Option<i64> = sqlx::query_scalar(
-                        "UPDATE channels SET last_sequence = last_sequence + $1 \
-                         WHERE id = $2 AND tenant_id = $3 AND delete_time IS NULL \
-                         RETURNING last_sequence",
-                    )
-                    .bind(n)
-                    .bind(channel)
-                    .bind(tenant)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                    let mut members: HashMap<String, bool> = HashMap::new();
+                    // One sender in this channel (a lone sender, always): the membership check
+                    // rides in the locking UPDATE, one statement fewer. It runs after the row
+                    // lock is taken, so it sees removals that committed meanwhile.
+                    let senders: std::collections::HashSet<&str> = positions
+                        .iter()
+                        .filter_map(|&i| batch[i].as_ref().map(|b| b.user_id.as_str()))
+                        .collect();
+                    let only = (senders.len() == 1)
+                        .then(|| senders.iter().next().map(|u| u.to_string()))
+                        .flatten();
+                    let last: Option<i64> = match &only {
+                        Some(user) => sqlx::query_scalar(
+                            "UPDATE channels SET last_sequence = last_sequence + $1 \
+                             WHERE id = $2 AND tenant_id = $3 AND delete_time IS NULL \
+                             AND EXISTS (SELECT 1 FROM members WHERE channel_id = $2 AND user_id = $4) \
+                             RETURNING last_sequence",
+                        )
+                        .bind(n)
+                        .bind(channel)
+                        .bind(tenant)
+                        .bind(user)
+                        .fetch_optional(&mut *tx)
+                        .await?,
+                        None => sqlx::query_scalar(
+                            "UPDATE channels SET last_sequence = last_sequence + $1 \
+                             WHERE id = $2 AND tenant_id = $3 AND delete_time IS NULL \
+                             RETURNING last_sequence",
+                        )
+                        .bind(n)
+                        .bind(channel)
+                        .bind(tenant)
+                        .fetch_optional(&mut *tx)
+                        .await?,
+                    };
                     let Some(last) = last else {
+                        // No such channel, or (one sender) not a member: nothing was taken.
                         for &i in positions {
                             out[i] = Some(Err(StoreError::NotFound));
                         }
                         continue;
                     };
-                    let mut members: HashMap<String, bool> = HashMap::new();
+                    if let Some(user) = only {
+                        members.insert(user, true);
+                    }
                     let mut keys: HashMap<(String, String), usize> = HashMap::new();
                     let mut next = last - n;
                     for &i in positions {
@@ -991,10 +1038,12 @@ macro_rules! impl_store {
                     .iter()
                     .map(|(_, r)| (Uuid::now_v7().to_string(), to_json(r)))
                     .collect();
-                for (chunk, (payloads, audits)) in rows
-                    .chunks(ROWS_PER_INSERT)
-                    .zip(payloads.chunks(ROWS_PER_INSERT).zip(audits.chunks(ROWS_PER_INSERT)))
-                {
+                let mut at = 0;
+                for size in insert_sizes(rows.len()) {
+                    let chunk = &rows[at..at + size];
+                    let payloads = &payloads[at..at + size];
+                    let audits = &audits[at..at + size];
+                    at += size;
                     let mut q = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, subject, \
                          parent_message_id, attachment_ids, client_message_id, \
@@ -1526,3 +1575,25 @@ impl PostgresStore {
 
 impl_store!(SqliteStore, Sqlite);
 impl_store!(PostgresStore, Postgres);
+
+#[cfg(test)]
+mod tests {
+    use super::insert_sizes;
+
+    #[test]
+    fn insert_sizes_are_powers_of_two_that_add_up() {
+        assert_eq!(insert_sizes(0).collect::<Vec<_>>(), Vec::<usize>::new());
+        assert_eq!(insert_sizes(1).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(insert_sizes(37).collect::<Vec<_>>(), vec![32, 4, 1]);
+        assert_eq!(insert_sizes(256).collect::<Vec<_>>(), vec![256]);
+        assert_eq!(
+            insert_sizes(600).collect::<Vec<_>>(),
+            vec![256, 256, 64, 16, 8]
+        );
+        for n in 0..1000 {
+            let sizes: Vec<usize> = insert_sizes(n).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), n);
+            assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= 256));
+        }
+    }
+}
