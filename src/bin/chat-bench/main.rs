@@ -50,6 +50,12 @@ struct Args {
     /// Where the report, the JSON and scratch files go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Override the open-loop load levels (fractions of the best closed-loop rate).
+    #[arg(long, value_delimiter = ',')]
+    load_levels: Option<Vec<f64>>,
+    /// Override the seconds per open-loop level.
+    #[arg(long)]
+    open_loop_seconds: Option<f64>,
     /// Internal: serve only gRPC health on 127.0.0.1:0 (the bare-tonic baseline).
     #[arg(long, hide = true)]
     echo_server: bool,
@@ -112,7 +118,9 @@ impl Plan {
             fanout_messages: 1000,
             idle_streams: 10_000,
             idle_streams_per_connection: 100,
-            idle_seconds: 10.0,
+            // Two heartbeat periods (15 s): streams opened together beat together, and a
+            // shorter window can fall between two rounds and see no work at all.
+            idle_seconds: 30.0,
             history_messages: 1_000_000,
             history_seconds: 3.0,
             history_readers: 16,
@@ -206,12 +214,19 @@ async fn run(args: Args) -> BenchResult<()> {
     let dir = args.out.join("scratch");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
+    let mut plan = if args.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    if let Some(levels) = args.load_levels {
+        plan.load_levels = levels;
+    }
+    if let Some(secs) = args.open_loop_seconds {
+        plan.open_loop_seconds = secs;
+    }
     let bench = Bench {
-        plan: if args.quick {
-            Plan::quick()
-        } else {
-            Plan::full()
-        },
+        plan,
         quick: args.quick,
         server_bin,
         pg_url: args.postgres_url,

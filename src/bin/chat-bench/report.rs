@@ -158,13 +158,13 @@ pub fn markdown(r: &Value) -> String {
                 f(&s["latency"]["best_per_second"])
             ));
             w(String::new());
-            w("| load | sends/s | ack p50 / p99 / p99.9 ms | send → delivery p50 / p99 / p99.9 ms | target (50%: delivery p99 ≤ 5 ms) |".into());
-            w("|---|---|---|---|---|".into());
+            w("| load | sends/s | ack p50 / p99 / p99.9 ms | send → delivery p50 / p99 / p99.9 ms | generator lag p50 / p99 ms | target (50%: delivery p99 ≤ 5 ms) |".into());
+            w("|---|---|---|---|---|---|".into());
             for l in s["latency"]["levels"].as_array().into_iter().flatten() {
                 let lvl = f(&l["level"]);
                 let d99 = f(&l["delivery"]["p99_ms"]);
                 w(format!(
-                    "| {:.0}% | {:.0} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} |",
+                    "| {:.0}% | {:.0} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} | {} |",
                     lvl * 100.0,
                     f(&l["achieved_per_second"]),
                     f(&l["ack"]["p50_ms"]),
@@ -173,6 +173,8 @@ pub fn markdown(r: &Value) -> String {
                     f(&l["delivery"]["p50_ms"]),
                     d99,
                     f(&l["delivery"]["p999_ms"]),
+                    f(&l["generator_lag"]["p50_ms"]),
+                    f(&l["generator_lag"]["p99_ms"]),
                     if (lvl - 0.5).abs() < 1e-9 {
                         ok(d99 <= 5.0)
                     } else {

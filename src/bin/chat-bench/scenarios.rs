@@ -213,9 +213,13 @@ pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<
         let errors = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
         let mut inflight = tokio::task::JoinSet::new();
+        // How late the generator itself issues each send (timer granularity, scheduling):
+        // part of every latency below, reported so it is not mistaken for the server's.
+        let mut lag = histogram();
         for k in 0..total {
             let due = start + Duration::from_secs_f64(k as f64 / rate);
             tokio::time::sleep_until(due.into()).await;
+            record(&mut lag, due.elapsed());
             let mut client = clients[(k % 8) as usize].clone();
             let req = send_req(&channels[(k % 16) as usize], stamped(epoch, due));
             let (acks, errors) = (acks.clone(), errors.clone());
@@ -259,6 +263,7 @@ pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<
             "errors": errors.load(Ordering::Relaxed),
             "ack": summary(&ack),
             "delivery": summary(&delivery),
+            "generator_lag": summary(&lag),
         }));
         server.stop().await;
     }
