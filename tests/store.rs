@@ -648,6 +648,50 @@ async fn concurrent_group_commits_interleave_without_gaps(backend: Backend) {
     assert_eq!(total, 6 * 10 * 8);
 }
 
+/// A lone sender whose removal commits while the send waits for the channel lock is refused:
+/// membership is read after the lock, in a statement of its own (a sub-select in the locking
+/// UPDATE would keep PostgreSQL's snapshot from before the wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_group_commit_sees_a_removal_that_committed_during_its_lock_wait() {
+    let (db, s) = open(Backend::Postgres).await;
+    let ch = group_with(&s, &["u1"]).await;
+    let schema = db.schema.clone().expect("schema");
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("pg");
+    let mut remover = pool.begin().await.expect("begin");
+    sqlx::query(&format!(
+        "SELECT id FROM {schema}.channels WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(&ch)
+    .execute(&mut *remover)
+    .await
+    .expect("lock");
+    sqlx::query(&format!(
+        "DELETE FROM {schema}.members WHERE channel_id = $1 AND user_id = 'u1'"
+    ))
+    .bind(&ch)
+    .execute(&mut *remover)
+    .await
+    .expect("remove");
+    let send = {
+        let (s, ch) = (s.clone(), ch.clone());
+        tokio::spawn(async move {
+            s.insert_messages(vec![batched("u1", &ch, "after my removal", None)], &enc)
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!send.is_finished(), "the send waits for the channel lock");
+    remover.commit().await.expect("commit");
+    let outcome = send.await.expect("task").expect("batch");
+    assert!(
+        matches!(outcome[0], Err(StoreError::NotFound)),
+        "{outcome:?}"
+    );
+    let last = s.channel("t1", &ch).await.expect("channel").last_sequence;
+    assert_eq!(last, 2, "no sequence taken");
+    assert_eq!(db.count("messages").await, 0);
+}
+
 on_every_backend!(
     group_commit_gives_each_message_its_own_outcome,
     concurrent_group_commits_interleave_without_gaps,

@@ -57,7 +57,9 @@ impl Chat {
 
     async fn insert(&self, caller: &Caller, msg: NewMessage) -> Result<MessageRow> {
         if msg.attachment_ids.is_empty() {
-            // The common case goes through group commit, which also publishes.
+            // The common case goes through group commit, which also publishes. NOT_FOUND
+            // (no such channel, or not a member) names the channel, as the membership read does.
+            let channel = msg.channel_id.clone();
             let inserted = self
                 .sends()
                 .send(BatchMessage {
@@ -65,7 +67,10 @@ impl Chat {
                     user_id: caller.user_id.clone(),
                     msg,
                 })
-                .await?;
+                .await
+                .map_err(|e| {
+                    Error::or_not_found(e, || Error::not_found(format!("channel {channel}")))
+                })?;
             return Ok(match inserted {
                 Inserted::New(row, _) | Inserted::Existing(row) => row,
             });

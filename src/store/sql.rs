@@ -905,55 +905,29 @@ macro_rules! impl_store {
                 let mut rows: Vec<(usize, MessageRow)> = Vec::new();
                 // Repeats of a client_message_id within the batch: (position, row index).
                 let mut repeats: Vec<(usize, usize)> = Vec::new();
-                let now = now_micros();
                 let mut tx = self.write.begin().await?;
                 for ((channel, tenant), positions) in &by_channel {
                     let n = positions.len() as i64;
                     let mut members: HashMap<String, bool> = HashMap::new();
-                    // One sender in this channel (a lone sender, always): the membership check
-                    // rides in the locking UPDATE, one statement fewer. It runs after the row
-                    // lock is taken, so it sees removals that committed meanwhile.
-                    let senders: std::collections::HashSet<&str> = positions
-                        .iter()
-                        .filter_map(|&i| batch[i].as_ref().map(|b| b.user_id.as_str()))
-                        .collect();
-                    let only = (senders.len() == 1)
-                        .then(|| senders.iter().next().map(|u| u.to_string()))
-                        .flatten();
-                    let last: Option<i64> = match &only {
-                        Some(user) => sqlx::query_scalar(
-                            "UPDATE channels SET last_sequence = last_sequence + $1 \
-                             WHERE id = $2 AND tenant_id = $3 AND delete_time IS NULL \
-                             AND EXISTS (SELECT 1 FROM members WHERE channel_id = $2 AND user_id = $4) \
-                             RETURNING last_sequence",
-                        )
-                        .bind(n)
-                        .bind(channel)
-                        .bind(tenant)
-                        .bind(user)
-                        .fetch_optional(&mut *tx)
-                        .await?,
-                        None => sqlx::query_scalar(
-                            "UPDATE channels SET last_sequence = last_sequence + $1 \
-                             WHERE id = $2 AND tenant_id = $3 AND delete_time IS NULL \
-                             RETURNING last_sequence",
-                        )
-                        .bind(n)
-                        .bind(channel)
-                        .bind(tenant)
-                        .fetch_optional(&mut *tx)
-                        .await?,
-                    };
+                    // Membership is read in statements of their own, after this lock: on READ
+                    // COMMITTED a check inside the UPDATE (a sub-select) would keep the snapshot
+                    // from before the lock wait and miss a removal that committed meanwhile.
+                    let last: Option<i64> = sqlx::query_scalar(
+                        "UPDATE channels SET last_sequence = last_sequence + $1 \
+                         WHERE id = $2 AND tenant_id = $3 AND delete_time IS NULL \
+                         RETURNING last_sequence",
+                    )
+                    .bind(n)
+                    .bind(channel)
+                    .bind(tenant)
+                    .fetch_optional(&mut *tx)
+                    .await?;
                     let Some(last) = last else {
-                        // No such channel, or (one sender) not a member: nothing was taken.
                         for &i in positions {
                             out[i] = Some(Err(StoreError::NotFound));
                         }
                         continue;
                     };
-                    if let Some(user) = only {
-                        members.insert(user, true);
-                    }
                     let mut keys: HashMap<(String, String), usize> = HashMap::new();
                     let mut next = last - n;
                     for &i in positions {
@@ -1005,7 +979,7 @@ macro_rules! impl_store {
                         rows.push((
                             i,
                             MessageRow {
-                                id: Uuid::now_v7().to_string(),
+                                id: String::new(), // set once every lock is held
                                 tenant_id,
                                 channel_id: msg.channel_id,
                                 sender_id: user_id,
@@ -1017,7 +991,7 @@ macro_rules! impl_store {
                                 forwarded_from_message_id: msg.forwarded_from_message_id,
                                 sequence: next,
                                 version: 1,
-                                create_time: now,
+                                create_time: 0, // set once every lock is held
                                 update_time: None,
                                 delete_time: None,
                                 deleted_by: None,
@@ -1032,6 +1006,13 @@ macro_rules! impl_store {
                             .execute(&mut *tx)
                             .await?;
                     }
+                }
+                // Ids (UUIDv7) and times are taken now that every lock is held, so they grow
+                // with the sequence as on the single-message path.
+                let now = now_micros();
+                for (_, r) in rows.iter_mut() {
+                    r.id = Uuid::now_v7().to_string();
+                    r.create_time = now;
                 }
                 let payloads: Vec<Vec<u8>> = rows.iter().map(|(_, r)| enc(r, r.sequence)).collect();
                 let audits: Vec<(String, Option<String>)> = rows
