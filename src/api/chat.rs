@@ -105,7 +105,7 @@ impl ChatService for ChatApi {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = super::caller(&req)?;
         let rx = self.chat.subscribe(caller, req.into_inner()).await?;
-        let stream = ReceiverStream::new(rx).map(|item| item.map_err(Status::from));
+        let stream = ReceiverStream::new(rx).map(|item| (*item).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }
 }
