@@ -1813,11 +1813,7 @@ async fn wrong_caller_matrix(backend: Backend) {
         },
     )
     .await;
-    let conn = Channel::from_shared(server.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let conn = server.channel().await;
     let all = auth::all_permission_names;
     let mut failures = Vec::new();
     let mut checked = 0;
@@ -1957,11 +1953,7 @@ async fn issuer_required_when_configured(backend: Backend) {
         },
     )
     .await;
-    let conn = Channel::from_shared(server.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let conn = server.channel().await;
     let no_iss = mint(
         SECRET.as_bytes(),
         "alice",

@@ -73,11 +73,7 @@ fn count_files(dir: &std::path::Path) -> usize {
 }
 
 async fn client(server: &TestServer, user: &str) -> Client {
-    let channel = Channel::from_shared(server.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = server.channel().await;
     AttachmentServiceClient::with_interceptor(
         channel,
         chat_service::cli::Bearer::new(&token(user)).expect("token"),
@@ -516,11 +512,7 @@ async fn access_rules_and_download_records(storage: Storage) {
             .code(),
         Code::NotFound
     );
-    let channel = Channel::from_shared(server.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = server.channel().await;
     let other = token_with(
         "bob",
         "other",

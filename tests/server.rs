@@ -12,11 +12,7 @@ use tonic_reflection::pb::{v1, v1alpha};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_need_no_token() {
     let server = TestServer::start(Backend::Sqlite).await;
-    let channel = tonic::transport::Channel::from_shared(server.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = server.channel().await;
     let mut health = HealthClient::new(channel.clone());
     for service in [
         "",

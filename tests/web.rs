@@ -56,6 +56,18 @@ async fn http1(
     (status, headers, body)
 }
 
+/// A grpc-web client transport over plain HTTP/1.1 (hyper under tonic-web's client layer).
+fn grpc_web_http1() -> tonic_web::GrpcWebClientService<
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        tonic_web::GrpcWebCall<tonic::body::Body>,
+    >,
+> {
+    tower::ServiceBuilder::new()
+        .layer(tonic_web::GrpcWebClientLayer::new())
+        .service(Client::builder(TokioExecutor::new()).build_http())
+}
+
 fn header<'a>(h: &'a http::HeaderMap, name: &str) -> &'a str {
     h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
@@ -205,10 +217,7 @@ fn expired_token() -> String {
 async fn tonic_client_over_grpc_web_http1() {
     let server = server_allowing(PAGE).await;
     let channel_id = group(&server, "alice", &["bob"]).await;
-    let http = Client::builder(TokioExecutor::new()).build_http();
-    let svc = tower::ServiceBuilder::new()
-        .layer(tonic_web::GrpcWebClientLayer::new())
-        .service(http);
+    let svc = grpc_web_http1();
     let origin: http::Uri = server.url().parse().expect("uri");
     let mut web = ChatServiceClient::with_origin(svc, origin);
     let auth = |user: &str| -> MetadataValue<_> {
@@ -361,16 +370,9 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_refuses_a_call_without_a_token_on_every_transport() {
     let server = TestServer::start(Backend::Sqlite).await;
-    let channel = tonic::transport::Channel::from_shared(server.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = server.channel().await;
     let mut grpc = tonic::client::Grpc::new(channel);
-    let web_http = Client::builder(TokioExecutor::new()).build_http();
-    let web = tower::ServiceBuilder::new()
-        .layer(tonic_web::GrpcWebClientLayer::new())
-        .service(web_http);
+    let web = grpc_web_http1();
     let mut grpc_web =
         tonic::client::Grpc::with_origin(web, server.url().parse::<http::Uri>().expect("uri"));
     for (path, client_streaming, server_streaming) in every_rpc() {

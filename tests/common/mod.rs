@@ -282,7 +282,8 @@ impl TestServer {
         format!("http://{}", self.addr)
     }
 
-    async fn channel(&self) -> Channel {
+    /// A new HTTP/2 connection to the server.
+    pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.url())
             .expect("url")
             .connect()
