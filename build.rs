@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         // `bytes` fields as `bytes::Bytes`: upload and download chunks are passed on, not copied.
         .bytes(".")
+        // prost with a smaller first buffer per call: see `src/codec.rs`.
+        .codec_path("crate::codec::ChatCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -35,12 +35,14 @@
 //! - [`api`]: the thin tonic services.
 //! - [`server`]: assembles services, auth, health and reflection on one listener that speaks
 //!   gRPC and grpc-web (with CORS).
+//! - [`codec`]: the protobuf codec of every generated client and server.
 //! - [`cli`]: the `chat-service` command line, including a small client.
 
 pub mod api;
 pub mod auth;
 pub mod blob;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod error;

@@ -105,7 +105,11 @@ impl ChatService for ChatApi {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = super::caller(&req)?;
         let rx = self.chat.subscribe(caller, req.into_inner()).await?;
-        let stream = ReceiverStream::new(rx).map(|item| (*item).map_err(Status::from));
+        // Each queued batch is encoded back to back into one DATA frame (tonic gathers what is
+        // ready before it yields).
+        let stream = ReceiverStream::new(rx)
+            .flat_map(|batch| futures::stream::iter(batch.into_vec()))
+            .map(|item| item.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }
 }
