@@ -29,19 +29,22 @@ pub fn now_micros() -> i64 {
 /// 32,766 and PostgreSQL's 65,535 parameters per statement).
 const ROWS_PER_INSERT: usize = 256;
 
-/// Splits `n` rows into multi-row INSERTs of power-of-two sizes (37 → 32, 4, 1), largest
-/// first, at most [`ROWS_PER_INSERT`] each. A statement's text depends on its row count, and
-/// prepared statements are cached per connection by text: with sizes from this small set
-/// (1, 2, 4, … 256) every one is prepared once, not re-parsed for each new batch size.
-fn insert_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+/// Splits `n` rows into multi-row INSERTs of at most [`ROWS_PER_INSERT`] rows each; with
+/// `power_of_two`, of power-of-two sizes (37 → 32, 4, 1), largest first. A statement's text
+/// depends on its row count, and prepared statements are cached per connection by text: with
+/// sizes from this small set (1, 2, 4, … 256) every one is prepared once, not re-parsed for
+/// each new batch size.
+fn insert_sizes(mut n: usize, power_of_two: bool) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
         if n == 0 {
             return None;
         }
         let size = if n >= ROWS_PER_INSERT {
             ROWS_PER_INSERT
-        } else {
+        } else if power_of_two {
             1 << (usize::BITS - 1 - n.leading_zeros())
+        } else {
+            n
         };
         n -= size;
         Some(size)
@@ -115,8 +118,11 @@ pub async fn connect(
                     })?;
                 }
             }
+            // No ping before each use: a SQLite connection is a file handle, and the ping was a
+            // round trip to its worker thread at the start of every transaction.
             let write = SqlitePoolOptions::new()
                 .max_connections(1)
+                .test_before_acquire(false)
                 .connect_with(opts.clone())
                 .await?;
             if migrate {
@@ -127,6 +133,7 @@ pub async fn connect(
             }
             let read = SqlitePoolOptions::new()
                 .max_connections(8)
+                .test_before_acquire(false)
                 .connect_with(opts.read_only(true))
                 .await?;
             Ok(Arc::new(SqliteStore { write, read }))
@@ -906,23 +913,116 @@ macro_rules! impl_store {
                 // Repeats of a client_message_id within the batch: (position, row index).
                 let mut repeats: Vec<(usize, usize)> = Vec::new();
                 let mut tx = self.write.begin().await?;
+                // Four statements whatever the batch holds: lock, advance, members, keys. Each
+                // list is padded to a power of two with rows that match nothing (ids are never
+                // empty), so a few statement texts cover every batch and stay prepared.
+                if Self::LOCK_CHANNELS_IN_ORDER {
+                    // Concurrent batches take their channels' row locks in id order, so they
+                    // never wait on each other in a cycle.
+                    let mut ids: Vec<&str> = by_channel.keys().map(|(c, _)| c.as_str()).collect();
+                    ids.dedup();
+                    let mut q = sqlx::QueryBuilder::<$db>::new("SELECT id FROM channels WHERE id IN (");
+                    let mut list = q.separated(", ");
+                    for i in 0..ids.len().next_power_of_two() {
+                        list.push_bind(ids.get(i).copied().unwrap_or(""));
+                    }
+                    q.push(") ORDER BY id FOR UPDATE");
+                    q.build().fetch_all(&mut *tx).await?;
+                }
+                // Every channel of the batch moves on by its count of messages; RETURNING gives
+                // the new last sequence, so the batch's messages take `last - n + 1 ..= last`.
+                let keys: Vec<(&str, &str, i64)> = by_channel
+                    .iter()
+                    .map(|((c, t), p)| (c.as_str(), t.as_str(), p.len() as i64))
+                    .collect();
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "UPDATE channels SET last_sequence = channels.last_sequence + d.column3 FROM (VALUES ",
+                );
+                for i in 0..keys.len().next_power_of_two() {
+                    let (c, t, n) = keys.get(i).copied().unwrap_or(("", "", 0));
+                    q.push(if i == 0 { "(" } else { ", (" });
+                    q.push_bind(c).push(", ").push_bind(t).push(", ").push_bind(n).push(")");
+                }
+                q.push(
+                    ") AS d WHERE channels.id = d.column1 AND channels.tenant_id = d.column2 \
+                     AND channels.delete_time IS NULL \
+                     RETURNING channels.id, channels.tenant_id, channels.last_sequence",
+                );
+                let lasts: HashMap<(String, String), i64> = q
+                    .build_query_as::<(String, String, i64)>()
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .map(|(c, t, last)| ((c, t), last))
+                    .collect();
+                // Membership is read in a statement of its own, after the locks: on READ
+                // COMMITTED a check inside the UPDATE (a sub-select) would keep the snapshot
+                // from before the lock wait and miss a removal that committed meanwhile.
+                let mut pairs: Vec<(&str, &str)> = Vec::new();
+                for ((channel, tenant), positions) in &by_channel {
+                    if lasts.contains_key(&(channel.clone(), tenant.clone())) {
+                        for &i in positions {
+                            if let Some(b) = &batch[i] {
+                                pairs.push((channel.as_str(), b.user_id.as_str()));
+                            }
+                        }
+                    }
+                }
+                pairs.sort_unstable();
+                pairs.dedup();
+                let members: std::collections::HashSet<(String, String)> = if pairs.is_empty() {
+                    Default::default()
+                } else {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT m.channel_id, m.user_id FROM (VALUES ",
+                    );
+                    for i in 0..pairs.len().next_power_of_two() {
+                        let (c, u) = pairs.get(i).copied().unwrap_or(("", ""));
+                        q.push(if i == 0 { "(" } else { ", (" });
+                        q.push_bind(c).push(", ").push_bind(u).push(")");
+                    }
+                    q.push(") AS d JOIN members m ON m.channel_id = d.column1 AND m.user_id = d.column2");
+                    q.build_query_as::<(String, String)>()
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .into_iter()
+                        .collect()
+                };
+                // Messages already stored under a client_message_id of this batch (under the
+                // channel locks nobody else can insert one of these keys now).
+                let mut wanted: Vec<(&str, &str, &str)> = Vec::new();
+                for ((channel, _), positions) in &by_channel {
+                    for &i in positions {
+                        if let Some(b) = &batch[i] {
+                            if let Some(key) = &b.msg.client_message_id {
+                                wanted.push((channel.as_str(), b.user_id.as_str(), key.as_str()));
+                            }
+                        }
+                    }
+                }
+                wanted.sort_unstable();
+                wanted.dedup();
+                let mut stored: HashMap<(String, String, String), MessageRow> = HashMap::new();
+                if !wanted.is_empty() {
+                    let mut q = sqlx::QueryBuilder::<$db>::new("SELECT m.* FROM (VALUES ");
+                    for i in 0..wanted.len().next_power_of_two() {
+                        let (c, u, k) = wanted.get(i).copied().unwrap_or(("", "", ""));
+                        q.push(if i == 0 { "(" } else { ", (" });
+                        q.push_bind(c).push(", ").push_bind(u).push(", ").push_bind(k).push(")");
+                    }
+                    q.push(
+                        ") AS d JOIN messages m ON m.channel_id = d.column1 \
+                         AND m.sender_id = d.column2 AND m.client_message_id = d.column3",
+                    );
+                    for row in q.build_query_as::<MessageRow>().fetch_all(&mut *tx).await? {
+                        if let Some(key) = row.client_message_id.clone() {
+                            stored.insert((row.channel_id.clone(), row.sender_id.clone(), key), row);
+                        }
+                    }
+                }
                 for ((channel, tenant), positions) in &by_channel {
                     let n = positions.len() as i64;
-                    let mut members: HashMap<String, bool> = HashMap::new();
-                    // Membership is read in statements of their own, after this lock: on READ
-                    // COMMITTED a check inside the UPDATE (a sub-select) would keep the snapshot
-                    // from before the lock wait and miss a removal that committed meanwhile.
-                    let last: Option<i64> = sqlx::query_scalar(
-                        "UPDATE channels SET last_sequence = last_sequence + $1 \
-                         WHERE id = $2 AND tenant_id = $3 AND delete_time IS NULL \
-                         RETURNING last_sequence",
-                    )
-                    .bind(n)
-                    .bind(channel)
-                    .bind(tenant)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    let Some(last) = last else {
+                    let Some(&last) = lasts.get(&(channel.clone(), tenant.clone())) else {
                         for &i in positions {
                             out[i] = Some(Err(StoreError::NotFound));
                         }
@@ -932,23 +1032,7 @@ macro_rules! impl_store {
                     let mut next = last - n;
                     for &i in positions {
                         let Some(b) = batch[i].take() else { continue };
-                        // Membership after the lock, as in insert_message.
-                        let member = match members.get(&b.user_id) {
-                            Some(&m) => m,
-                            None => {
-                                let m = sqlx::query_scalar::<_, String>(
-                                    "SELECT user_id FROM members WHERE channel_id = $1 AND user_id = $2",
-                                )
-                                .bind(channel)
-                                .bind(&b.user_id)
-                                .fetch_optional(&mut *tx)
-                                .await?
-                                .is_some();
-                                members.insert(b.user_id.clone(), m);
-                                m
-                            }
-                        };
-                        if !member {
+                        if !members.contains(&(channel.clone(), b.user_id.clone())) {
                             out[i] = Some(Err(StoreError::NotFound));
                             continue;
                         }
@@ -958,18 +1042,10 @@ macro_rules! impl_store {
                                 repeats.push((i, r));
                                 continue;
                             }
-                            // Under the channel lock nobody else can insert this key now.
-                            let first: Option<MessageRow> = sqlx::query_as(
-                                "SELECT * FROM messages WHERE channel_id = $1 AND sender_id = $2 \
-                                 AND client_message_id = $3",
-                            )
-                            .bind(channel)
-                            .bind(&b.user_id)
-                            .bind(key)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                            if let Some(first) = first {
-                                out[i] = Some(Ok(Inserted::Existing(first)));
+                            if let Some(first) =
+                                stored.get(&(channel.clone(), b.user_id.clone(), key.clone()))
+                            {
+                                out[i] = Some(Ok(Inserted::Existing(first.clone())));
                                 continue;
                             }
                             keys.insert(k, rows.len());
@@ -1020,7 +1096,7 @@ macro_rules! impl_store {
                     .map(|(_, r)| (Uuid::now_v7().to_string(), to_json(r)))
                     .collect();
                 let mut at = 0;
-                for size in insert_sizes(rows.len()) {
+                for size in insert_sizes(rows.len(), Self::POWER_OF_TWO_INSERTS) {
                     let chunk = &rows[at..at + size];
                     let payloads = &payloads[at..at + size];
                     let audits = &audits[at..at + size];
@@ -1546,12 +1622,22 @@ macro_rules! impl_store {
 impl SqliteStore {
     /// One writer connection: one group commit at a time.
     const WRITE_CONCURRENCY: usize = 1;
+    /// One writer: no other transaction can hold a channel row, so no lock order is needed.
+    const LOCK_CHANNELS_IN_ORDER: bool = false;
+    /// One INSERT per table per batch, of the batch's exact size: SQLite parses a statement in
+    /// microseconds, less than the round trip to its worker thread that a second one costs.
+    const POWER_OF_TWO_INSERTS: bool = false;
 }
 
 impl PostgresStore {
     /// Batches in flight at once: while one waits for its commit (the WAL flush), the next
     /// gathers and sends its statements.
     const WRITE_CONCURRENCY: usize = 4;
+    /// Concurrent batches lock their channels with `SELECT … ORDER BY id FOR UPDATE` first.
+    const LOCK_CHANNELS_IN_ORDER: bool = true;
+    /// Multi-row INSERTs in power-of-two sizes, so every statement text is prepared once (a
+    /// new text per batch size showed as parse time in PostgreSQL's profile).
+    const POWER_OF_TWO_INSERTS: bool = true;
 }
 
 impl_store!(SqliteStore, Sqlite);
@@ -1563,18 +1649,25 @@ mod tests {
 
     #[test]
     fn insert_sizes_are_powers_of_two_that_add_up() {
-        assert_eq!(insert_sizes(0).collect::<Vec<_>>(), Vec::<usize>::new());
-        assert_eq!(insert_sizes(1).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(insert_sizes(37).collect::<Vec<_>>(), vec![32, 4, 1]);
-        assert_eq!(insert_sizes(256).collect::<Vec<_>>(), vec![256]);
         assert_eq!(
-            insert_sizes(600).collect::<Vec<_>>(),
+            insert_sizes(0, true).collect::<Vec<_>>(),
+            Vec::<usize>::new()
+        );
+        assert_eq!(insert_sizes(1, true).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(insert_sizes(37, true).collect::<Vec<_>>(), vec![32, 4, 1]);
+        assert_eq!(insert_sizes(256, true).collect::<Vec<_>>(), vec![256]);
+        assert_eq!(
+            insert_sizes(600, true).collect::<Vec<_>>(),
             vec![256, 256, 64, 16, 8]
         );
         for n in 0..1000 {
-            let sizes: Vec<usize> = insert_sizes(n).collect();
+            let sizes: Vec<usize> = insert_sizes(n, true).collect();
             assert_eq!(sizes.iter().sum::<usize>(), n);
             assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= 256));
+            let exact: Vec<usize> = insert_sizes(n, false).collect();
+            assert_eq!(exact.iter().sum::<usize>(), n);
+            assert!(exact.iter().all(|s| *s <= 256));
+            assert_eq!(exact.len(), n.div_ceil(256));
         }
     }
 }
