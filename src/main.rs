@@ -5,6 +5,11 @@ use chat_service::config::{Cli, Command};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc rather than glibc's malloc: the service allocates from many threads at once (tokio
+/// workers, sqlx's SQLite threads), where glibc's arenas contended (chat-bench scenario 5).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();

@@ -533,6 +533,57 @@ async fn list_messages_paging(backend: Backend) {
     server.stop().await;
 }
 
+/// A page of history is one query that checks membership in the same statement: whoever is not
+/// (or no longer) a member of the live channel gets NOT_FOUND, not an empty page, while a
+/// member of a channel without messages gets an empty page.
+async fn list_messages_only_for_members(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ch = group(&server, "alice", &["bob", "carol"]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    let mut bob = server.chat(&token("bob")).await;
+    let mut dave = server.chat(&token("dave")).await;
+    let list = |ch: &str| proto::ListMessagesRequest {
+        channel_id: ch.to_owned(),
+        ..Default::default()
+    };
+    // A member, no messages yet: an empty page.
+    let empty = bob.list_messages(list(&ch)).await.expect("empty page");
+    assert!(empty.into_inner().messages.is_empty());
+    for i in 0..3 {
+        send(&mut alice, &ch, &format!("m{i}")).await;
+    }
+    assert_eq!(list_all(&mut bob, &ch).await.len(), 3);
+    // Never a member; a member of another tenant's channel of the same id.
+    assert_eq!(code(dave.list_messages(list(&ch)).await), Code::NotFound);
+    let mut other_tenant = server
+        .chat(&token_with(
+            "bob",
+            "other",
+            auth::all_permission_names(),
+            3600,
+        ))
+        .await;
+    assert_eq!(
+        code(other_tenant.list_messages(list(&ch)).await),
+        Code::NotFound
+    );
+    // Removed: the messages are still there for the others.
+    let mut ga = server.groups(&token("alice")).await;
+    remove_member(&mut ga, &ch, "bob")
+        .await
+        .expect("remove bob");
+    assert_eq!(code(bob.list_messages(list(&ch)).await), Code::NotFound);
+    assert_eq!(list_all(&mut alice, &ch).await.len(), 3);
+    // Deleted channel: nobody.
+    ga.delete_group(proto::DeleteGroupRequest {
+        channel_id: ch.clone(),
+    })
+    .await
+    .expect("delete group");
+    assert_eq!(code(alice.list_messages(list(&ch)).await), Code::NotFound);
+    server.stop().await;
+}
+
 async fn update_message(backend: Backend) {
     let server = TestServer::start(backend).await;
     let ch = group(&server, "alice", &["bob"]).await;
@@ -2013,6 +2064,7 @@ on_every_backend!(
     threads,
     idempotent_client_message_id,
     list_messages_paging,
+    list_messages_only_for_members,
     update_message,
     delete_message,
     forward_message,

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{Caller, Permission};
 use crate::error::{Error, Result};
-use crate::fanout::{Feed, Item};
+use crate::fanout::{Feed, Item, LiveEvent};
 use crate::proto::{self, subscribe_response::Event};
 
 use super::validate::Check;
@@ -184,7 +184,7 @@ impl Session {
         let mut shutdown = self.shutdown.clone();
         let outcome = async {
             for id in replay {
-                if !self.fill(&id, i64::MAX).await? {
+                if !Box::pin(self.fill(&id, i64::MAX)).await? {
                     return Ok(());
                 }
             }
@@ -200,12 +200,15 @@ impl Session {
                     _ = shutdown.changed() => return Ok(()),
                     _ = self.out.closed() => return Ok(()),
                     _ = &mut expiry => return Err(expired()),
-                    _ = self.feed.wake.notified() => self.catch_up().await?,
+                    _ = self.feed.wake.notified() => Box::pin(self.catch_up()).await?,
                     item = rx.recv() => match item {
                         Some(item) => self.on_items(item, &mut rx).await?,
                         None => return Ok(()),
                     },
-                    _ = heartbeat.tick() => self.send(heartbeat_event()).await?,
+                    _ = heartbeat.tick() => {
+                        self.send(heartbeat_event());
+                        true
+                    }
                 };
                 if !go || !self.flush().await? {
                     return Ok(());
@@ -233,8 +236,8 @@ impl Session {
         let mut item = first;
         for _ in 1..MAX_BATCH {
             let go = match item {
-                Item::Event(ev) => self.on_event(ev.response.clone()).await?,
-                Item::Joined(joined) => self.on_joined(&joined.channel_id).await?,
+                Item::Event(ev) => self.on_event(&ev).await?,
+                Item::Joined(joined) => Box::pin(self.on_joined(&joined.channel_id)).await?,
             };
             if !go {
                 return Ok(false);
@@ -246,19 +249,18 @@ impl Session {
             }
         }
         match item {
-            Item::Event(ev) => self.on_event(ev.response.clone()).await,
-            Item::Joined(joined) => self.on_joined(&joined.channel_id).await,
+            Item::Event(ev) => self.on_event(&ev).await,
+            Item::Joined(joined) => Box::pin(self.on_joined(&joined.channel_id)).await,
         }
     }
 
-    /// Sends one event: adds it to the batch, and hands the batch to the transport once it is
-    /// full. Callers end each step with [`Session::flush`].
-    async fn send(&mut self, ev: proto::SubscribeResponse) -> Go {
+    /// Sends one event: adds it to the batch. Callers end each step with [`Session::flush`].
+    ///
+    /// Not async, nor is anything that takes an event by value: an async fn keeps its
+    /// arguments for its whole life, and a `SubscribeResponse` is ~376 bytes, so each nested
+    /// level that held one made every open feed's task larger, idle or not.
+    fn send(&mut self, ev: proto::SubscribeResponse) {
         self.batch.push(Ok(ev));
-        if self.batch.len() >= MAX_BATCH {
-            return self.flush().await;
-        }
-        Ok(true)
     }
 
     /// Hands the batch to the transport, waiting for room only when it is full; a client that
@@ -276,45 +278,52 @@ impl Session {
             Err(mpsc::error::TrySendError::Closed(_)) => return Ok(false),
             Err(mpsc::error::TrySendError::Full(batch)) => batch,
         };
-        tokio::select! {
-            biased;
-            _ = self.shutdown.changed() => Ok(false),
-            _ = tokio::time::sleep_until(self.deadline) => Err(expired()),
-            sent = self.out.send(batch) => Ok(sent.is_ok()),
-        }
+        // Boxed: the wait (a timer, a semaphore acquire) is needed only while the client is
+        // behind, and inline it would enlarge every open feed's task, idle or not.
+        Box::pin(async {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => Ok(false),
+                _ = tokio::time::sleep_until(self.deadline) => Err(expired()),
+                sent = self.out.send(batch) => Ok(sent.is_ok()),
+            }
+        })
+        .await
     }
 
-    /// Sends the next event of a channel and follows membership changes of the caller.
-    async fn emit(&mut self, ev: proto::SubscribeResponse) -> Go {
-        let channel_id = ev.channel_id.clone();
+    /// Sends the next event of a channel and notes it as sent. When the event removes the
+    /// caller from the channel, gives back its channel and sequence for [`Session::on_removed`].
+    fn emit(&mut self, ev: proto::SubscribeResponse) -> Option<(String, i64)> {
         let sequence = ev.sequence;
         let removes_me = matches!(
             &ev.event,
             Some(Event::MemberRemoved(r)) if r.member.as_ref().is_some_and(|m| m.user_id == self.caller.user_id)
         );
-        if !self.send(ev).await? {
-            return Ok(false);
-        }
-        if let Some(s) = self.sent.get_mut(&channel_id) {
+        let removal = removes_me.then(|| (ev.channel_id.clone(), sequence));
+        if let Some(s) = self.sent.get_mut(&ev.channel_id) {
             *s = sequence;
         }
-        if removes_me {
-            // A replay can cross a removal that a later re-join undid: only a removal that still
-            // holds ends the channel.
-            let rejoined = self
-                .chat
-                .store
-                .member(&self.caller.tenant_id, &channel_id, &self.caller.user_id)
-                .await?
-                .filter(|m| m.join_sequence > sequence);
-            if let Some(m) = rejoined {
-                // Skip what happened while the caller was not a member.
-                self.sent.insert(channel_id, m.join_sequence - 1);
-            } else {
-                self.unfollow(&channel_id);
-                if !self.all && self.sent.is_empty() {
-                    return Ok(false);
-                }
+        self.send(ev);
+        removal
+    }
+
+    /// Follows the caller's removal from a channel (an event already sent by [`Session::emit`]).
+    async fn on_removed(&mut self, (channel_id, sequence): (String, i64)) -> Go {
+        // A replay can cross a removal that a later re-join undid: only a removal that still
+        // holds ends the channel.
+        let rejoined = self
+            .chat
+            .store
+            .member(&self.caller.tenant_id, &channel_id, &self.caller.user_id)
+            .await?
+            .filter(|m| m.join_sequence > sequence);
+        if let Some(m) = rejoined {
+            // Skip what happened while the caller was not a member.
+            self.sent.insert(channel_id, m.join_sequence - 1);
+        } else {
+            self.unfollow(&channel_id);
+            if !self.all && self.sent.is_empty() {
+                return Ok(false);
             }
         }
         Ok(true)
@@ -342,7 +351,12 @@ impl Session {
                 let ev = proto::SubscribeResponse::decode(row.payload.as_slice()).map_err(|e| {
                     Error::Internal(format!("stored event {channel_id}/{}: {e}", row.sequence))
                 })?;
-                if !self.emit(ev).await? {
+                if let Some(removal) = self.emit(ev) {
+                    if !Box::pin(self.on_removed(removal)).await? {
+                        return Ok(false);
+                    }
+                }
+                if self.batch.len() >= MAX_BATCH && !self.flush().await? {
                     return Ok(false);
                 }
                 if !self.sent.contains_key(channel_id) {
@@ -355,21 +369,27 @@ impl Session {
         }
     }
 
-    async fn on_event(&mut self, ev: proto::SubscribeResponse) -> Go {
+    /// A live event from the hub: sent when it is the channel's next one, after filling any
+    /// hole before it from storage; dropped when already sent.
+    async fn on_event(&mut self, ev: &LiveEvent) -> Go {
         let Some(&last) = self.sent.get(&ev.channel_id) else {
             return Ok(true);
         };
         if ev.sequence == 0 {
-            return self.send(ev).await;
+            self.send(ev.response.clone());
+            return Ok(true);
         }
         if ev.sequence <= last {
             return Ok(true);
         }
-        if ev.sequence > last + 1 && !self.fill(&ev.channel_id.clone(), ev.sequence - 1).await? {
+        if ev.sequence > last + 1 && !Box::pin(self.fill(&ev.channel_id, ev.sequence - 1)).await? {
             return Ok(false);
         }
         match self.sent.get(&ev.channel_id) {
-            Some(&now) if now + 1 == ev.sequence => self.emit(ev).await,
+            Some(&now) if now + 1 == ev.sequence => match self.emit(ev.response.clone()) {
+                Some(removal) => Box::pin(self.on_removed(removal)).await,
+                None => Ok(true),
+            },
             _ => Ok(true),
         }
     }

@@ -396,9 +396,13 @@ pub trait MessageStore: Send + Sync {
     fn write_concurrency(&self) -> usize;
     /// One message of the tenant (deleted ones included).
     async fn message(&self, tenant: &str, message_id: &str) -> StoreResult<MessageRow>;
-    /// Live messages of a channel (or one thread), newest first, below `before_sequence`.
+    /// Live messages of a channel (or one thread), newest first, below `before_sequence`;
+    /// none unless `viewer` (`(tenant, user)`) is a member of the channel and it is not deleted.
+    /// An empty page is therefore either: the caller tells them apart with
+    /// [`ChannelStore::member`].
     async fn list_messages(
         &self,
+        viewer: (&str, &str),
         channel_id: &str,
         parent: Option<&str>,
         before_sequence: Option<i64>,

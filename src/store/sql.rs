@@ -1174,32 +1174,43 @@ macro_rules! impl_store {
 
             async fn list_messages(
                 &self,
+                viewer: (&str, &str),
                 channel_id: &str,
                 parent: Option<&str>,
                 before_sequence: Option<i64>,
                 limit: i64,
             ) -> StoreResult<Vec<MessageRow>> {
                 let before = before_sequence.unwrap_or(i64::MAX);
+                let (tenant, user) = viewer;
+                // The viewer's membership of the live channel is part of the same statement (a
+                // constant sub-query, evaluated once), so a page costs one query.
+                const MEMBER: &str = "EXISTS (SELECT 1 FROM members mb JOIN channels c ON c.id = mb.channel_id \
+                     WHERE mb.channel_id = $1 AND mb.user_id = $4 AND mb.tenant_id = $5 AND c.delete_time IS NULL)";
                 let rows = match parent {
                     None => {
-                        sqlx::query_as(
+                        sqlx::query_as(&format!(
                             "SELECT * FROM messages WHERE channel_id = $1 AND sequence < $2 \
-                             AND delete_time IS NULL ORDER BY sequence DESC LIMIT $3",
-                        )
+                             AND delete_time IS NULL AND {MEMBER} ORDER BY sequence DESC LIMIT $3"
+                        ))
                         .bind(channel_id)
                         .bind(before)
                         .bind(limit)
+                        .bind(user)
+                        .bind(tenant)
                         .fetch_all(&self.read)
                         .await?
                     }
                     Some(parent) => {
-                        sqlx::query_as(
-                            "SELECT * FROM messages WHERE channel_id = $1 AND parent_message_id = $4 \
-                             AND sequence < $2 AND delete_time IS NULL ORDER BY sequence DESC LIMIT $3",
-                        )
+                        sqlx::query_as(&format!(
+                            "SELECT * FROM messages WHERE channel_id = $1 AND parent_message_id = $6 \
+                             AND sequence < $2 AND delete_time IS NULL AND {MEMBER} \
+                             ORDER BY sequence DESC LIMIT $3"
+                        ))
                         .bind(channel_id)
                         .bind(before)
                         .bind(limit)
+                        .bind(user)
+                        .bind(tenant)
                         .bind(parent)
                         .fetch_all(&self.read)
                         .await?

@@ -22,6 +22,11 @@ use std::time::Duration;
 use clap::Parser;
 use serde_json::{json, Value};
 
+/// The generator shares the machine with the server: the same allocator as the server, so its
+/// own decoding costs the cores as little as it can.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Errors of the bench: text is enough, it is a tool.
 pub type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 

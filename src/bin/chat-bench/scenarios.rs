@@ -84,6 +84,36 @@ async fn subscribe_lean(
         .into_inner())
 }
 
+/// What the concurrent history readers decode of a page: how many messages it holds (prost
+/// skips every field of each message, and the page token).
+#[derive(Clone, PartialEq, prost::Message)]
+struct LeanPage {
+    #[prost(message, repeated, tag = "1")]
+    messages: Vec<LeanSkipped>,
+}
+
+/// A message whose fields are all skipped.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LeanSkipped {}
+
+/// ListMessages, decoding the page as a [`LeanPage`]; `Err` carries the gRPC status.
+async fn list_lean(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    token: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    req: proto::ListMessagesRequest,
+) -> Result<LeanPage, tonic::Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut request = tonic::Request::new(req);
+    request
+        .metadata_mut()
+        .insert("authorization", token.clone());
+    let path = http::uri::PathAndQuery::from_static("/chat.v1.ChatService/ListMessages");
+    let codec = tonic_prost::ProstCodec::<proto::ListMessagesRequest, LeanPage>::default();
+    Ok(grpc.unary(request, path, codec).await?.into_inner())
+}
+
 fn groups(ch: &Channel, token: &str) -> BenchResult<GroupClient> {
     Ok(GroupServiceClient::with_interceptor(
         ch.clone(),
@@ -583,8 +613,11 @@ pub async fn history(bench: &Bench, backend: Backend) -> BenchResult<Value> {
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
+    let bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+        format!("Bearer {alice}").parse()?;
     for i in 0..plan.history_readers {
-        let mut client = chat(&conns[i % conns.len()], &alice)?;
+        let mut grpc = tonic::client::Grpc::new(conns[i % conns.len()].clone());
+        let bearer = bearer.clone();
         let (stop, errors, channel) = (stop.clone(), errors.clone(), channel.clone());
         let scope = scope.clone();
         tasks.push(tokio::spawn(async move {
@@ -600,16 +633,14 @@ pub async fn history(bench: &Bench, backend: Backend) -> BenchResult<Value> {
                 let page_token =
                     chat_service::domain::validate::encode_page_token(&scope, &before.to_string());
                 let t = Instant::now();
-                match client
-                    .list_messages(proto::ListMessagesRequest {
-                        channel_id: channel.clone(),
-                        page_size: 50,
-                        page_token,
-                        ..Default::default()
-                    })
-                    .await
-                {
-                    Ok(page) if page.get_ref().messages.len() == 50 => record(&mut h, t.elapsed()),
+                let req = proto::ListMessagesRequest {
+                    channel_id: channel.clone(),
+                    page_size: 50,
+                    page_token,
+                    ..Default::default()
+                };
+                match list_lean(&mut grpc, &bearer, req).await {
+                    Ok(page) if page.messages.len() == 50 => record(&mut h, t.elapsed()),
                     _ => {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
