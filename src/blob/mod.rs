@@ -47,6 +47,9 @@ const PART_CONCURRENCY: usize = 1;
 pub struct Blobs {
     store: Arc<dyn ObjectStore>,
     description: String,
+    /// The local disk store, when that is where bytes live: `object_store` writes files but
+    /// never flushes them, so [`Blobs`] does (see [`sync_file`]).
+    local: Option<Arc<LocalFileSystem>>,
 }
 
 /// The default `STORAGE_URL`.
@@ -61,12 +64,15 @@ impl Blobs {
     pub fn from_url(url: &str) -> Result<Blobs, String> {
         if let Some(dir) = url.strip_prefix("file://") {
             std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;
-            let fs = LocalFileSystem::new_with_prefix(dir)
-                .map_err(|e| e.to_string())?
-                .with_automatic_cleanup(true);
+            let fs = Arc::new(
+                LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| e.to_string())?
+                    .with_automatic_cleanup(true),
+            );
             return Ok(Blobs {
-                store: Arc::new(fs),
+                store: fs.clone(),
                 description: url.to_owned(),
+                local: Some(fs),
             });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
@@ -88,6 +94,7 @@ impl Blobs {
             return Ok(Blobs {
                 store,
                 description: url.to_owned(),
+                local: None,
             });
         }
         Err(format!(
@@ -100,6 +107,7 @@ impl Blobs {
         Blobs {
             store,
             description: description.to_owned(),
+            local: None,
         }
     }
 
@@ -113,6 +121,7 @@ impl Blobs {
         let upload = self.store.put_multipart(&Path::from(key)).await?;
         Ok(BlobWriter {
             inner: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
+            sync: self.local_path(key)?,
         })
     }
 
@@ -121,7 +130,18 @@ impl Blobs {
         self.store
             .put(&Path::from(key), PutPayload::from(bytes))
             .await?;
+        if let Some(path) = self.local_path(key)? {
+            sync_file(path).await?;
+        }
         Ok(())
+    }
+
+    /// The file behind `key` on the local disk store; `None` for other stores.
+    fn local_path(&self, key: &str) -> Result<Option<std::path::PathBuf>, BlobError> {
+        match &self.local {
+            Some(fs) => Ok(Some(fs.path_to_filesystem(&Path::from(key))?)),
+            None => Ok(None),
+        }
     }
 
     /// Reads `key` from byte `offset` to the end, as a stream of buffers.
@@ -163,6 +183,8 @@ impl Blobs {
 /// multipart upload open: call [`BlobWriter::abort`].
 pub struct BlobWriter {
     inner: WriteMultipart,
+    /// The file to flush once complete (local disk store only).
+    sync: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for BlobWriter {
@@ -179,9 +201,12 @@ impl BlobWriter {
         Ok(())
     }
 
-    /// Completes the object.
+    /// Completes the object; on local disk it is flushed to the device before this returns.
     pub async fn finish(self) -> Result<(), BlobError> {
         self.inner.finish().await?;
+        if let Some(path) = self.sync {
+            sync_file(path).await?;
+        }
         Ok(())
     }
 
@@ -190,4 +215,27 @@ impl BlobWriter {
         self.inner.abort().await?;
         Ok(())
     }
+}
+
+/// Flushes a just-written file and the directory entry that names it to the device (`fsync`
+/// of both), so a stored object survives a crash or power loss once its row is committed: the
+/// database commits durably, and an attachment row must not outlive its bytes. S3 answers a
+/// completed upload only once it is stored, so this is for the local disk store alone.
+///
+/// Errors: `Unavailable` with the path and the OS error.
+async fn sync_file(path: std::path::PathBuf) -> Result<(), BlobError> {
+    tokio::task::spawn_blocking(move || {
+        let fail = |e: std::io::Error| BlobError::Unavailable(format!("{}: {e}", path.display()));
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(fail)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(fail)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| BlobError::Unavailable(format!("flush task: {e}")))?
 }
