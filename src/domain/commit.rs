@@ -7,10 +7,17 @@
 //! delayed: nothing waits for a batch to fill. Under load, the commit (the durable flush) and
 //! the per-statement round trips are shared by everyone who arrived while the previous batch was
 //! committing. The store says how many workers run at once (one for SQLite's single writer).
+//!
+//! With several workers, each owns a share of the channels (by a hash of the channel id): two
+//! batches in flight never touch the same channel, so they never wait on each other's row
+//! locks. (With one shared queue, every batch of a busy box spans most channels, and concurrent
+//! batches mostly queued behind each other's locks: PostgreSQL at 64 senders on 16 channels did
+//! 4.6k sends/s with four such workers, 7.5k with one.)
 
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::fanout::Publisher;
 use crate::store::{BatchMessage, Inserted, Store, StoreError, StoreResult};
@@ -28,27 +35,37 @@ struct Pending {
     reply: oneshot::Sender<StoreResult<Inserted>>,
 }
 
-/// The queue in front of the group-commit workers.
+/// The queues in front of the group-commit workers, one per worker.
 pub(crate) struct GroupCommit {
-    queue: mpsc::Sender<Pending>,
+    queues: Vec<mpsc::Sender<Pending>>,
+    /// Picks a channel's worker; fixed for the life of the process.
+    hash: std::collections::hash_map::RandomState,
 }
 
 impl GroupCommit {
     /// Starts `store.write_concurrency()` workers; they stop when this is dropped.
     pub(crate) fn start(store: Arc<dyn Store>, publisher: Arc<dyn Publisher>) -> GroupCommit {
-        let (queue, rx) = mpsc::channel(QUEUE);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..store.write_concurrency().max(1) {
-            tokio::spawn(worker(rx.clone(), store.clone(), publisher.clone()));
+        let queues = (0..store.write_concurrency().max(1))
+            .map(|_| {
+                let (queue, rx) = mpsc::channel(QUEUE);
+                tokio::spawn(worker(rx, store.clone(), publisher.clone()));
+                queue
+            })
+            .collect();
+        GroupCommit {
+            queues,
+            hash: Default::default(),
         }
-        GroupCommit { queue }
     }
 
-    /// Stores `message` in the next batch; its outcome as `insert_message` would give it. The
-    /// event is published before this returns.
+    /// Stores `message` in the next batch of its channel's worker; its outcome as
+    /// `insert_message` would give it. The event is published before this returns.
     pub(crate) async fn send(&self, message: BatchMessage) -> StoreResult<Inserted> {
         let (reply, answer) = oneshot::channel();
-        self.queue
+        let mut h = self.hash.build_hasher();
+        message.msg.channel_id.hash(&mut h);
+        let queue = &self.queues[(h.finish() % self.queues.len() as u64) as usize];
+        queue
             .send(Pending { message, reply })
             .await
             .map_err(|_| StoreError::Unavailable("the send queue is closed".into()))?;
@@ -59,17 +76,14 @@ impl GroupCommit {
 }
 
 async fn worker(
-    rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    mut rx: mpsc::Receiver<Pending>,
     store: Arc<dyn Store>,
     publisher: Arc<dyn Publisher>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
-        {
-            let mut rx = rx.lock().await;
-            if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
-                return; // every sender is gone
-            }
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return; // every sender is gone
         }
         let (messages, replies): (Vec<_>, Vec<_>) =
             batch.drain(..).map(|p| (p.message, p.reply)).unzip();

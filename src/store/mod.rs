@@ -391,8 +391,9 @@ pub trait MessageStore: Send + Sync {
         batch: Vec<BatchMessage>,
         enc: Encoder<'_, MessageRow>,
     ) -> StoreResult<Vec<StoreResult<Inserted>>>;
-    /// How many group-commit transactions may run at once: 1 for SQLite (one writer), more
-    /// for PostgreSQL (concurrent batches overlap their round trips).
+    /// How many group-commit transactions may run at once: 1 for SQLite (one writer), one per
+    /// core (2 to 16) for PostgreSQL, where concurrent batches overlap their round trips and
+    /// commits. Each worker then owns a share of the channels.
     fn write_concurrency(&self) -> usize;
     /// One message of the tenant (deleted ones included).
     async fn message(&self, tenant: &str, message_id: &str) -> StoreResult<MessageRow>;
