@@ -14,7 +14,7 @@
 //! batches mostly queued behind each other's locks: PostgreSQL at 64 senders on 16 channels did
 //! 4.6k sends/s with four such workers, 7.5k with one.)
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -62,9 +62,8 @@ impl GroupCommit {
     /// `insert_message` would give it. The event is published before this returns.
     pub(crate) async fn send(&self, message: BatchMessage) -> StoreResult<Inserted> {
         let (reply, answer) = oneshot::channel();
-        let mut h = self.hash.build_hasher();
-        message.msg.channel_id.hash(&mut h);
-        let queue = &self.queues[(h.finish() % self.queues.len() as u64) as usize];
+        let h = self.hash.hash_one(&message.msg.channel_id);
+        let queue = &self.queues[(h % self.queues.len() as u64) as usize];
         queue
             .send(Pending { message, reply })
             .await
