@@ -476,6 +476,41 @@ async fn stream_ends_unauthenticated_when_token_expires(backend: Backend) {
     assert!(end.message().contains("expired"));
 }
 
+/// A token that expired a moment ago is still let in (30 s leeway), but the feed sends nothing
+/// after its `exp`: a replay from cursor 0, however fast the client reads, ends at once with
+/// UNAUTHENTICATED and no event.
+async fn no_replay_after_the_token_expired(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    for i in 0..40 {
+        send(&mut alice, &ch, &format!("m{i}")).await;
+    }
+    let mut c = server
+        .chat(&token_with(
+            "bob",
+            "default",
+            chat_service::auth::all_permission_names(),
+            -2,
+        ))
+        .await;
+    let mut feed = c
+        .subscribe(proto::SubscribeRequest {
+            channel_ids: vec![ch.clone()],
+            cursors: [(ch, 0)].into(),
+        })
+        .await
+        .expect("subscribe within the leeway")
+        .into_inner();
+    let first = tokio::time::timeout(WAIT, feed.message())
+        .await
+        .expect("an answer");
+    match first {
+        Err(s) => assert_eq!(s.code(), Code::Unauthenticated, "{s:?}"),
+        Ok(ev) => panic!("expected UNAUTHENTICATED before any event, got {ev:?}"),
+    }
+}
+
 async fn shutdown_closes_feeds_cleanly(backend: Backend) {
     let server = TestServer::start(backend).await;
     group(&server, "alice", &["bob"]).await;
@@ -560,6 +595,7 @@ on_every_backend!(
     cursor_beyond_end_is_out_of_range,
     read_markers_and_heartbeats_are_live_only,
     stream_ends_unauthenticated_when_token_expires,
+    no_replay_after_the_token_expired,
     shutdown_closes_feeds_cleanly,
     replay_across_removal_and_rejoin,
     stalled_reader_does_not_block_shutdown,

@@ -47,9 +47,10 @@ const PART_CONCURRENCY: usize = 1;
 pub struct Blobs {
     store: Arc<dyn ObjectStore>,
     description: String,
-    /// The local disk store, when that is where bytes live: `object_store` writes files but
-    /// never flushes them, so [`Blobs`] does (see [`sync_file`]).
-    local: Option<Arc<LocalFileSystem>>,
+    /// The local disk store and its root folder, when that is where bytes live:
+    /// `object_store` writes files but never flushes them, so [`Blobs`] does (see
+    /// [`sync_file`]).
+    local: Option<(Arc<LocalFileSystem>, std::path::PathBuf)>,
 }
 
 /// The default `STORAGE_URL`.
@@ -64,6 +65,7 @@ impl Blobs {
     pub fn from_url(url: &str) -> Result<Blobs, String> {
         if let Some(dir) = url.strip_prefix("file://") {
             std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;
+            let root = std::fs::canonicalize(dir).map_err(|e| format!("{dir}: {e}"))?;
             let fs = Arc::new(
                 LocalFileSystem::new_with_prefix(dir)
                     .map_err(|e| e.to_string())?
@@ -72,7 +74,7 @@ impl Blobs {
             return Ok(Blobs {
                 store: fs.clone(),
                 description: url.to_owned(),
-                local: Some(fs),
+                local: Some((fs, root)),
             });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
@@ -130,16 +132,20 @@ impl Blobs {
         self.store
             .put(&Path::from(key), PutPayload::from(bytes))
             .await?;
-        if let Some(path) = self.local_path(key)? {
-            sync_file(path).await?;
+        if let Some(local) = self.local_path(key)? {
+            sync_file(local).await?;
         }
         Ok(())
     }
 
-    /// The file behind `key` on the local disk store; `None` for other stores.
-    fn local_path(&self, key: &str) -> Result<Option<std::path::PathBuf>, BlobError> {
+    /// The file behind `key` on the local disk store, with the store's root; `None` for other
+    /// stores.
+    fn local_path(&self, key: &str) -> Result<Option<LocalFile>, BlobError> {
         match &self.local {
-            Some(fs) => Ok(Some(fs.path_to_filesystem(&Path::from(key))?)),
+            Some((fs, root)) => Ok(Some(LocalFile {
+                path: fs.path_to_filesystem(&Path::from(key))?,
+                root: root.clone(),
+            })),
             None => Ok(None),
         }
     }
@@ -184,7 +190,7 @@ impl Blobs {
 pub struct BlobWriter {
     inner: WriteMultipart,
     /// The file to flush once complete (local disk store only).
-    sync: Option<std::path::PathBuf>,
+    sync: Option<LocalFile>,
 }
 
 impl std::fmt::Debug for BlobWriter {
@@ -204,8 +210,8 @@ impl BlobWriter {
     /// Completes the object; on local disk it is flushed to the device before this returns.
     pub async fn finish(self) -> Result<(), BlobError> {
         self.inner.finish().await?;
-        if let Some(path) = self.sync {
-            sync_file(path).await?;
+        if let Some(local) = self.sync {
+            sync_file(local).await?;
         }
         Ok(())
     }
@@ -217,22 +223,40 @@ impl BlobWriter {
     }
 }
 
-/// Flushes a just-written file and the directory entry that names it to the device (`fsync`
-/// of both), so a stored object survives a crash or power loss once its row is committed: the
-/// database commits durably, and an attachment row must not outlive its bytes. S3 answers a
-/// completed upload only once it is stored, so this is for the local disk store alone.
+/// A file of the local disk store: its path and the store's root folder.
+#[derive(Debug, Clone)]
+struct LocalFile {
+    path: std::path::PathBuf,
+    root: std::path::PathBuf,
+}
+
+/// Flushes a just-written file to the device, then every folder from the file's own up to the
+/// store's root (`fsync` of each), so the entries naming it — including folders `object_store`
+/// just created, such as `u/<upload id>/` — survive a crash or power loss. A stored object
+/// must, because its row commits next and the database commits durably. S3 answers a completed
+/// upload only once it is stored, so this is for the local disk store alone. If the flush
+/// fails, the file is removed (best effort), so no file is left that no row names.
 ///
 /// Errors: `Unavailable` with the path and the OS error.
-async fn sync_file(path: std::path::PathBuf) -> Result<(), BlobError> {
+async fn sync_file(file: LocalFile) -> Result<(), BlobError> {
     tokio::task::spawn_blocking(move || {
+        let path = &file.path;
         let fail = |e: std::io::Error| BlobError::Unavailable(format!("{}: {e}", path.display()));
-        std::fs::File::open(&path)
+        let flushed = std::fs::File::open(path)
             .and_then(|f| f.sync_all())
-            .map_err(fail)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(fail)?;
+            .and_then(|()| {
+                let mut dir = path.parent();
+                while let Some(d) = dir.filter(|d| d.starts_with(&file.root)) {
+                    std::fs::File::open(d)?.sync_all()?;
+                    dir = d.parent();
+                }
+                Ok(())
+            });
+        if let Err(e) = flushed {
+            if let Err(rm) = std::fs::remove_file(path) {
+                tracing::warn!(error = %rm, path = %path.display(), "could not remove a file that failed to flush");
+            }
+            return Err(fail(e));
         }
         Ok(())
     })

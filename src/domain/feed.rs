@@ -35,11 +35,16 @@ pub type QueuedItem = Box<[FeedItem]>;
 
 /// Events read from storage per query while replaying or catching up.
 const REPLAY_PAGE: i64 = 256;
-/// Most events in one batch handed to the transport.
+/// Events in one batch handed to the transport: a burst drained from the hub stops at this
+/// many, and a replay hands its events over in batches of this many (a burst that fills a
+/// hole from storage can carry up to about twice as many).
 const MAX_BATCH: usize = 32;
-/// Batches the transport may hold before the feed waits for the client: with [`MAX_BATCH`], at
-/// most 256 events per stream wait here, as many as the hub buffers per feed.
-const OUT_BUFFER: usize = 8;
+/// Batches the transport may hold before the feed waits for the client: 16 events when each
+/// batch is one, up to about 1,000 in full batches.
+const OUT_BUFFER: usize = 16;
+/// How long a feed ending in an error waits for room to say so, when its client has stopped
+/// reading; after that the stream just ends (the client reconnects and hears the error then).
+const ERROR_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Chat {
     /// Subscribe: validates, registers with the hub, checks cursors, then spawns the feed.
@@ -225,7 +230,13 @@ impl Session {
             Err(e) => {
                 self.batch.push(Err(e));
                 let batch = std::mem::take(&mut self.batch).into_boxed_slice();
-                let _ = self.out.send(batch).await;
+                // Bounded: a client that stopped reading must not keep the feed registered.
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    _ = self.out.send(batch) => {}
+                    _ = shutdown.changed() => {}
+                    _ = tokio::time::sleep(ERROR_GRACE) => {}
+                }
             }
         }
     }
@@ -271,6 +282,12 @@ impl Session {
         }
         if *self.shutdown.borrow() {
             return Ok(false);
+        }
+        // Nothing goes out after the token expires, however fast the client reads; what the
+        // client did not get it is sent again after its cursor when it reconnects.
+        if tokio::time::Instant::now() >= self.deadline {
+            self.batch.clear();
+            return Err(expired());
         }
         let batch = std::mem::take(&mut self.batch).into_boxed_slice();
         let batch = match self.out.try_send(batch) {

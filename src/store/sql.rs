@@ -918,7 +918,8 @@ macro_rules! impl_store {
                 // empty), so a few statement texts cover every batch and stay prepared.
                 if Self::LOCK_CHANNELS_IN_ORDER {
                     // Concurrent batches take their channels' row locks in id order, so they
-                    // never wait on each other in a cycle.
+                    // never wait on each other in a cycle (workers own disjoint channels, but
+                    // another server process sharing the database does not know which).
                     let mut ids: Vec<&str> = by_channel.keys().map(|(c, _)| c.as_str()).collect();
                     ids.dedup();
                     let mut q = sqlx::QueryBuilder::<$db>::new("SELECT id FROM channels WHERE id IN (");
@@ -926,7 +927,9 @@ macro_rules! impl_store {
                     for i in 0..ids.len().next_power_of_two() {
                         list.push_bind(ids.get(i).copied().unwrap_or(""));
                     }
-                    q.push(") ORDER BY id FOR UPDATE");
+                    // NO KEY: like the UPDATE that follows, so inserts that only reference a
+                    // channel (foreign-key checks take KEY SHARE) are not held up.
+                    q.push(") ORDER BY id FOR NO KEY UPDATE");
                     q.build().fetch_all(&mut *tx).await?;
                 }
                 // Every channel of the batch moves on by its count of messages; RETURNING gives
@@ -1649,7 +1652,8 @@ impl PostgresStore {
     fn write_workers() -> usize {
         std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 16))
     }
-    /// Concurrent batches lock their channels with `SELECT … ORDER BY id FOR UPDATE` first.
+    /// Concurrent batches lock their channels with `SELECT … ORDER BY id FOR NO KEY UPDATE`
+    /// first.
     const LOCK_CHANNELS_IN_ORDER: bool = true;
     /// Multi-row INSERTs in power-of-two sizes, so every statement text is prepared once (a
     /// new text per batch size showed as parse time in PostgreSQL's profile).
