@@ -16,8 +16,11 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 pub const INITIAL_BUFFER_BYTES: usize = 1024;
 
 /// Bytes of encoded responses a stream gathers before handing them to the transport: several
-/// queued events go out in one HTTP/2 DATA frame up to this size (tonic's default).
-pub const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
+/// queued events go out in one HTTP/2 DATA frame up to this size. tonic's default is 32 KiB,
+/// but the buffer keeps whatever it grew to for as long as the stream is open, so one burst
+/// (a replay from a cursor) left every feed holding up to 32 KiB; 4 KiB is still ten or more
+/// events per frame.
+pub const YIELD_THRESHOLD_BYTES: usize = 4 * 1024;
 
 /// The codec named by `build.rs` (`codec_path`) for every generated client and server.
 #[derive(Debug, Clone)]
