@@ -10,25 +10,8 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e` of mimalloc v2's
-/// `mimalloc.h`; libmimalloc-sys names no constant for it).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Freed memory goes back to the OS at once rather than after mimalloc's default 10 ms, which
-/// it only counts on a thread's next allocation: memory that the tokio workers free for sqlx's
-/// SQLite threads stayed resident while those threads sat idle (chat-bench scenario 4, 10,000
-/// open streams: 16.6-17.4 KiB each by default, 12.2 KiB with this). The
-/// `MIMALLOC_PURGE_DELAY` environment variable still wins.
-fn tune_allocator() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets a plain integer option; mimalloc reads options with atomics.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-    }
-}
-
 #[tokio::main]
 async fn main() {
-    tune_allocator();
     let cli = Cli::parse();
     let level = match &cli.command {
         Command::Serve(a) => a.log_level.clone(),
