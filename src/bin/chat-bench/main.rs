@@ -5,7 +5,7 @@
 //! and writes `BENCHMARKS.md` and `results.json`.
 //!
 //! ```text
-//! scripts/bench                      # everything, SQLite and PostgreSQL (~12 min)
+//! scripts/bench                      # everything, SQLite and PostgreSQL (~7.5 min after the build)
 //! chat-bench --quick                 # a smoke run of every scenario in seconds (CI)
 //! chat-bench --backends sqlite --scenarios 1,2
 //! ```
