@@ -245,13 +245,13 @@ impl Session {
     /// items, so a busy feed wakes once per burst rather than once per event.
     async fn on_items(&mut self, first: Item, rx: &mut mpsc::Receiver<Item>) -> Go {
         let mut item = first;
-        for _ in 1..MAX_BATCH {
+        for handled in 1.. {
             let go = match item {
                 Item::Event(ev) => self.on_event(&ev).await?,
                 Item::Joined(joined) => Box::pin(self.on_joined(&joined.channel_id)).await?,
             };
-            if !go {
-                return Ok(false);
+            if !go || handled == MAX_BATCH {
+                return Ok(go);
             }
             match rx.try_recv() {
                 Ok(next) => item = next,
@@ -259,10 +259,7 @@ impl Session {
                 Err(_) => return Ok(true),
             }
         }
-        match item {
-            Item::Event(ev) => self.on_event(&ev).await,
-            Item::Joined(joined) => Box::pin(self.on_joined(&joined.channel_id)).await,
-        }
+        Ok(true)
     }
 
     /// Sends one event: adds it to the batch. Callers end each step with [`Session::flush`].

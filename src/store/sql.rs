@@ -51,6 +51,22 @@ fn insert_sizes(mut n: usize, power_of_two: bool) -> impl Iterator<Item = usize>
     })
 }
 
+/// Appends the rows of a `VALUES` list to `q`: `(…), (…), …`, each written by `bind`, for
+/// `rows` and then copies of `pad` up to the next power of two. So a batch of any size uses one
+/// of a few statement texts, each prepared once per connection; `pad` must match nothing.
+fn push_padded_rows<'a, DB: sqlx::Database, T: Copy>(
+    q: &mut sqlx::QueryBuilder<'a, DB>,
+    rows: &[T],
+    pad: T,
+    mut bind: impl FnMut(&mut sqlx::QueryBuilder<'a, DB>, T),
+) {
+    for i in 0..rows.len().next_power_of_two() {
+        q.push(if i == 0 { "(" } else { ", (" });
+        bind(q, rows.get(i).copied().unwrap_or(pad));
+        q.push(")");
+    }
+}
+
 fn to_json<T: Serialize>(v: &T) -> Option<String> {
     serde_json::to_string(v).ok()
 }
@@ -164,6 +180,18 @@ pub async fn connect(
             url.split(':').next().unwrap_or_default()
         ))),
     }
+}
+
+/// The condition a history query adds so that it returns rows only to a member of the live
+/// channel: `$1` is the channel, `$4` the viewer's user id, `$5` the viewer's tenant. A constant
+/// sub-query, evaluated once per statement, so a page costs one query. A macro, so the
+/// statement text is built at compile time (`concat!`), not on every page.
+macro_rules! viewer_is_member {
+    () => {
+        "EXISTS (SELECT 1 FROM members mb JOIN channels c ON c.id = mb.channel_id \
+         WHERE mb.channel_id = $1 AND mb.user_id = $4 AND mb.tenant_id = $5 \
+         AND c.delete_time IS NULL)"
+    };
 }
 
 macro_rules! impl_store {
@@ -941,11 +969,9 @@ macro_rules! impl_store {
                 let mut q = sqlx::QueryBuilder::<$db>::new(
                     "UPDATE channels SET last_sequence = channels.last_sequence + d.column3 FROM (VALUES ",
                 );
-                for i in 0..keys.len().next_power_of_two() {
-                    let (c, t, n) = keys.get(i).copied().unwrap_or(("", "", 0));
-                    q.push(if i == 0 { "(" } else { ", (" });
-                    q.push_bind(c).push(", ").push_bind(t).push(", ").push_bind(n).push(")");
-                }
+                push_padded_rows(&mut q, &keys, ("", "", 0), |q, (c, t, n)| {
+                    q.push_bind(c).push(", ").push_bind(t).push(", ").push_bind(n);
+                });
                 q.push(
                     ") AS d WHERE channels.id = d.column1 AND channels.tenant_id = d.column2 \
                      AND channels.delete_time IS NULL \
@@ -962,8 +988,9 @@ macro_rules! impl_store {
                 // COMMITTED a check inside the UPDATE (a sub-select) would keep the snapshot
                 // from before the lock wait and miss a removal that committed meanwhile.
                 let mut pairs: Vec<(&str, &str)> = Vec::new();
-                for ((channel, tenant), positions) in &by_channel {
-                    if lasts.contains_key(&(channel.clone(), tenant.clone())) {
+                for (key, positions) in &by_channel {
+                    let channel = &key.0;
+                    if lasts.contains_key(key) {
                         for &i in positions {
                             if let Some(b) = &batch[i] {
                                 pairs.push((channel.as_str(), b.user_id.as_str()));
@@ -973,24 +1000,20 @@ macro_rules! impl_store {
                 }
                 pairs.sort_unstable();
                 pairs.dedup();
-                let members: std::collections::HashSet<(String, String)> = if pairs.is_empty() {
-                    Default::default()
+                let member_rows: Vec<(String, String)> = if pairs.is_empty() {
+                    Vec::new()
                 } else {
                     let mut q = sqlx::QueryBuilder::<$db>::new(
                         "SELECT m.channel_id, m.user_id FROM (VALUES ",
                     );
-                    for i in 0..pairs.len().next_power_of_two() {
-                        let (c, u) = pairs.get(i).copied().unwrap_or(("", ""));
-                        q.push(if i == 0 { "(" } else { ", (" });
-                        q.push_bind(c).push(", ").push_bind(u).push(")");
-                    }
+                    push_padded_rows(&mut q, &pairs, ("", ""), |q, (c, u)| {
+                        q.push_bind(c).push(", ").push_bind(u);
+                    });
                     q.push(") AS d JOIN members m ON m.channel_id = d.column1 AND m.user_id = d.column2");
-                    q.build_query_as::<(String, String)>()
-                        .fetch_all(&mut *tx)
-                        .await?
-                        .into_iter()
-                        .collect()
+                    q.build_query_as().fetch_all(&mut *tx).await?
                 };
+                let members: std::collections::HashSet<(&str, &str)> =
+                    member_rows.iter().map(|(c, u)| (c.as_str(), u.as_str())).collect();
                 // Messages already stored under a client_message_id of this batch (under the
                 // channel locks nobody else can insert one of these keys now).
                 let mut wanted: Vec<(&str, &str, &str)> = Vec::new();
@@ -1005,27 +1028,30 @@ macro_rules! impl_store {
                 }
                 wanted.sort_unstable();
                 wanted.dedup();
-                let mut stored: HashMap<(String, String, String), MessageRow> = HashMap::new();
-                if !wanted.is_empty() {
+                let stored_rows: Vec<MessageRow> = if wanted.is_empty() {
+                    Vec::new()
+                } else {
                     let mut q = sqlx::QueryBuilder::<$db>::new("SELECT m.* FROM (VALUES ");
-                    for i in 0..wanted.len().next_power_of_two() {
-                        let (c, u, k) = wanted.get(i).copied().unwrap_or(("", "", ""));
-                        q.push(if i == 0 { "(" } else { ", (" });
-                        q.push_bind(c).push(", ").push_bind(u).push(", ").push_bind(k).push(")");
-                    }
+                    push_padded_rows(&mut q, &wanted, ("", "", ""), |q, (c, u, k)| {
+                        q.push_bind(c).push(", ").push_bind(u).push(", ").push_bind(k);
+                    });
                     q.push(
                         ") AS d JOIN messages m ON m.channel_id = d.column1 \
                          AND m.sender_id = d.column2 AND m.client_message_id = d.column3",
                     );
-                    for row in q.build_query_as::<MessageRow>().fetch_all(&mut *tx).await? {
-                        if let Some(key) = row.client_message_id.clone() {
-                            stored.insert((row.channel_id.clone(), row.sender_id.clone(), key), row);
-                        }
-                    }
-                }
-                for ((channel, tenant), positions) in &by_channel {
+                    q.build_query_as().fetch_all(&mut *tx).await?
+                };
+                let stored: HashMap<(&str, &str, &str), &MessageRow> = stored_rows
+                    .iter()
+                    .filter_map(|r| {
+                        let key = r.client_message_id.as_deref()?;
+                        Some(((r.channel_id.as_str(), r.sender_id.as_str(), key), r))
+                    })
+                    .collect();
+                for (key, positions) in &by_channel {
+                    let channel = &key.0;
                     let n = positions.len() as i64;
-                    let Some(&last) = lasts.get(&(channel.clone(), tenant.clone())) else {
+                    let Some(&last) = lasts.get(key) else {
                         for &i in positions {
                             out[i] = Some(Err(StoreError::NotFound));
                         }
@@ -1035,7 +1061,7 @@ macro_rules! impl_store {
                     let mut next = last - n;
                     for &i in positions {
                         let Some(b) = batch[i].take() else { continue };
-                        if !members.contains(&(channel.clone(), b.user_id.clone())) {
+                        if !members.contains(&(channel.as_str(), b.user_id.as_str())) {
                             out[i] = Some(Err(StoreError::NotFound));
                             continue;
                         }
@@ -1045,8 +1071,8 @@ macro_rules! impl_store {
                                 repeats.push((i, r));
                                 continue;
                             }
-                            if let Some(first) =
-                                stored.get(&(channel.clone(), b.user_id.clone(), key.clone()))
+                            if let Some(&first) =
+                                stored.get(&(channel.as_str(), b.user_id.as_str(), key.as_str()))
                             {
                                 out[i] = Some(Ok(Inserted::Existing(first.clone())));
                                 continue;
@@ -1185,15 +1211,13 @@ macro_rules! impl_store {
             ) -> StoreResult<Vec<MessageRow>> {
                 let before = before_sequence.unwrap_or(i64::MAX);
                 let (tenant, user) = viewer;
-                // The viewer's membership of the live channel is part of the same statement (a
-                // constant sub-query, evaluated once), so a page costs one query.
-                const MEMBER: &str = "EXISTS (SELECT 1 FROM members mb JOIN channels c ON c.id = mb.channel_id \
-                     WHERE mb.channel_id = $1 AND mb.user_id = $4 AND mb.tenant_id = $5 AND c.delete_time IS NULL)";
                 let rows = match parent {
                     None => {
-                        sqlx::query_as(&format!(
+                        sqlx::query_as(concat!(
                             "SELECT * FROM messages WHERE channel_id = $1 AND sequence < $2 \
-                             AND delete_time IS NULL AND {MEMBER} ORDER BY sequence DESC LIMIT $3"
+                             AND delete_time IS NULL AND ",
+                            viewer_is_member!(),
+                            " ORDER BY sequence DESC LIMIT $3"
                         ))
                         .bind(channel_id)
                         .bind(before)
@@ -1204,10 +1228,11 @@ macro_rules! impl_store {
                         .await?
                     }
                     Some(parent) => {
-                        sqlx::query_as(&format!(
+                        sqlx::query_as(concat!(
                             "SELECT * FROM messages WHERE channel_id = $1 AND parent_message_id = $6 \
-                             AND sequence < $2 AND delete_time IS NULL AND {MEMBER} \
-                             ORDER BY sequence DESC LIMIT $3"
+                             AND sequence < $2 AND delete_time IS NULL AND ",
+                            viewer_is_member!(),
+                            " ORDER BY sequence DESC LIMIT $3"
                         ))
                         .bind(channel_id)
                         .bind(before)
