@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use chat_service::store::{
     self, Actor, BatchMessage, ChannelRow, Inserted, MessagePatch, NewMessage, Role, Store,
-    StoreError,
+    StoreError, StoreResult,
 };
 use common::*;
 
@@ -512,6 +512,39 @@ fn batched(user: &str, channel: &str, body: &str, key: Option<&str>) -> BatchMes
     }
 }
 
+/// The (channel, sequence, body) of a new message at `i`; its payload is the test encoder's.
+fn new_message(outcomes: &[StoreResult<Inserted>], i: usize) -> (String, i64, String) {
+    match &outcomes[i] {
+        Ok(Inserted::New(row, payload)) => {
+            assert_eq!(payload, &row.sequence.to_be_bytes().to_vec());
+            (row.channel_id.clone(), row.sequence, row.body.clone())
+        }
+        other => panic!("{i}: {other:?}"),
+    }
+}
+
+fn assert_not_found(outcomes: &[StoreResult<Inserted>], positions: &[usize]) {
+    for &i in positions {
+        assert!(
+            matches!(outcomes[i], Err(StoreError::NotFound)),
+            "{i}: {:?}",
+            outcomes[i]
+        );
+    }
+}
+
+/// The channel's events are exactly sequences 1..=last.
+async fn assert_events_gap_free(s: &Arc<dyn Store>, channel: &str, last: i64) {
+    let seqs: Vec<i64> = s
+        .events(channel, 0, i64::MAX, 100)
+        .await
+        .expect("events")
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
+    assert_eq!(seqs, (1..=last).collect::<Vec<i64>>());
+}
+
 /// Group commit: one transaction, each message its own outcome, as one by one in batch order.
 async fn group_commit_gives_each_message_its_own_outcome(backend: Backend) {
     let (db, s) = open(backend).await;
@@ -548,24 +581,12 @@ async fn group_commit_gives_each_message_its_own_outcome(backend: Backend) {
         )
         .await
         .expect("batch");
-    let new = |i: usize| match &outcomes[i] {
-        Ok(Inserted::New(row, payload)) => {
-            assert_eq!(payload, &row.sequence.to_be_bytes().to_vec());
-            (row.channel_id.clone(), row.sequence, row.body.clone())
-        }
-        other => panic!("{i}: {other:?}"),
-    };
+    let new = |i: usize| new_message(&outcomes, i);
     assert_eq!(new(0), (a.clone(), 5, "a1".into()));
     assert_eq!(new(3), (a.clone(), 6, "a2".into()));
     assert_eq!(new(2), (b.clone(), 3, "b1".into()));
     assert_eq!(new(7), (b.clone(), 4, "b2".into()));
-    for i in [1, 4, 8] {
-        assert!(
-            matches!(outcomes[i], Err(StoreError::NotFound)),
-            "{i}: {:?}",
-            outcomes[i]
-        );
-    }
+    assert_not_found(&outcomes, &[1, 4, 8]);
     match &outcomes[5] {
         Ok(Inserted::Existing(row)) => assert_eq!(row.id, earlier.id),
         other => panic!("{other:?}"),
@@ -582,14 +603,7 @@ async fn group_commit_gives_each_message_its_own_outcome(backend: Backend) {
     assert_eq!(s.channel("t1", &a).await.expect("a").last_sequence, 6);
     assert_eq!(s.channel("t1", &b).await.expect("b").last_sequence, 4);
     for (ch, last) in [(&a, 6), (&b, 4)] {
-        let seqs: Vec<i64> = s
-            .events(ch, 0, i64::MAX, 100)
-            .await
-            .expect("events")
-            .iter()
-            .map(|e| e.sequence)
-            .collect();
-        assert_eq!(seqs, (1..=last).collect::<Vec<i64>>());
+        assert_events_gap_free(&s, ch, last).await;
     }
     assert_eq!(db.count("events").await, events_before + 4);
     assert_eq!(db.count("audit_logs").await, audits_before + 4);
@@ -599,6 +613,64 @@ async fn group_commit_gives_each_message_its_own_outcome(backend: Backend) {
         .await
         .expect("empty")
         .is_empty());
+}
+
+/// The common case (every sender a member, no key stored before), which PostgreSQL commits in
+/// one write statement: repeats within the batch, missing channels and another tenant's
+/// channel still get their own outcomes, and the sequences stay gap-free.
+async fn group_commit_of_members_only(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let a = group_with(&s, &["u1", "u2"]).await; // sequences 1-3 taken by members
+    let b = group_with(&s, &["u1"]).await; // 1-2
+    let missing = uuid::Uuid::now_v7().to_string();
+    let audits_before = db.count("audit_logs").await;
+    let outcomes = s
+        .insert_messages(
+            vec![
+                batched("u2", &a, "a1", Some("k1")),
+                batched("u1", &b, "b1", None),
+                batched("u2", &a, "a1 again", Some("k1")),
+                batched("u1", &missing, "no such channel", None),
+                batched("u1", &a, "a2", Some("k1")), // same key, another sender
+                BatchMessage {
+                    tenant_id: "other-tenant".into(),
+                    ..batched("u1", &b, "another tenant", None)
+                },
+            ],
+            &enc,
+        )
+        .await
+        .expect("batch");
+    let new = |i: usize| new_message(&outcomes, i);
+    assert_eq!(new(0), (a.clone(), 4, "a1".into()));
+    assert_eq!(new(4), (a.clone(), 5, "a2".into()));
+    assert_eq!(new(1), (b.clone(), 3, "b1".into()));
+    match (&outcomes[0], &outcomes[2]) {
+        (Ok(Inserted::New(first, _)), Ok(Inserted::Existing(again))) => {
+            assert_eq!(first.id, again.id)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_not_found(&outcomes, &[3, 5]);
+    for (ch, last) in [(&a, 5), (&b, 3)] {
+        assert_eq!(
+            s.channel("t1", ch).await.expect("channel").last_sequence,
+            last
+        );
+        assert_events_gap_free(&s, ch, last).await;
+    }
+    assert_eq!(db.count("messages").await, 3);
+    assert_eq!(db.count("audit_logs").await, audits_before + 3);
+    // Stored rows are what the outcomes said.
+    let stored = s
+        .list_messages(("t1", "u2"), &a, None, None, 10)
+        .await
+        .expect("history");
+    let bodies: Vec<&str> = stored.iter().map(|m| m.body.as_str()).collect();
+    assert!(
+        bodies.contains(&"a1") && bodies.contains(&"a2"),
+        "{bodies:?}"
+    );
 }
 
 /// Concurrent batches over the same channels, listed in different orders: no deadlock, no gap.
@@ -694,6 +766,7 @@ async fn postgres_group_commit_sees_a_removal_that_committed_during_its_lock_wai
 
 on_every_backend!(
     group_commit_gives_each_message_its_own_outcome,
+    group_commit_of_members_only,
     concurrent_group_commits_interleave_without_gaps,
     sequences_are_gap_free_under_concurrency,
     idempotent_insert_races_give_one_message,

@@ -80,7 +80,8 @@ pub struct SqliteStore {
     read: SqlitePool,
 }
 
-/// PostgreSQL: one pool; row locks on `channels` order each channel's writes.
+/// PostgreSQL: a pool for writes (generic plans, see [`connect`]) and one for reads; row locks
+/// on `channels` order each channel's writes.
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
     write: PgPool,
@@ -159,21 +160,31 @@ pub async fn connect(
             if let Some(schema) = schema {
                 opts = opts.options([("search_path", schema)]);
             }
-            let pool = PgPoolOptions::new()
+            // Writes run on connections of their own that plan each statement once: the
+            // group commit's one write (`OPTIMISTIC_BATCH_WRITE`) took 0.3 ms to plan per
+            // execution under PostgreSQL's default (custom plans for array parameters), more
+            // than it took to run. Writes look rows up by key, so the generic plan is the one
+            // a custom plan would pick anyway.
+            let write = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(
+                    opts.clone()
+                        .options([("plan_cache_mode", "force_generic_plan")]),
+                )
+                .await?;
+            if migrate {
+                sqlx::migrate!("migrations/postgres")
+                    .run(&write)
+                    .await
+                    .map_err(|e| StoreError::Internal(e.to_string()))?;
+            }
+            let read = PgPoolOptions::new()
                 .max_connections(32)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(opts)
                 .await?;
-            if migrate {
-                sqlx::migrate!("migrations/postgres")
-                    .run(&pool)
-                    .await
-                    .map_err(|e| StoreError::Internal(e.to_string()))?;
-            }
-            Ok(Arc::new(PostgresStore {
-                write: pool.clone(),
-                read: pool,
-            }))
+            Ok(Arc::new(PostgresStore { write, read }))
         }
         None => Err(StoreError::Internal(format!(
             "unsupported database URL scheme in {:?} (use sqlite: or postgres:)",
@@ -926,6 +937,9 @@ macro_rules! impl_store {
                 batch: Vec<BatchMessage>,
                 enc: Encoder<'_, MessageRow>,
             ) -> StoreResult<Vec<StoreResult<Inserted>>> {
+                if let Some(out) = self.insert_messages_optimistic(&batch, enc).await? {
+                    return Ok(out);
+                }
                 let mut out: Vec<Option<StoreResult<Inserted>>> = vec![None; batch.len()];
                 // (channel, tenant) → batch positions, channels in id order: every batch takes
                 // its locks in the same order.
@@ -1668,6 +1682,212 @@ impl SqliteStore {
     /// One INSERT per table per batch, of the batch's exact size: SQLite parses a statement in
     /// microseconds, less than the round trip to its worker thread that a second one costs.
     const POWER_OF_TWO_INSERTS: bool = false;
+}
+
+impl SqliteStore {
+    /// SQLite has no data-modifying `WITH`: every batch takes the general path.
+    async fn insert_messages_optimistic(
+        &self,
+        _batch: &[BatchMessage],
+        _enc: Encoder<'_, MessageRow>,
+    ) -> StoreResult<Option<Vec<StoreResult<Inserted>>>> {
+        Ok(None)
+    }
+}
+
+/// The one write of the optimistic group commit on PostgreSQL. `d` holds the batch's new
+/// messages as parallel arrays ($1-$13); `ok` checks, on a snapshot taken after the channel
+/// locks, that every sender is a member and that no message under its `client_message_id` is
+/// stored; only then do the four writes happen: channels move to their new last sequence
+/// ($14/$15), and the messages, their events and their audit rows ($16: the create time) go
+/// in. One statement text for every batch size, so it is prepared once per connection.
+const OPTIMISTIC_BATCH_WRITE: &str = "\
+WITH d AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
+                         $11::bytea[], $12::text[], $13::text[])
+        AS t(id, tenant_id, channel_id, sender_id, body, subject, parent_message_id,
+             client_message_id, forwarded_from_message_id, sequence, payload, audit_id,
+             audit_json)
+), ok AS (
+    SELECT bool_and(
+        EXISTS (SELECT 1 FROM members m
+                WHERE m.channel_id = d.channel_id AND m.user_id = d.sender_id)
+        AND NOT EXISTS (SELECT 1 FROM messages x
+                        WHERE x.channel_id = d.channel_id AND x.sender_id = d.sender_id
+                          AND x.client_message_id = d.client_message_id)
+    ) AS all_ok FROM d
+), advance AS (
+    UPDATE channels c SET last_sequence = v.last
+    FROM unnest($14::text[], $15::bigint[]) AS v(id, last), ok
+    WHERE ok.all_ok AND c.id = v.id
+), msg AS (
+    INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, subject,
+                          parent_message_id, attachment_ids, client_message_id,
+                          forwarded_from_message_id, sequence, version, create_time)
+    SELECT id, tenant_id, channel_id, sender_id, body, subject, parent_message_id, '[]',
+           client_message_id, forwarded_from_message_id, sequence, 1, $16
+    FROM d, ok WHERE ok.all_ok
+), ev AS (
+    INSERT INTO events (channel_id, sequence, payload)
+    SELECT channel_id, sequence, payload FROM d, ok WHERE ok.all_ok
+), au AS (
+    INSERT INTO audit_logs (id, tenant_id, operation, table_name, entity_id, actor_id,
+                            before_json, after_json, create_time)
+    SELECT audit_id, tenant_id, 'create', 'messages', id, sender_id, NULL, audit_json, $16
+    FROM d, ok WHERE ok.all_ok
+)
+SELECT all_ok FROM ok";
+
+impl PostgresStore {
+    /// The group commit's common case (every sender a member, no `client_message_id` already
+    /// stored) in four round trips, against eight or more on the general path: `BEGIN`; lock
+    /// the batch's channels in id order and read their last sequences; one statement
+    /// ([`OPTIMISTIC_BATCH_WRITE`]) that checks the assumption and, only when it holds, writes
+    /// everything; `COMMIT`. The check runs in a statement after the locks, so on READ
+    /// COMMITTED it sees every membership change that committed while the batch waited.
+    ///
+    /// `Ok(None)` when the assumption fails (or a concurrent process stored one of the keys
+    /// first): nothing was written, and the caller takes the general path, which sorts out
+    /// each message on its own. Channels that are missing, deleted or of another tenant are
+    /// answered `NotFound` here, as there.
+    async fn insert_messages_optimistic(
+        &self,
+        batch: &[BatchMessage],
+        enc: Encoder<'_, MessageRow>,
+    ) -> StoreResult<Option<Vec<StoreResult<Inserted>>>> {
+        let mut by_channel: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
+        for (i, b) in batch.iter().enumerate() {
+            by_channel
+                .entry((b.msg.channel_id.as_str(), b.tenant_id.as_str()))
+                .or_default()
+                .push(i);
+        }
+        let mut ids: Vec<&str> = by_channel.keys().map(|(c, _)| *c).collect();
+        ids.dedup();
+        let mut tx = self.write.begin().await?;
+        // ORDER BY puts the row locks in id order: concurrent batches (here or in another
+        // process) never wait on each other in a cycle. A locking read returns the newest
+        // version of each row, so `last_sequence` is current.
+        let locked: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT id, tenant_id, last_sequence FROM channels \
+             WHERE id = ANY($1) AND delete_time IS NULL ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let last_of: HashMap<(&str, &str), i64> = locked
+            .iter()
+            .map(|(c, t, last)| ((c.as_str(), t.as_str()), *last))
+            .collect();
+        let now = now_micros();
+        let mut out: Vec<Option<StoreResult<Inserted>>> = vec![None; batch.len()];
+        let mut rows: Vec<(usize, MessageRow)> = Vec::with_capacity(batch.len());
+        // Repeats of a client_message_id within the batch: (position, row index).
+        let mut repeats: Vec<(usize, usize)> = Vec::new();
+        let mut advanced: Vec<(&str, i64)> = Vec::with_capacity(by_channel.len());
+        for (&(channel, tenant), positions) in &by_channel {
+            let Some(&last) = last_of.get(&(channel, tenant)) else {
+                for &i in positions {
+                    out[i] = Some(Err(StoreError::NotFound));
+                }
+                continue;
+            };
+            let mut next = last;
+            let mut keys: HashMap<(&str, &str), usize> = HashMap::new();
+            for &i in positions {
+                let b = &batch[i];
+                if let Some(key) = &b.msg.client_message_id {
+                    match keys.entry((b.user_id.as_str(), key.as_str())) {
+                        std::collections::hash_map::Entry::Occupied(first) => {
+                            repeats.push((i, *first.get()));
+                            continue;
+                        }
+                        std::collections::hash_map::Entry::Vacant(slot) => {
+                            slot.insert(rows.len());
+                        }
+                    }
+                }
+                next += 1;
+                let m = &b.msg;
+                rows.push((
+                    i,
+                    MessageRow {
+                        id: Uuid::now_v7().to_string(),
+                        tenant_id: b.tenant_id.clone(),
+                        channel_id: m.channel_id.clone(),
+                        sender_id: b.user_id.clone(),
+                        body: m.body.clone(),
+                        subject: m.subject.clone(),
+                        parent_message_id: m.parent_message_id.clone(),
+                        attachment_ids: "[]".to_owned(),
+                        client_message_id: m.client_message_id.clone(),
+                        forwarded_from_message_id: m.forwarded_from_message_id.clone(),
+                        sequence: next,
+                        version: 1,
+                        create_time: now,
+                        update_time: None,
+                        delete_time: None,
+                        deleted_by: None,
+                    },
+                ));
+            }
+            advanced.push((channel, next));
+        }
+        if !rows.is_empty() {
+            let payloads: Vec<Vec<u8>> = rows.iter().map(|(_, r)| enc(r, r.sequence)).collect();
+            let audit_ids: Vec<String> = rows.iter().map(|_| Uuid::now_v7().to_string()).collect();
+            let audit_json: Vec<Option<String>> = rows.iter().map(|(_, r)| to_json(r)).collect();
+            let text = |f: fn(&MessageRow) -> &str| -> Vec<&str> {
+                rows.iter().map(|(_, r)| f(r)).collect()
+            };
+            let opt = |f: fn(&MessageRow) -> Option<&str>| -> Vec<Option<&str>> {
+                rows.iter().map(|(_, r)| f(r)).collect()
+            };
+            let written = sqlx::query_scalar::<_, Option<bool>>(OPTIMISTIC_BATCH_WRITE)
+                .bind(text(|r| &r.id))
+                .bind(text(|r| &r.tenant_id))
+                .bind(text(|r| &r.channel_id))
+                .bind(text(|r| &r.sender_id))
+                .bind(text(|r| &r.body))
+                .bind(text(|r| &r.subject))
+                .bind(opt(|r| r.parent_message_id.as_deref()))
+                .bind(opt(|r| r.client_message_id.as_deref()))
+                .bind(opt(|r| r.forwarded_from_message_id.as_deref()))
+                .bind(rows.iter().map(|(_, r)| r.sequence).collect::<Vec<i64>>())
+                .bind(&payloads)
+                .bind(&audit_ids)
+                .bind(&audit_json)
+                .bind(advanced.iter().map(|(c, _)| *c).collect::<Vec<&str>>())
+                .bind(advanced.iter().map(|(_, last)| *last).collect::<Vec<i64>>())
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(StoreError::from);
+            match written {
+                Ok(Some(true)) => {}
+                // Dropping the transaction rolls it back: nothing of this batch is stored.
+                Ok(_) | Err(StoreError::Conflict) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            tx.commit().await?;
+            for (i, r) in repeats {
+                out[i] = Some(Ok(Inserted::Existing(rows[r].1.clone())));
+            }
+            for ((i, row), payload) in rows.into_iter().zip(payloads) {
+                out[i] = Some(Ok(Inserted::New(row, payload)));
+            }
+        }
+        Ok(Some(
+            out.into_iter()
+                .map(|o| {
+                    o.unwrap_or_else(|| {
+                        Err(StoreError::Internal("batch item without outcome".into()))
+                    })
+                })
+                .collect(),
+        ))
+    }
 }
 
 impl PostgresStore {
