@@ -61,6 +61,10 @@ struct Args {
     /// Override the seconds per open-loop level.
     #[arg(long)]
     open_loop_seconds: Option<f64>,
+    /// Scenario 2's full load in sends/s, for running it without scenario 1 (which otherwise
+    /// gives its best rate).
+    #[arg(long)]
+    full_load: Option<f64>,
     /// Internal: serve only gRPC health on 127.0.0.1:0 (the bare-tonic baseline).
     #[arg(long, hide = true)]
     echo_server: bool,
@@ -272,7 +276,9 @@ async fn run(args: Args) -> BenchResult<()> {
                         .filter_map(|r| r["per_second"].as_f64())
                         .fold(0.0, f64::max)
                 })
-                .unwrap_or(0.0);
+                .filter(|&best| best > 0.0)
+                .or(args.full_load)
+                .ok_or("scenario 2 needs scenario 1 in the same run, or --full-load")?;
             say(&format!(
                 "{}: 2. latency at fixed load (best {best:.0}/s)",
                 backend.name()

@@ -289,12 +289,25 @@ pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<
         let errors = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
         let mut inflight = tokio::task::JoinSet::new();
-        // How late the generator itself issues each send (timer granularity, scheduling):
-        // part of every latency below, reported so it is not mistaken for the server's.
+        // The arrival schedule is kept by a thread of its own: tokio's timer fires on whole
+        // milliseconds, which issued every send up to 1 ms late and in bunches, one per tick.
+        // A thread's sleep wakes within tens of microseconds of the due time.
+        let (ticks, mut due_times) = tokio::sync::mpsc::unbounded_channel();
+        let pacer = std::thread::spawn(move || {
+            for k in 0..total {
+                let due = start + Duration::from_secs_f64(k as f64 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if ticks.send((k, due)).is_err() {
+                    return;
+                }
+            }
+        });
+        // How late the generator itself issues each send (waking, scheduling): part of every
+        // latency below, reported so it is not mistaken for the server's.
         let mut lag = histogram();
-        for k in 0..total {
-            let due = start + Duration::from_secs_f64(k as f64 / rate);
-            tokio::time::sleep_until(due.into()).await;
+        while let Some((k, due)) = due_times.recv().await {
             record(&mut lag, due.elapsed());
             let mut client = clients[(k % 8) as usize].clone();
             let req = send_req(&channels[(k % 16) as usize], stamped(epoch, due));
@@ -313,6 +326,7 @@ pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<
             });
             while inflight.try_join_next().is_some() {}
         }
+        pacer.join().map_err(|_| "the pacer thread panicked")?;
         while inflight.join_next().await.is_some() {}
         let sent_secs = start.elapsed().as_secs_f64();
         let delivery = match tokio::time::timeout(Duration::from_secs(30), receiver).await {
