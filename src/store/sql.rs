@@ -154,7 +154,10 @@ pub async fn connect(
             let read = SqlitePoolOptions::new()
                 .max_connections(8)
                 .test_before_acquire(false)
-                .connect_with(opts.read_only(true))
+                // A page (up to MAX_PAGE_SIZE + 1 rows) is handed over without the worker
+                // thread stopping to wait for the reader: at the default of 50 rows, a page of
+                // 50 (51 rows asked for) blocked it once per page.
+                .connect_with(opts.read_only(true).row_buffer_size(256))
                 .await?;
             Ok(Arc::new(SqliteStore { write, read }))
         }

@@ -243,7 +243,12 @@ async fn run(args: Args) -> BenchResult<()> {
         secret: "bench-secret-0123456789abcdef".into(),
         ids: AtomicU64::new(0),
     };
-    let wants = |n: u8| args.scenarios.contains(&n);
+    // Scenario 2's load levels are fractions of scenario 1's best rate, so 2 brings 1 along
+    // unless --full-load gives the rate.
+    let wants = |n: u8| {
+        args.scenarios.contains(&n)
+            || (n == 1 && args.full_load.is_none() && args.scenarios.contains(&2))
+    };
     let mut results = json!({
         "machine": report::machine(&bench).await,
         "plan": serde_json::to_value(&bench.plan)?,
@@ -253,13 +258,13 @@ async fn run(args: Args) -> BenchResult<()> {
 
     say("baseline: sequential disk write (dd, fdatasync)");
     results["baselines"]["disk"] = baselines::disk(&bench).await?;
-    if wants(1) || wants(2) {
+    if wants(1) {
         say("baseline: bare tonic server (gRPC health check, no database)");
         results["baselines"]["echo"] = baselines::echo(&bench).await?;
     }
     for &backend in &args.backends {
         let mut out = json!({});
-        if wants(1) || wants(2) {
+        if wants(1) {
             say(&format!("{}: baseline single-row INSERT", backend.name()));
             out["insert_baseline"] = match backend {
                 Backend::Postgres => baselines::pgbench(&bench).await?,
