@@ -671,6 +671,29 @@ async fn group_commit_of_members_only(backend: Backend) {
         bodies.contains(&"a1") && bodies.contains(&"a2"),
         "{bodies:?}"
     );
+    // Next batches: on PostgreSQL the store now knows both channels' last sequences and
+    // commits in one call. A membership change moves `a` on behind its back (sequence 6): the
+    // call must notice, write nothing, and leave it to the longer way.
+    let next = s
+        .insert_messages(vec![batched("u1", &b, "b2", None)], &enc)
+        .await
+        .expect("batch");
+    assert_eq!(new_message(&next, 0), (b.clone(), 4, "b2".into()));
+    s.add_members(actor("owner"), &a, &["u3".into()], Role::Member, &enc)
+        .await
+        .expect("add");
+    let next = s
+        .insert_messages(
+            vec![batched("u3", &a, "a3", None), batched("u1", &b, "b3", None)],
+            &enc,
+        )
+        .await
+        .expect("batch");
+    assert_eq!(new_message(&next, 0), (a.clone(), 7, "a3".into()));
+    assert_eq!(new_message(&next, 1), (b.clone(), 5, "b3".into()));
+    assert_events_gap_free(&s, &a, 7).await;
+    assert_events_gap_free(&s, &b, 5).await;
+    assert_eq!(db.count("messages").await, 6);
 }
 
 /// Concurrent batches over the same channels, listed in different orders: no deadlock, no gap.
@@ -727,6 +750,16 @@ async fn concurrent_group_commits_interleave_without_gaps(backend: Backend) {
 async fn postgres_group_commit_sees_a_removal_that_committed_during_its_lock_wait() {
     let (db, s) = open(Backend::Postgres).await;
     let ch = group_with(&s, &["u1"]).await;
+    // A first batch, so the store knows the channel's last sequence (3) and the next batch
+    // takes the one-call path, whose check must also come after the lock.
+    let first = s
+        .insert_messages(vec![batched("u1", &ch, "before my removal", None)], &enc)
+        .await
+        .expect("batch");
+    assert_eq!(
+        new_message(&first, 0),
+        (ch.clone(), 3, "before my removal".into())
+    );
     let schema = db.schema.clone().expect("schema");
     let pool = sqlx::PgPool::connect(&db.url).await.expect("pg");
     let mut remover = pool.begin().await.expect("begin");
@@ -760,8 +793,8 @@ async fn postgres_group_commit_sees_a_removal_that_committed_during_its_lock_wai
         "{outcome:?}"
     );
     let last = s.channel("t1", &ch).await.expect("channel").last_sequence;
-    assert_eq!(last, 2, "no sequence taken");
-    assert_eq!(db.count("messages").await, 0);
+    assert_eq!(last, 3, "no sequence taken");
+    assert_eq!(db.count("messages").await, 1);
 }
 
 on_every_backend!(

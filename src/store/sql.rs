@@ -80,12 +80,15 @@ pub struct SqliteStore {
     read: SqlitePool,
 }
 
-/// PostgreSQL: a pool for writes and one for reads, both with generic plans (see [`connect`]);
-/// row locks on `channels` order each channel's writes.
+/// PostgreSQL: a pool for writes and one for reads; row locks on `channels` order each
+/// channel's writes.
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
     write: PgPool,
     read: PgPool,
+    /// channel id → (tenant, last sequence) as this store's last batch there left it: lets the
+    /// next batch of those channels commit in one round trip. A hint only.
+    known_sequences: Arc<std::sync::Mutex<HashMap<String, (String, i64)>>>,
 }
 
 /// Which database a URL names.
@@ -166,13 +169,6 @@ pub async fn connect(
             if let Some(schema) = schema {
                 opts = opts.options([("search_path", schema)]);
             }
-            // Every statement is planned once per connection, not on every execution. Under
-            // PostgreSQL's default (a custom plan per execution while it costs less than the
-            // generic one) the planner was half of the database's CPU for history pages at 16
-            // readers, and 0.3 ms of every group commit's write (`OPTIMISTIC_BATCH_WRITE`),
-            // more than running it. Every statement here looks rows up by key or by a key
-            // range, where the generic plan is the one a custom plan would pick.
-            let opts = opts.options([("plan_cache_mode", "force_generic_plan")]);
             // Writes have a pool of their own, so history readers never hold up a commit.
             let write = PgPoolOptions::new()
                 .max_connections(16)
@@ -190,7 +186,11 @@ pub async fn connect(
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(opts)
                 .await?;
-            Ok(Arc::new(PostgresStore { write, read }))
+            Ok(Arc::new(PostgresStore {
+                write,
+                read,
+                known_sequences: Default::default(),
+            }))
         }
         None => Err(StoreError::Internal(format!(
             "unsupported database URL scheme in {:?} (use sqlite: or postgres:)",
@@ -977,7 +977,9 @@ macro_rules! impl_store {
                     }
                     // NO KEY: like the UPDATE that follows, so inserts that only reference a
                     // channel (foreign-key checks take KEY SHARE) are not held up.
-                    q.push(") ORDER BY id FOR NO KEY UPDATE");
+                    // Bytewise order, as the batch lists them (and as chat_append_messages
+                    // takes them), whatever the database's collation.
+                    q.push(") ORDER BY id COLLATE \"C\" FOR NO KEY UPDATE");
                     q.build().fetch_all(&mut *tx).await?;
                 }
                 // Every channel of the batch moves on by its count of messages; RETURNING gives
@@ -1716,98 +1718,39 @@ impl SqliteStore {
     }
 }
 
-/// The one write of the optimistic group commit on PostgreSQL. `d` holds the batch's new
-/// messages as parallel arrays ($1-$13); `ok` checks, on a snapshot taken after the channel
-/// locks, that every sender is a member and that no message under its `client_message_id` is
-/// stored; only then do the four writes happen: channels move to their new last sequence
-/// ($14/$15), and the messages, their events and their audit rows ($16: the create time) go
-/// in. One statement text for every batch size, so it is prepared once per connection.
-const OPTIMISTIC_BATCH_WRITE: &str = "\
-WITH d AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
-                         $11::bytea[], $12::text[], $13::text[])
-        AS t(id, tenant_id, channel_id, sender_id, body, subject, parent_message_id,
-             client_message_id, forwarded_from_message_id, sequence, payload, audit_id,
-             audit_json)
-), ok AS (
-    SELECT bool_and(
-        EXISTS (SELECT 1 FROM members m
-                WHERE m.channel_id = d.channel_id AND m.user_id = d.sender_id)
-        AND NOT EXISTS (SELECT 1 FROM messages x
-                        WHERE x.channel_id = d.channel_id AND x.sender_id = d.sender_id
-                          AND x.client_message_id = d.client_message_id)
-    ) AS all_ok FROM d
-), advance AS (
-    UPDATE channels c SET last_sequence = v.last
-    FROM unnest($14::text[], $15::bigint[]) AS v(id, last), ok
-    WHERE ok.all_ok AND c.id = v.id
-), msg AS (
-    INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, subject,
-                          parent_message_id, attachment_ids, client_message_id,
-                          forwarded_from_message_id, sequence, version, create_time)
-    SELECT id, tenant_id, channel_id, sender_id, body, subject, parent_message_id, '[]',
-           client_message_id, forwarded_from_message_id, sequence, 1, $16
-    FROM d, ok WHERE ok.all_ok
-), ev AS (
-    INSERT INTO events (channel_id, sequence, payload)
-    SELECT channel_id, sequence, payload FROM d, ok WHERE ok.all_ok
-), au AS (
-    INSERT INTO audit_logs (id, tenant_id, operation, table_name, entity_id, actor_id,
-                            before_json, after_json, create_time)
-    SELECT audit_id, tenant_id, 'create', 'messages', id, sender_id, NULL, audit_json, $16
-    FROM d, ok WHERE ok.all_ok
-)
-SELECT all_ok FROM ok";
+/// One group-commit batch laid out for `chat_append_messages`, given each channel's last
+/// sequence: the new rows with their sequences, ids and encoded events, and what every position
+/// of the batch gets.
+struct BatchPlan<'b> {
+    /// Outcomes decided already: `NotFound` for unknown channels, repeats below.
+    out: Vec<Option<StoreResult<Inserted>>>,
+    /// (batch position, new row), in channel order, each channel's rows in batch order.
+    rows: Vec<(usize, MessageRow)>,
+    /// The encoded event of each row.
+    payloads: Vec<Vec<u8>>,
+    /// Repeats of a client_message_id within the batch: (position, index into `rows`).
+    repeats: Vec<(usize, usize)>,
+    /// (channel, tenant, last sequence now, last sequence after the batch).
+    channels: Vec<(&'b str, &'b str, i64, i64)>,
+    now: i64,
+}
 
-impl PostgresStore {
-    /// The group commit's common case (every sender a member, no `client_message_id` already
-    /// stored) in four round trips, against eight or more on the general path: `BEGIN`; lock
-    /// the batch's channels in id order and read their last sequences; one statement
-    /// ([`OPTIMISTIC_BATCH_WRITE`]) that checks the assumption and, only when it holds, writes
-    /// everything; `COMMIT`. The check runs in a statement after the locks, so on READ
-    /// COMMITTED it sees every membership change that committed while the batch waited.
-    ///
-    /// `Ok(None)` when the assumption fails (or a concurrent process stored one of the keys
-    /// first): nothing was written, and the caller takes the general path, which sorts out
-    /// each message on its own. Channels that are missing, deleted or of another tenant are
-    /// answered `NotFound` here, as there.
-    async fn insert_messages_optimistic(
-        &self,
-        batch: &[BatchMessage],
+impl<'b> BatchPlan<'b> {
+    /// Lays out `batch` for channels whose last sequences are `last_of` (a channel not in it
+    /// gets `NotFound`): sequences follow on gap-free in batch order, ids are UUIDv7 taken in
+    /// that order.
+    fn new(
+        batch: &'b [BatchMessage],
+        by_channel: &BTreeMap<(&'b str, &'b str), Vec<usize>>,
+        last_of: &HashMap<(&str, &str), i64>,
         enc: Encoder<'_, MessageRow>,
-    ) -> StoreResult<Option<Vec<StoreResult<Inserted>>>> {
-        let mut by_channel: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
-        for (i, b) in batch.iter().enumerate() {
-            by_channel
-                .entry((b.msg.channel_id.as_str(), b.tenant_id.as_str()))
-                .or_default()
-                .push(i);
-        }
-        let mut ids: Vec<&str> = by_channel.keys().map(|(c, _)| *c).collect();
-        ids.dedup();
-        let mut tx = self.write.begin().await?;
-        // ORDER BY puts the row locks in id order: concurrent batches (here or in another
-        // process) never wait on each other in a cycle. A locking read returns the newest
-        // version of each row, so `last_sequence` is current.
-        let locked: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT id, tenant_id, last_sequence FROM channels \
-             WHERE id = ANY($1) AND delete_time IS NULL ORDER BY id FOR NO KEY UPDATE",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let last_of: HashMap<(&str, &str), i64> = locked
-            .iter()
-            .map(|(c, t, last)| ((c.as_str(), t.as_str()), *last))
-            .collect();
+    ) -> BatchPlan<'b> {
         let now = now_micros();
         let mut out: Vec<Option<StoreResult<Inserted>>> = vec![None; batch.len()];
         let mut rows: Vec<(usize, MessageRow)> = Vec::with_capacity(batch.len());
-        // Repeats of a client_message_id within the batch: (position, row index).
         let mut repeats: Vec<(usize, usize)> = Vec::new();
-        let mut advanced: Vec<(&str, i64)> = Vec::with_capacity(by_channel.len());
-        for (&(channel, tenant), positions) in &by_channel {
+        let mut channels = Vec::with_capacity(by_channel.len());
+        for (&(channel, tenant), positions) in by_channel {
             let Some(&last) = last_of.get(&(channel, tenant)) else {
                 for &i in positions {
                     out[i] = Some(Err(StoreError::NotFound));
@@ -1853,61 +1796,178 @@ impl PostgresStore {
                     },
                 ));
             }
-            advanced.push((channel, next));
+            channels.push((channel, tenant, last, next));
         }
-        if !rows.is_empty() {
-            let payloads: Vec<Vec<u8>> = rows.iter().map(|(_, r)| enc(r, r.sequence)).collect();
-            let audit_ids: Vec<String> = rows.iter().map(|_| Uuid::now_v7().to_string()).collect();
-            let audit_json: Vec<Option<String>> = rows.iter().map(|(_, r)| to_json(r)).collect();
-            let text = |f: fn(&MessageRow) -> &str| -> Vec<&str> {
-                rows.iter().map(|(_, r)| f(r)).collect()
-            };
-            let opt = |f: fn(&MessageRow) -> Option<&str>| -> Vec<Option<&str>> {
-                rows.iter().map(|(_, r)| f(r)).collect()
-            };
-            let written = sqlx::query_scalar::<_, Option<bool>>(OPTIMISTIC_BATCH_WRITE)
-                .bind(text(|r| &r.id))
-                .bind(text(|r| &r.tenant_id))
-                .bind(text(|r| &r.channel_id))
-                .bind(text(|r| &r.sender_id))
-                .bind(text(|r| &r.body))
-                .bind(text(|r| &r.subject))
-                .bind(opt(|r| r.parent_message_id.as_deref()))
-                .bind(opt(|r| r.client_message_id.as_deref()))
-                .bind(opt(|r| r.forwarded_from_message_id.as_deref()))
-                .bind(rows.iter().map(|(_, r)| r.sequence).collect::<Vec<i64>>())
-                .bind(&payloads)
-                .bind(&audit_ids)
-                .bind(&audit_json)
-                .bind(advanced.iter().map(|(c, _)| *c).collect::<Vec<&str>>())
-                .bind(advanced.iter().map(|(_, last)| *last).collect::<Vec<i64>>())
-                .bind(now)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(StoreError::from);
-            match written {
-                Ok(Some(true)) => {}
-                // Dropping the transaction rolls it back: nothing of this batch is stored.
-                Ok(_) | Err(StoreError::Conflict) => return Ok(None),
-                Err(e) => return Err(e),
-            }
-            tx.commit().await?;
-            for (i, r) in repeats {
-                out[i] = Some(Ok(Inserted::Existing(rows[r].1.clone())));
-            }
-            for ((i, row), payload) in rows.into_iter().zip(payloads) {
-                out[i] = Some(Ok(Inserted::New(row, payload)));
+        let payloads = rows.iter().map(|(_, r)| enc(r, r.sequence)).collect();
+        BatchPlan {
+            out,
+            rows,
+            payloads,
+            repeats,
+            channels,
+            now,
+        }
+    }
+
+    /// Binds $1-$16 of `chat_append_messages`: the rows as parallel arrays, each channel's new
+    /// last sequence, the create time.
+    fn bind<'q, O>(
+        &'q self,
+        q: sqlx::query::QueryScalar<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryScalar<'q, Postgres, O, sqlx::postgres::PgArguments> {
+        let rows = &self.rows;
+        let text =
+            |f: fn(&MessageRow) -> &str| -> Vec<&str> { rows.iter().map(|(_, r)| f(r)).collect() };
+        let opt = |f: fn(&MessageRow) -> Option<&str>| -> Vec<Option<&str>> {
+            rows.iter().map(|(_, r)| f(r)).collect()
+        };
+        q.bind(text(|r| &r.id))
+            .bind(text(|r| &r.tenant_id))
+            .bind(text(|r| &r.channel_id))
+            .bind(text(|r| &r.sender_id))
+            .bind(text(|r| &r.body))
+            .bind(text(|r| &r.subject))
+            .bind(opt(|r| r.parent_message_id.as_deref()))
+            .bind(opt(|r| r.client_message_id.as_deref()))
+            .bind(opt(|r| r.forwarded_from_message_id.as_deref()))
+            .bind(rows.iter().map(|(_, r)| r.sequence).collect::<Vec<i64>>())
+            .bind(&self.payloads)
+            .bind(
+                rows.iter()
+                    .map(|_| Uuid::now_v7().to_string())
+                    .collect::<Vec<String>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|(_, r)| to_json(r))
+                    .collect::<Vec<Option<String>>>(),
+            )
+            .bind(self.channels.iter().map(|c| c.0).collect::<Vec<&str>>())
+            .bind(self.channels.iter().map(|c| c.3).collect::<Vec<i64>>())
+            .bind(self.now)
+    }
+
+    /// The outcome of every position once the rows are committed.
+    fn committed(self) -> Vec<StoreResult<Inserted>> {
+        let mut out = self.out;
+        for (i, r) in self.repeats {
+            out[i] = Some(Ok(Inserted::Existing(self.rows[r].1.clone())));
+        }
+        for ((i, row), payload) in self.rows.into_iter().zip(self.payloads) {
+            out[i] = Some(Ok(Inserted::New(row, payload)));
+        }
+        out.into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| Err(StoreError::Internal("batch item without outcome".into())))
+            })
+            .collect()
+    }
+}
+
+/// Channels whose last sequence a PostgreSQL store has last written, as a hint for the next
+/// batch (every write re-checks it under lock). Forgotten wholesale past this many channels.
+const KNOWN_SEQUENCES: usize = 65_536;
+
+impl PostgresStore {
+    /// The group commit's common case (every sender a member, no `client_message_id` already
+    /// stored) in one round trip: a call of `chat_append_messages` (migration 0003) in
+    /// autocommit, with the batch laid out here on the channels' last sequences as this store
+    /// last left them. The function locks the channels, checks those sequences and the
+    /// assumption after the locks (so on READ COMMITTED it sees every membership change that
+    /// committed while it waited), and writes everything or nothing. Channels this store has
+    /// not written lately cost one read before.
+    ///
+    /// `Ok(None)` when the function wrote nothing (another writer moved a channel on, or the
+    /// assumption failed, or a concurrent process stored one of the keys first): the caller
+    /// takes the general path, which sorts out each message on its own, and the batch's
+    /// channels are read afresh next time. Channels that are missing, deleted or of another
+    /// tenant are answered `NotFound` here, as there.
+    async fn insert_messages_optimistic(
+        &self,
+        batch: &[BatchMessage],
+        enc: Encoder<'_, MessageRow>,
+    ) -> StoreResult<Option<Vec<StoreResult<Inserted>>>> {
+        let mut by_channel: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
+        for (i, b) in batch.iter().enumerate() {
+            by_channel
+                .entry((b.msg.channel_id.as_str(), b.tenant_id.as_str()))
+                .or_default()
+                .push(i);
+        }
+        let mut last_of: HashMap<(&str, &str), i64> = HashMap::new();
+        let mut unknown: Vec<&str> = Vec::new();
+        {
+            let known = self
+                .known_sequences
+                .lock()
+                .map_err(|_| StoreError::Internal("poisoned lock".into()))?;
+            for &(c, t) in by_channel.keys() {
+                match known.get(c) {
+                    Some((tenant, last)) if tenant == t => {
+                        last_of.insert((c, t), *last);
+                    }
+                    _ => unknown.push(c),
+                }
             }
         }
-        Ok(Some(
-            out.into_iter()
-                .map(|o| {
-                    o.unwrap_or_else(|| {
-                        Err(StoreError::Internal("batch item without outcome".into()))
-                    })
-                })
-                .collect(),
-        ))
+        unknown.dedup();
+        let read: Vec<(String, String, i64)> = if unknown.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "SELECT id, tenant_id, last_sequence FROM channels \
+                 WHERE id = ANY($1) AND delete_time IS NULL",
+            )
+            .bind(&unknown)
+            .fetch_all(&self.write)
+            .await?
+        };
+        for (c, t, last) in &read {
+            if let Some((&(c, t), _)) = by_channel.get_key_value(&(c.as_str(), t.as_str())) {
+                last_of.insert((c, t), *last);
+            }
+        }
+        let plan = BatchPlan::new(batch, &by_channel, &last_of, enc);
+        if plan.rows.is_empty() {
+            return Ok(Some(plan.committed()));
+        }
+        let written = plan
+            .bind(sqlx::query_scalar::<_, bool>(
+                "SELECT chat_append_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+                 $12, $13, $14, $15, $16, $17, $18)",
+            ))
+            .bind(plan.channels.iter().map(|c| c.1).collect::<Vec<&str>>())
+            .bind(plan.channels.iter().map(|c| c.2).collect::<Vec<i64>>())
+            .fetch_one(&self.write)
+            .await
+            .map_err(StoreError::from);
+        match written {
+            Ok(true) => {
+                self.remember(&plan.channels);
+                Ok(Some(plan.committed()))
+            }
+            Ok(false) | Err(StoreError::Conflict) => {
+                if let Ok(mut known) = self.known_sequences.lock() {
+                    for (c, ..) in &plan.channels {
+                        known.remove(*c);
+                    }
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Notes the last sequences a committed batch left its channels at.
+    fn remember(&self, channels: &[(&str, &str, i64, i64)]) {
+        if let Ok(mut known) = self.known_sequences.lock() {
+            if known.len() + channels.len() > KNOWN_SEQUENCES {
+                known.clear();
+            }
+            for &(channel, tenant, _, last) in channels {
+                known.insert(channel.to_owned(), (tenant.to_owned(), last));
+            }
+        }
     }
 }
 
