@@ -743,6 +743,72 @@ async fn concurrent_group_commits_interleave_without_gaps(backend: Backend) {
     assert_eq!(total, 6 * 10 * 8);
 }
 
+/// `chat_append_messages` (PostgreSQL's one-call group commit) writes a batch only when every
+/// channel is at the expected last sequence and every sender is a member with no stored key;
+/// otherwise it returns false and writes nothing.
+#[tokio::test]
+async fn postgres_append_function_writes_all_or_nothing() {
+    let (db, s) = open(Backend::Postgres).await;
+    let ch = group_with(&s, &["u1"]).await; // last sequence 2
+    let schema = db.schema.clone().expect("schema");
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("pg");
+    let append = |sender: &'static str, key: Option<&'static str>, expected: i64, id: &str| {
+        let (ch, schema, id) = (ch.clone(), schema.clone(), id.to_owned());
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(&format!(
+                "SELECT {schema}.chat_append_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+                 $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+            ))
+            .bind(vec![id.clone()])
+            .bind(vec!["t1"])
+            .bind(vec![ch.clone()])
+            .bind(vec![sender])
+            .bind(vec!["hello"])
+            .bind(vec![""])
+            .bind(vec![None::<String>])
+            .bind(vec![key])
+            .bind(vec![None::<String>])
+            .bind(vec![expected + 1])
+            .bind(vec![vec![1u8]])
+            .bind(vec![format!("audit-{id}")])
+            .bind(vec![Some("{}")])
+            .bind(vec![ch.clone()])
+            .bind(vec![expected + 1])
+            .bind(1i64)
+            .bind(vec!["t1"])
+            .bind(vec![expected])
+            .fetch_one(&pool)
+            .await
+            .expect("call")
+        }
+    };
+    let (messages, events, audits) = (
+        db.count("messages").await,
+        db.count("events").await,
+        db.count("audit_logs").await,
+    );
+    assert!(
+        !append("u1", None, 1, "m-stale").await,
+        "stale last sequence"
+    );
+    assert!(!append("u9", None, 2, "m-stranger").await, "not a member");
+    assert_eq!(db.count("messages").await, messages);
+    assert_eq!(db.count("events").await, events);
+    assert!(append("u1", Some("k1"), 2, "m-1").await);
+    assert!(
+        !append("u1", Some("k1"), 3, "m-again").await,
+        "key already stored"
+    );
+    assert_eq!(
+        s.channel("t1", &ch).await.expect("channel").last_sequence,
+        3
+    );
+    assert_eq!(db.count("messages").await, messages + 1);
+    assert_eq!(db.count("audit_logs").await, audits + 1);
+    assert_events_gap_free(&s, &ch, 3).await;
+}
+
 /// A lone sender whose removal commits while the send waits for the channel lock is refused:
 /// membership is read after the lock, in a statement of its own (a sub-select in the locking
 /// UPDATE would keep PostgreSQL's snapshot from before the wait).

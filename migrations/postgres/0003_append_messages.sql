@@ -19,7 +19,10 @@ CREATE FUNCTION chat_append_messages(
     p_sequences bigint[], p_payloads bytea[], p_audit_ids text[], p_audit_json text[],
     p_channel_ids text[], p_channel_lasts bigint[], p_now bigint,
     p_channel_tenants text[], p_channel_expected bigint[]
-) RETURNS boolean LANGUAGE plpgsql AS $$
+) RETURNS boolean LANGUAGE plpgsql
+-- The tables are the ones of the schema this migration ran in, whoever calls.
+SET search_path FROM CURRENT
+AS $$
 DECLARE
     last bigint;
 BEGIN
