@@ -6,8 +6,8 @@ mod common;
 use std::sync::Arc;
 
 use chat_service::store::{
-    self, Actor, BatchMessage, ChannelRow, Inserted, MessagePatch, NewMessage, Role, Store,
-    StoreError, StoreResult,
+    self, Actor, BatchMessage, ChannelRow, CommitPaths, Inserted, MessagePatch, NewMessage, Role,
+    Store, StoreError, StoreResult,
 };
 use common::*;
 
@@ -694,6 +694,16 @@ async fn group_commit_of_members_only(backend: Backend) {
     assert_events_gap_free(&s, &a, 7).await;
     assert_events_gap_free(&s, &b, 5).await;
     assert_eq!(db.count("messages").await, 6);
+    // PostgreSQL took the one call for the first two batches; the third found `a` moved on
+    // and went the general way.
+    let expected = match backend {
+        Backend::Postgres => CommitPaths {
+            one_call: 2,
+            general: 1,
+        },
+        Backend::Sqlite => CommitPaths::default(),
+    };
+    assert_eq!(s.commit_paths(), expected);
 }
 
 /// Concurrent batches over the same channels, listed in different orders: no deadlock, no gap.
@@ -745,7 +755,7 @@ async fn concurrent_group_commits_interleave_without_gaps(backend: Backend) {
 
 /// `chat_append_messages` (PostgreSQL's one-call group commit) writes a batch only when every
 /// channel is at the expected last sequence and every sender is a member with no stored key;
-/// otherwise it returns false and writes nothing.
+/// otherwise it says which check failed and writes nothing.
 #[tokio::test]
 async fn postgres_append_function_writes_all_or_nothing() {
     let (db, s) = open(Backend::Postgres).await;
@@ -756,7 +766,7 @@ async fn postgres_append_function_writes_all_or_nothing() {
         let (ch, schema, id) = (ch.clone(), schema.clone(), id.to_owned());
         let pool = pool.clone();
         async move {
-            sqlx::query_scalar::<_, bool>(&format!(
+            sqlx::query_scalar::<_, i32>(&format!(
                 "SELECT {schema}.chat_append_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, \
                  $10, $11, $12, $13, $14, $15, $16, $17, $18)"
             ))
@@ -788,17 +798,16 @@ async fn postgres_append_function_writes_all_or_nothing() {
         db.count("events").await,
         db.count("audit_logs").await,
     );
-    assert!(
-        !append("u1", None, 1, "m-stale").await,
-        "stale last sequence"
-    );
-    assert!(!append("u9", None, 2, "m-stranger").await, "not a member");
+    // 1: the caller's last sequence is stale; 2: a message would be refused; 0: written.
+    assert_eq!(append("u1", None, 1, "m-stale").await, 1);
+    assert_eq!(append("u9", None, 2, "m-stranger").await, 2, "not a member");
     assert_eq!(db.count("messages").await, messages);
     assert_eq!(db.count("events").await, events);
-    assert!(append("u1", Some("k1"), 2, "m-1").await);
-    assert!(
-        !append("u1", Some("k1"), 3, "m-again").await,
-        "key already stored"
+    assert_eq!(append("u1", Some("k1"), 2, "m-1").await, 0);
+    assert_eq!(
+        append("u1", Some("k1"), 3, "m-again").await,
+        2,
+        "key stored"
     );
     assert_eq!(
         s.channel("t1", &ch).await.expect("channel").last_sequence,
@@ -861,6 +870,14 @@ async fn postgres_group_commit_sees_a_removal_that_committed_during_its_lock_wai
     let last = s.channel("t1", &ch).await.expect("channel").last_sequence;
     assert_eq!(last, 3, "no sequence taken");
     assert_eq!(db.count("messages").await, 1);
+    // The first batch was one call; the refused one ended on the general path.
+    assert_eq!(
+        s.commit_paths(),
+        CommitPaths {
+            one_call: 1,
+            general: 1
+        }
+    );
 }
 
 on_every_backend!(

@@ -226,6 +226,17 @@ pub struct BatchMessage {
     pub msg: NewMessage,
 }
 
+/// Counts of committed group-commit batches by the way they were written
+/// ([`MessageStore::commit_paths`]). SQLite counts neither.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitPaths {
+    /// PostgreSQL: batches written by one call of `chat_append_messages`.
+    pub one_call: u64,
+    /// PostgreSQL: batches written by the general path (a check of the one call failed, or it
+    /// was not tried).
+    pub general: u64,
+}
+
 /// What happened to an insert.
 #[derive(Debug, Clone)]
 pub enum Inserted {
@@ -395,6 +406,8 @@ pub trait MessageStore: Send + Sync {
     /// core (2 to 16) for PostgreSQL, where concurrent batches overlap their round trips and
     /// commits. Each worker then owns a share of the channels.
     fn write_concurrency(&self) -> usize;
+    /// How this store's group commits went so far (for metrics and tests).
+    fn commit_paths(&self) -> CommitPaths;
     /// One message of the tenant (deleted ones included).
     async fn message(&self, tenant: &str, message_id: &str) -> StoreResult<MessageRow>;
     /// Live messages of a channel (or one thread), newest first, below `before_sequence`;

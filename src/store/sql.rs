@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,6 +90,9 @@ pub struct PostgresStore {
     /// channel id → (tenant, last sequence) as this store's last batch there left it: lets the
     /// next batch of those channels commit in one round trip. A hint only.
     known_sequences: Arc<std::sync::Mutex<HashMap<String, (String, i64)>>>,
+    /// Group-commit batches committed by `chat_append_messages` / by the general path.
+    one_call: Arc<AtomicU64>,
+    general: Arc<AtomicU64>,
 }
 
 /// Which database a URL names.
@@ -190,6 +194,8 @@ pub async fn connect(
                 write,
                 read,
                 known_sequences: Default::default(),
+                one_call: Default::default(),
+                general: Default::default(),
             }))
         }
         None => Err(StoreError::Internal(format!(
@@ -1070,6 +1076,8 @@ macro_rules! impl_store {
                         Some(((r.channel_id.as_str(), r.sender_id.as_str(), key), r))
                     })
                     .collect();
+                // (channel, tenant, last sequence once committed) of every live channel.
+                let mut finals: Vec<(&str, &str, i64)> = Vec::with_capacity(lasts.len());
                 for (key, positions) in &by_channel {
                     let channel = &key.0;
                     let n = positions.len() as i64;
@@ -1125,6 +1133,7 @@ macro_rules! impl_store {
                             },
                         ));
                     }
+                    finals.push((channel.as_str(), key.1.as_str(), next));
                     if next != last {
                         // Some were refused: give back the sequences they would have taken.
                         sqlx::query("UPDATE channels SET last_sequence = $1 WHERE id = $2")
@@ -1210,6 +1219,7 @@ macro_rules! impl_store {
                     q.build().execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
+                self.committed_generally(&finals);
                 for (i, r) in repeats {
                     out[i] = Some(Ok(Inserted::Existing(rows[r].1.clone())));
                 }
@@ -1224,6 +1234,10 @@ macro_rules! impl_store {
 
             fn write_concurrency(&self) -> usize {
                 Self::write_workers()
+            }
+
+            fn commit_paths(&self) -> CommitPaths {
+                self.paths()
             }
 
             async fn message(&self, tenant: &str, message_id: &str) -> StoreResult<MessageRow> {
@@ -1708,13 +1722,21 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    /// SQLite has no data-modifying `WITH`: every batch takes the general path.
+    /// Every SQLite batch takes the general path: its statements run in-process, and the
+    /// three INSERTs already go to the connection's thread in one command.
     async fn insert_messages_optimistic(
         &self,
         _batch: &[BatchMessage],
         _enc: Encoder<'_, MessageRow>,
     ) -> StoreResult<Option<Vec<StoreResult<Inserted>>>> {
         Ok(None)
+    }
+
+    fn committed_generally(&self, _channels: &[(&str, &str, i64)]) {}
+
+    /// Not counted on SQLite.
+    fn paths(&self) -> CommitPaths {
+        CommitPaths::default()
     }
 }
 
@@ -1897,10 +1919,7 @@ impl PostgresStore {
         let mut last_of: HashMap<(&str, &str), i64> = HashMap::new();
         let mut unknown: Vec<&str> = Vec::new();
         {
-            let known = self
-                .known_sequences
-                .lock()
-                .map_err(|_| StoreError::Internal("poisoned lock".into()))?;
+            let known = self.known();
             for &(c, t) in by_channel.keys() {
                 match known.get(c) {
                     Some((tenant, last)) if tenant == t => {
@@ -1931,8 +1950,8 @@ impl PostgresStore {
         if plan.rows.is_empty() {
             return Ok(Some(plan.committed()));
         }
-        let written = plan
-            .bind(sqlx::query_scalar::<_, bool>(
+        let status = plan
+            .bind(sqlx::query_scalar::<_, i32>(
                 "SELECT chat_append_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
                  $12, $13, $14, $15, $16, $17, $18)",
             ))
@@ -1941,32 +1960,54 @@ impl PostgresStore {
             .fetch_one(&self.write)
             .await
             .map_err(StoreError::from);
-        match written {
-            Ok(true) => {
-                self.remember(&plan.channels);
+        match status {
+            Ok(0) => {
+                self.remember(plan.channels.iter().map(|&(c, t, _, last)| (c, t, last)));
+                self.one_call.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(plan.committed()))
             }
-            Ok(false) | Err(StoreError::Conflict) => {
-                if let Ok(mut known) = self.known_sequences.lock() {
-                    for (c, ..) in &plan.channels {
-                        known.remove(*c);
-                    }
-                }
+            // 1: another writer moved a channel on (an edit, a membership change, another
+            // process): read it afresh next time.
+            Ok(1) => {
+                self.known()
+                    .retain(|c, _| !plan.channels.iter().any(|p| p.0 == c));
                 Ok(None)
             }
+            // 2: a sender is not a member, or a key is stored already; or a concurrent process
+            // stored one of the keys first (Conflict). The sequences were right.
+            Ok(_) | Err(StoreError::Conflict) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// Notes the last sequences a committed batch left its channels at.
-    fn remember(&self, channels: &[(&str, &str, i64, i64)]) {
-        if let Ok(mut known) = self.known_sequences.lock() {
-            if known.len() + channels.len() > KNOWN_SEQUENCES {
-                known.clear();
-            }
-            for &(channel, tenant, _, last) in channels {
-                known.insert(channel.to_owned(), (tenant.to_owned(), last));
-            }
+    fn remember<'a>(&self, channels: impl ExactSizeIterator<Item = (&'a str, &'a str, i64)>) {
+        let mut known = self.known();
+        if known.len() + channels.len() > KNOWN_SEQUENCES {
+            known.clear();
+        }
+        for (channel, tenant, last) in channels {
+            known.insert(channel.to_owned(), (tenant.to_owned(), last));
+        }
+    }
+
+    /// The hints; a panic while they were held leaves them as they were (hints only).
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, i64)>> {
+        self.known_sequences
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A batch the general path committed: its channels' sequences are known again.
+    fn committed_generally(&self, channels: &[(&str, &str, i64)]) {
+        self.remember(channels.iter().copied());
+        self.general.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn paths(&self) -> CommitPaths {
+        CommitPaths {
+            one_call: self.one_call.load(Ordering::Relaxed),
+            general: self.general.load(Ordering::Relaxed),
         }
     }
 }
@@ -1978,8 +2019,8 @@ impl PostgresStore {
     fn write_workers() -> usize {
         std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 16))
     }
-    /// Concurrent batches lock their channels with `SELECT … ORDER BY id FOR NO KEY UPDATE`
-    /// first.
+    /// Concurrent batches lock their channels with
+    /// `SELECT … ORDER BY id COLLATE "C" FOR NO KEY UPDATE` first.
     const LOCK_CHANNELS_IN_ORDER: bool = true;
     /// Multi-row INSERTs in power-of-two sizes, so every statement text is prepared once (a
     /// new text per batch size showed as parse time in PostgreSQL's profile).
