@@ -68,6 +68,56 @@ fn push_padded_rows<'a, DB: sqlx::Database, T: Copy>(
     }
 }
 
+/// The new row of a group-commit message: version 1, no attachments (sends with attachments
+/// take the single-message path).
+fn batch_row(b: BatchMessage, id: String, sequence: i64, create_time: i64) -> MessageRow {
+    let BatchMessage {
+        tenant_id,
+        user_id,
+        msg,
+    } = b;
+    MessageRow {
+        id,
+        tenant_id,
+        channel_id: msg.channel_id,
+        sender_id: user_id,
+        body: msg.body,
+        subject: msg.subject,
+        parent_message_id: msg.parent_message_id,
+        attachment_ids: "[]".to_owned(),
+        client_message_id: msg.client_message_id,
+        forwarded_from_message_id: msg.forwarded_from_message_id,
+        sequence,
+        version: 1,
+        create_time,
+        update_time: None,
+        delete_time: None,
+        deleted_by: None,
+    }
+}
+
+/// Every batch position's outcome once `rows` (with their encoded events `payloads`) are
+/// committed: `out` holds those decided before (refusals, stored keys), `repeats` the
+/// (position, row index) pairs of keys repeated within the batch.
+fn batch_outcomes(
+    mut out: Vec<Option<StoreResult<Inserted>>>,
+    rows: Vec<(usize, MessageRow)>,
+    payloads: Vec<Vec<u8>>,
+    repeats: Vec<(usize, usize)>,
+) -> Vec<StoreResult<Inserted>> {
+    for (i, r) in repeats {
+        out[i] = Some(Ok(Inserted::Existing(rows[r].1.clone())));
+    }
+    for ((i, row), payload) in rows.into_iter().zip(payloads) {
+        out[i] = Some(Ok(Inserted::New(row, payload)));
+    }
+    out.into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| Err(StoreError::Internal("batch item without outcome".into())))
+        })
+        .collect()
+}
+
 fn to_json<T: Serialize>(v: &T) -> Option<String> {
     serde_json::to_string(v).ok()
 }
@@ -1110,28 +1160,8 @@ macro_rules! impl_store {
                             keys.insert(k, rows.len());
                         }
                         next += 1;
-                        let BatchMessage { tenant_id, user_id, msg } = b;
-                        rows.push((
-                            i,
-                            MessageRow {
-                                id: String::new(), // set once every lock is held
-                                tenant_id,
-                                channel_id: msg.channel_id,
-                                sender_id: user_id,
-                                body: msg.body,
-                                subject: msg.subject,
-                                parent_message_id: msg.parent_message_id,
-                                attachment_ids: "[]".to_owned(),
-                                client_message_id: msg.client_message_id,
-                                forwarded_from_message_id: msg.forwarded_from_message_id,
-                                sequence: next,
-                                version: 1,
-                                create_time: 0, // set once every lock is held
-                                update_time: None,
-                                delete_time: None,
-                                deleted_by: None,
-                            },
-                        ));
+                        // Id and time are set once every lock is held.
+                        rows.push((i, batch_row(b, String::new(), next, 0)));
                     }
                     finals.push((channel.as_str(), key.1.as_str(), next));
                     if next != last {
@@ -1220,16 +1250,7 @@ macro_rules! impl_store {
                 }
                 tx.commit().await?;
                 self.committed_generally(&finals);
-                for (i, r) in repeats {
-                    out[i] = Some(Ok(Inserted::Existing(rows[r].1.clone())));
-                }
-                for ((i, row), payload) in rows.into_iter().zip(payloads) {
-                    out[i] = Some(Ok(Inserted::New(row, payload)));
-                }
-                Ok(out
-                    .into_iter()
-                    .map(|o| o.unwrap_or_else(|| Err(StoreError::Internal("batch item without outcome".into()))))
-                    .collect())
+                Ok(batch_outcomes(out, rows, payloads, repeats))
             }
 
             fn write_concurrency(&self) -> usize {
@@ -1795,27 +1816,9 @@ impl<'b> BatchPlan<'b> {
                     }
                 }
                 next += 1;
-                let m = &b.msg;
                 rows.push((
                     i,
-                    MessageRow {
-                        id: Uuid::now_v7().to_string(),
-                        tenant_id: b.tenant_id.clone(),
-                        channel_id: m.channel_id.clone(),
-                        sender_id: b.user_id.clone(),
-                        body: m.body.clone(),
-                        subject: m.subject.clone(),
-                        parent_message_id: m.parent_message_id.clone(),
-                        attachment_ids: "[]".to_owned(),
-                        client_message_id: m.client_message_id.clone(),
-                        forwarded_from_message_id: m.forwarded_from_message_id.clone(),
-                        sequence: next,
-                        version: 1,
-                        create_time: now,
-                        update_time: None,
-                        delete_time: None,
-                        deleted_by: None,
-                    },
+                    batch_row(b.clone(), Uuid::now_v7().to_string(), next, now),
                 ));
             }
             channels.push((channel, tenant, last, next));
@@ -1871,18 +1874,7 @@ impl<'b> BatchPlan<'b> {
 
     /// The outcome of every position once the rows are committed.
     fn committed(self) -> Vec<StoreResult<Inserted>> {
-        let mut out = self.out;
-        for (i, r) in self.repeats {
-            out[i] = Some(Ok(Inserted::Existing(self.rows[r].1.clone())));
-        }
-        for ((i, row), payload) in self.rows.into_iter().zip(self.payloads) {
-            out[i] = Some(Ok(Inserted::New(row, payload)));
-        }
-        out.into_iter()
-            .map(|o| {
-                o.unwrap_or_else(|| Err(StoreError::Internal("batch item without outcome".into())))
-            })
-            .collect()
+        batch_outcomes(self.out, self.rows, self.payloads, self.repeats)
     }
 }
 
