@@ -4,7 +4,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::domain::Chat;
@@ -104,12 +103,11 @@ impl ChatService for ChatApi {
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = super::caller(&req)?;
-        let rx = self.chat.subscribe(caller, req.into_inner()).await?;
-        // Each queued batch is encoded back to back into one DATA frame (tonic gathers what is
-        // ready before it yields).
-        let stream = ReceiverStream::new(rx)
-            .flat_map(|batch| futures::stream::iter(batch.into_vec()))
-            .map(|item| item.map_err(Status::from));
-        Ok(Response::new(Box::pin(stream)))
+        let feed = self.chat.subscribe(caller, req.into_inner()).await?;
+        // What is ready is encoded back to back into one DATA frame (tonic gathers items until
+        // the stream is pending or its yield threshold is reached).
+        Ok(Response::new(Box::pin(
+            feed.map(|item| item.map_err(Status::from)),
+        )))
     }
 }

@@ -8,9 +8,13 @@
 //! channel's sequences are taken under its row lock and committed in order, a published event
 //! with sequence `n` means `1..n` are all committed and readable.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
+use futures::Stream;
 use prost::Message as _;
 use tokio::sync::mpsc;
 
@@ -26,12 +30,18 @@ use super::{convert, Chat};
 /// `UNAVAILABLE` when storage fails).
 pub type FeedItem = Result<proto::SubscribeResponse>;
 
-/// What the feed's outgoing queue holds: a batch of consecutive items, so the transport is woken
-/// once per batch rather than per event, and the encoder writes the batch as one HTTP/2 DATA
-/// frame. A boxed slice (two words), because tokio's mpsc allocates its slots 32 at a time and a
-/// `FeedItem` is ~384 bytes: unboxed, every open stream paid ~12 KiB even when idle (chat-bench
-/// scenario 4).
-pub type QueuedItem = Box<[FeedItem]>;
+/// What the feed's outbox holds: a batch of consecutive items, which the encoder writes back to
+/// back into one HTTP/2 DATA frame. A boxed slice (two words), because a `FeedItem` is ~384
+/// bytes and the outbox keeps its capacity for as long as the stream is open.
+type QueuedItem = Box<[FeedItem]>;
+
+/// Batches a feed has produced and its stream has not yet yielded. Shared by the feed's future
+/// (which pushes) and [`FeedStream`] (which pops), both only ever polled by the same task.
+type Outbox = Arc<Mutex<VecDeque<QueuedItem>>>;
+
+fn lock(outbox: &Outbox) -> std::sync::MutexGuard<'_, VecDeque<QueuedItem>> {
+    outbox.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Events read from storage per query while replaying or catching up.
 const REPLAY_PAGE: i64 = 256;
@@ -39,15 +49,13 @@ const REPLAY_PAGE: i64 = 256;
 /// many, and a replay hands its events over in batches of this many (a burst that fills a
 /// hole from storage can carry up to about twice as many).
 const MAX_BATCH: usize = 32;
-/// Batches the transport may hold before the feed waits for the client: 16 events when each
+/// Batches the outbox holds before the feed waits for the client to read: 16 events when each
 /// batch is one, up to about 1,000 in full batches.
 const OUT_BUFFER: usize = 16;
-/// How long a feed ending in an error waits for room to say so, when its client has stopped
-/// reading; after that the stream just ends (the client reconnects and hears the error then).
-const ERROR_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Chat {
-    /// Subscribe: validates, registers with the hub, checks cursors, then spawns the feed.
+    /// Subscribe: validates, registers with the hub, checks cursors, then returns the feed as
+    /// the response stream (no task of its own: see [`FeedStream`]).
     ///
     /// Errors: `INVALID_ARGUMENT` (bad ids or cursors), `NOT_FOUND` (a listed channel the caller
     /// is not in), `OUT_OF_RANGE` (a cursor beyond its channel's last sequence).
@@ -55,7 +63,7 @@ impl Chat {
         self: &Arc<Self>,
         caller: Caller,
         req: proto::SubscribeRequest,
-    ) -> Result<mpsc::Receiver<QueuedItem>> {
+    ) -> Result<FeedStream> {
         caller.require(Permission::ViewMessage)?;
         let mut c = Check::new();
         for (i, id) in req.channel_ids.iter().enumerate() {
@@ -70,7 +78,7 @@ impl Chat {
         c.done()?;
         let all = req.channel_ids.is_empty();
         let (feed, rx) = self.hub.register(&caller.tenant_id, &caller.user_id, all);
-        let (out, out_rx) = mpsc::channel(OUT_BUFFER);
+        let outbox = Outbox::default();
         let deadline = tokio::time::Instant::now() + caller.time_left();
         let mut session = Session {
             chat: self.clone(),
@@ -79,8 +87,7 @@ impl Chat {
             feed,
             sent: HashMap::new(),
             batch: Vec::new(),
-            out,
-            shutdown: self.hub.shutdown_signal(),
+            outbox: outbox.clone(),
             deadline,
         };
         // Follow first, then read where each channel stands (see the module docs).
@@ -137,8 +144,59 @@ impl Chat {
             };
             session.sent.insert(id.clone(), start);
         }
-        tokio::spawn(session.run(rx, replay));
-        Ok(out_rx)
+        Ok(FeedStream {
+            run: Some(Box::pin(session.run(rx, replay))),
+            outbox,
+            current: Vec::new().into_iter(),
+        })
+    }
+}
+
+/// A Subscribe feed as its response stream. The feed's future (replay, then live events from
+/// the hub) is polled by the transport's task for this stream, when the stream is asked for
+/// its next item and nothing produced is left to yield: there is no task per feed, and an event
+/// costs one wake-up of that task rather than one of a feed task and one of the transport's.
+///
+/// So the feed advances only while the client reads (HTTP/2 flow control stops the polling
+/// when the client's window is full). What arrives meanwhile is not lost: the hub's queue fills,
+/// the feed is marked lagged, and it catches up from storage when polled again. Dropping the
+/// stream (the client went away, or the connection closed) drops the feed, which unregisters it.
+pub struct FeedStream {
+    /// The feed's future; `None` once it has ended.
+    run: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    outbox: Outbox,
+    /// The batch being yielded.
+    current: std::vec::IntoIter<FeedItem>,
+}
+
+impl Stream for FeedStream {
+    type Item = FeedItem;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FeedItem>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(item) = this.current.next() {
+                return Poll::Ready(Some(item));
+            }
+            let next = lock(&this.outbox).pop_front();
+            // Replaced even when empty: a spent iterator still holds its batch's buffer.
+            this.current = next.map(|b| b.into_vec()).unwrap_or_default().into_iter();
+            if this.current.len() > 0 {
+                continue;
+            }
+            let Some(run) = this.run.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match run.as_mut().poll(cx) {
+                // Yield what it left, then end.
+                Poll::Ready(()) => this.run = None,
+                // Pending with nothing to yield: the feed waits on the hub, a timer or
+                // shutdown, each of which wakes this task. (It never waits for room here:
+                // the outbox is empty.)
+                Poll::Pending if lock(&this.outbox).is_empty() => return Poll::Pending,
+                Poll::Pending => {}
+            }
+        }
     }
 }
 
@@ -150,10 +208,9 @@ struct Session {
     feed: Arc<Feed>,
     /// Followed channel → last sequence sent to the client.
     sent: HashMap<String, i64>,
-    /// Events sent but not yet handed to the transport ([`Session::flush`]).
+    /// Events sent but not yet handed to the outbox ([`Session::flush`]).
     batch: Vec<FeedItem>,
-    out: mpsc::Sender<QueuedItem>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    outbox: Outbox,
     /// When the token expires.
     deadline: tokio::time::Instant,
 }
@@ -184,9 +241,11 @@ impl Session {
             tokio::time::Instant::now() + heartbeat_every,
             heartbeat_every,
         );
+        // A feed is not polled while its client does not read: one heartbeat after, not a burst.
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let expiry = tokio::time::sleep_until(self.deadline);
         tokio::pin!(expiry);
-        let mut shutdown = self.shutdown.clone();
+        let mut shutdown = self.chat.hub.shutdown_signal();
         let outcome = async {
             for id in replay {
                 if !Box::pin(self.fill(&id, i64::MAX)).await? {
@@ -197,19 +256,22 @@ impl Session {
                 return Ok(());
             }
             loop {
-                if *shutdown.borrow() {
+                if self.chat.hub.is_shut_down() {
                     return Ok(());
                 }
+                // Queued events first: while they flow, the other branches are not polled at
+                // all (polling shutdown's and the lag's notifications takes a lock each).
+                // `flush` checks shutdown and expiry before anything goes out, and a lag needs
+                // no catch-up while live events arrive: the first one after a hole fills it.
                 let go = tokio::select! {
                     biased;
-                    _ = shutdown.changed() => return Ok(()),
-                    _ = self.out.closed() => return Ok(()),
-                    _ = &mut expiry => return Err(expired()),
-                    _ = self.feed.wake.notified() => Box::pin(self.catch_up()).await?,
                     item = rx.recv() => match item {
                         Some(item) => self.on_items(item, &mut rx).await?,
                         None => return Ok(()),
                     },
+                    _ = shutdown.changed() => return Ok(()),
+                    _ = &mut expiry => return Err(expired()),
+                    _ = self.feed.wake.notified() => Box::pin(self.catch_up()).await?,
                     _ = heartbeat.tick() => {
                         self.send(heartbeat_event());
                         true
@@ -227,16 +289,11 @@ impl Session {
             Ok(()) => {
                 let _ = self.flush().await;
             }
+            // The error ends the stream, after whatever was sent before it.
             Err(e) => {
                 self.batch.push(Err(e));
                 let batch = std::mem::take(&mut self.batch).into_boxed_slice();
-                // Bounded: a client that stopped reading must not keep the feed registered.
-                let mut shutdown = self.shutdown.clone();
-                tokio::select! {
-                    _ = self.out.send(batch) => {}
-                    _ = shutdown.changed() => {}
-                    _ = tokio::time::sleep(ERROR_GRACE) => {}
-                }
+                lock(&self.outbox).push_back(batch);
             }
         }
     }
@@ -271,13 +328,23 @@ impl Session {
         self.batch.push(Ok(ev));
     }
 
-    /// Hands the batch to the transport, waiting for room only when it is full; a client that
-    /// stops reading does not hold up shutdown or outlive its token.
+    /// Hands the batch to the outbox, waiting for room only when it is full; nothing goes out
+    /// after shutdown or after the token expired.
     async fn flush(&mut self) -> Go {
         if self.batch.is_empty() {
             return Ok(true);
         }
-        if *self.shutdown.borrow() {
+        // The stream yields every queued batch before it polls the feed again, so a full
+        // outbox has room by the next poll; the wait needs no waker of its own.
+        std::future::poll_fn(|_| {
+            if lock(&self.outbox).len() < OUT_BUFFER {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        if self.chat.hub.is_shut_down() {
             return Ok(false);
         }
         // Nothing goes out after the token expires, however fast the client reads; what the
@@ -287,22 +354,8 @@ impl Session {
             return Err(expired());
         }
         let batch = std::mem::take(&mut self.batch).into_boxed_slice();
-        let batch = match self.out.try_send(batch) {
-            Ok(()) => return Ok(true),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Ok(false),
-            Err(mpsc::error::TrySendError::Full(batch)) => batch,
-        };
-        // Boxed: the wait (a timer, a semaphore acquire) is needed only while the client is
-        // behind, and inline it would enlarge every open feed's task, idle or not.
-        Box::pin(async {
-            tokio::select! {
-                biased;
-                _ = self.shutdown.changed() => Ok(false),
-                _ = tokio::time::sleep_until(self.deadline) => Err(expired()),
-                sent = self.out.send(batch) => Ok(sent.is_ok()),
-            }
-        })
-        .await
+        lock(&self.outbox).push_back(batch);
+        Ok(true)
     }
 
     /// Sends the next event of a channel and notes it as sent. When the event removes the

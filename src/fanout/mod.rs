@@ -8,7 +8,7 @@
 //! never blocks a sender, and never loses an event.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{mpsc, watch, Notify};
@@ -128,6 +128,9 @@ pub struct Hub {
     /// reader costs little memory before it is switched to catching up from storage.
     buffer: usize,
     shutdown: watch::Sender<bool>,
+    /// Set with `shutdown`: a plain load for the checks on every batch, where the watch's
+    /// read lock would bounce its cache line between cores.
+    shut_down: AtomicBool,
 }
 
 /// Default per-feed buffer, in events.
@@ -148,6 +151,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             buffer: buffer.max(1),
             shutdown: watch::channel(false).0,
+            shut_down: AtomicBool::new(false),
         }
     }
 
@@ -223,7 +227,13 @@ impl Hub {
 
     /// Ends every feed (graceful shutdown).
     pub fn shutdown(&self) {
+        self.shut_down.store(true, Ordering::Release);
         self.shutdown.send_replace(true);
+    }
+
+    /// Whether [`Hub::shutdown`] was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.shut_down.load(Ordering::Acquire)
     }
 }
 
