@@ -45,7 +45,7 @@ fn lock(outbox: &Outbox) -> std::sync::MutexGuard<'_, VecDeque<QueuedItem>> {
 
 /// Events read from storage per query while replaying or catching up.
 const REPLAY_PAGE: i64 = 256;
-/// Events in one batch handed to the transport: a burst drained from the hub stops at this
+/// Events in one batch handed to the outbox: a burst drained from the hub stops at this
 /// many, and a replay hands its events over in batches of this many (a burst that fills a
 /// hole from storage can carry up to about twice as many).
 const MAX_BATCH: usize = 32;
@@ -159,8 +159,10 @@ impl Chat {
 ///
 /// So the feed advances only while the client reads (HTTP/2 flow control stops the polling
 /// when the client's window is full). What arrives meanwhile is not lost: the hub's queue fills,
-/// the feed is marked lagged, and it catches up from storage when polled again. Dropping the
-/// stream (the client went away, or the connection closed) drops the feed, which unregisters it.
+/// the feed is marked lagged, and it catches up from storage when polled again. A feed whose
+/// token expired while its client was not reading ends with `UNAUTHENTICATED` as soon as the
+/// client reads again, before anything else is sent. Dropping the stream (the client went away,
+/// or the connection closed) drops the feed, which unregisters it.
 pub struct FeedStream {
     /// The feed's future; `None` once it has ended.
     run: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -176,12 +178,15 @@ impl Stream for FeedStream {
         let this = self.get_mut();
         loop {
             if let Some(item) = this.current.next() {
+                if this.current.len() == 0 {
+                    // A spent iterator still holds its batch's buffer.
+                    this.current = Vec::new().into_iter();
+                }
                 return Poll::Ready(Some(item));
             }
             let next = lock(&this.outbox).pop_front();
-            // Replaced even when empty: a spent iterator still holds its batch's buffer.
-            this.current = next.map(|b| b.into_vec()).unwrap_or_default().into_iter();
-            if this.current.len() > 0 {
+            if let Some(batch) = next {
+                this.current = batch.into_vec().into_iter();
                 continue;
             }
             let Some(run) = this.run.as_mut() else {
@@ -259,10 +264,16 @@ impl Session {
                 if self.chat.hub.is_shut_down() {
                     return Ok(());
                 }
-                // Queued events first: while they flow, the other branches are not polled at
-                // all (polling shutdown's and the lag's notifications takes a lock each).
-                // `flush` checks shutdown and expiry before anything goes out, and a lag needs
-                // no catch-up while live events arrive: the first one after a hole fills it.
+                // Plain loads, because the select below polls queued events first: while they
+                // flow, its other branches are not polled at all (polling shutdown's and the
+                // lag's notifications takes a lock each). A lag on a quiet channel must not
+                // wait for a busy one to pause; `flush` checks shutdown and expiry before
+                // anything goes out.
+                if self.feed.is_lagged()
+                    && (!Box::pin(self.catch_up()).await? || !self.flush().await?)
+                {
+                    return Ok(());
+                }
                 let go = tokio::select! {
                     biased;
                     item = rx.recv() => match item {
@@ -323,7 +334,7 @@ impl Session {
     ///
     /// Not async, nor is anything that takes an event by value: an async fn keeps its
     /// arguments for its whole life, and a `SubscribeResponse` is ~376 bytes, so each nested
-    /// level that held one made every open feed's task larger, idle or not.
+    /// level that held one made every open feed's future larger, idle or not.
     fn send(&mut self, ev: proto::SubscribeResponse) {
         self.batch.push(Ok(ev));
     }

@@ -81,6 +81,8 @@ pub struct Feed {
     user_key: Option<UserKey>,
     tx: mpsc::Sender<Item>,
     lag: Mutex<Lag>,
+    /// Whether `lag` holds anything: a plain load for a feed that checks on every batch.
+    lagged: AtomicBool,
     /// Woken when `lag` gains an entry.
     pub wake: Notify,
 }
@@ -88,22 +90,33 @@ pub struct Feed {
 impl Feed {
     /// Takes what the feed missed so far.
     pub fn take_lag(&self) -> Lag {
+        // Cleared first: a mark that lands meanwhile sets it again.
+        self.lagged.store(false, Ordering::Release);
         std::mem::take(&mut *self.lag.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn mark(&self, f: impl FnOnce(&mut Lag)) {
-        f(&mut self.lag.lock().unwrap_or_else(|p| p.into_inner()));
-        self.wake.notify_one();
+    /// Whether the hub could not queue something since the last [`Feed::take_lag`].
+    pub fn is_lagged(&self) -> bool {
+        self.lagged.load(Ordering::Acquire)
+    }
+
+    /// Records a miss; wakes the feed only when the miss is new, so a feed that has stopped
+    /// reading costs each later publish a lock and a lookup, nothing more.
+    fn mark(&self, f: impl FnOnce(&mut Lag) -> bool) {
+        let new = f(&mut self.lag.lock().unwrap_or_else(|p| p.into_inner()));
+        if new {
+            self.lagged.store(true, Ordering::Release);
+            self.wake.notify_one();
+        }
     }
 
     fn offer(&self, item: Item, channel: Option<&str>) {
         match self.tx.try_send(item) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => self.mark(|lag| match channel {
-                Some(c) => {
-                    lag.channels.insert(c.to_owned());
-                }
-                None => lag.memberships = true,
+                Some(c) if lag.channels.contains(c) => false,
+                Some(c) => lag.channels.insert(c.to_owned()),
+                None => !std::mem::replace(&mut lag.memberships, true),
             }),
             // The feed is closing; its guard removes it.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -124,8 +137,10 @@ pub struct Hub {
     /// `(tenant, user)` → feeds of all that user's channels.
     users: RwLock<FeedMap<UserKey>>,
     next_id: AtomicU64,
-    /// Per-feed buffer, in events. Large enough to ride out bursts, small enough that a stuck
-    /// reader costs little memory before it is switched to catching up from storage.
+    /// Per-feed buffer, in events. Large enough to ride out bursts, small enough that a reader
+    /// that falls behind costs little memory before it is switched to catching up from storage.
+    /// A reader that stops reading altogether keeps its registration (and this buffer's events)
+    /// until its stream is dropped, when its connection closes: its feed is not polled.
     buffer: usize,
     shutdown: watch::Sender<bool>,
     /// Set with `shutdown`: a plain load for the checks on every batch, where the watch's
@@ -169,6 +184,7 @@ impl Hub {
             user_key: user_key.clone(),
             tx,
             lag: Mutex::default(),
+            lagged: AtomicBool::new(false),
             wake: Notify::new(),
         });
         if let Some(k) = user_key {
