@@ -957,3 +957,51 @@ async fn sqlite_upgrade_keeps_every_event() {
     assert_events_gap_free(&s, &ch, 3).await;
     assert_eq!(db.count("events").await, 603);
 }
+
+/// A SQLite batch that fails after its BEGIN (here an INSERT refused by a trigger) writes
+/// nothing: the transaction, run by hand so BEGIN and COMMIT share commands with other
+/// statements, is rolled back by closing its connection; the next batch gets a fresh one and
+/// takes the sequences the failed batch did not keep.
+#[tokio::test]
+async fn sqlite_failed_batch_writes_nothing_and_the_next_one_commits() {
+    let (db, s) = open(Backend::Sqlite).await;
+    let ch = group_with(&s, &["u1"]).await; // sequences 1-2
+    let pool = sqlx::SqlitePool::connect(&db.url).await.expect("sqlite");
+    sqlx::query(
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON audit_logs \
+         WHEN NEW.after_json LIKE '%boom%' BEGIN SELECT RAISE(ABORT, 'boom'); END",
+    )
+    .execute(&pool)
+    .await
+    .expect("trigger");
+    pool.close().await;
+    let counts = db.counts().await;
+    let failed = s
+        .insert_messages(
+            vec![
+                batched("u1", &ch, "fine", None),
+                batched("u1", &ch, "boom", None),
+            ],
+            &enc,
+        )
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(db.counts().await, counts, "nothing written");
+    assert_eq!(
+        s.channel("t1", &ch).await.expect("channel").last_sequence,
+        2
+    );
+    let outcomes = s
+        .insert_messages(
+            vec![
+                batched("u1", &ch, "after 1", None),
+                batched("u1", &ch, "after 2", None),
+            ],
+            &enc,
+        )
+        .await
+        .expect("next batch");
+    assert_eq!(new_message(&outcomes, 0), (ch.clone(), 3, "after 1".into()));
+    assert_eq!(new_message(&outcomes, 1), (ch.clone(), 4, "after 2".into()));
+    assert_events_gap_free(&s, &ch, 4).await;
+}

@@ -68,6 +68,48 @@ fn push_padded_rows<'a, DB: sqlx::Database, T: Copy>(
     }
 }
 
+/// A transaction run by hand on a pooled connection, so that BEGIN and COMMIT can share a
+/// command with other statements (on SQLite, each command is a trip to the connection's
+/// worker thread). Dropped before [`ManualTransaction::committed`], on an error or a
+/// cancelled future, it closes the connection instead of returning it to the pool: the
+/// database rolls the transaction back when its connection ends.
+struct ManualTransaction<DB: sqlx::Database> {
+    conn: sqlx::pool::PoolConnection<DB>,
+    done: bool,
+}
+
+impl<DB: sqlx::Database> ManualTransaction<DB> {
+    fn new(conn: sqlx::pool::PoolConnection<DB>) -> Self {
+        ManualTransaction { conn, done: false }
+    }
+
+    /// The COMMIT went through: the connection goes back to the pool.
+    fn committed(mut self) {
+        self.done = true;
+    }
+}
+
+impl<DB: sqlx::Database> Drop for ManualTransaction<DB> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::Deref for ManualTransaction<DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        &self.conn
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::DerefMut for ManualTransaction<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.conn
+    }
+}
+
 /// The new row of a group-commit message: version 1, no attachments (sends with attachments
 /// take the single-message path).
 fn batch_row(b: BatchMessage, id: String, sequence: i64, create_time: i64) -> MessageRow {
@@ -1016,7 +1058,17 @@ macro_rules! impl_store {
                 let mut rows: Vec<(usize, MessageRow)> = Vec::new();
                 // Repeats of a client_message_id within the batch: (position, row index).
                 let mut repeats: Vec<(usize, usize)> = Vec::new();
-                let mut tx = self.write.begin().await?;
+                // Where a command takes several statements (SQLite), BEGIN goes with the
+                // advancing UPDATE and the membership SELECT, and COMMIT with the INSERTs: two
+                // trips to the connection's thread for a batch, where a sqlx transaction with
+                // a statement per trip took five.
+                let mut tx = ManualTransaction::new(self.write.acquire().await?);
+                let begin = if Self::STATEMENTS_IN_ONE_COMMAND {
+                    "BEGIN IMMEDIATE; "
+                } else {
+                    sqlx::query("BEGIN").execute(&mut *tx).await?;
+                    ""
+                };
                 // Four statements whatever the batch holds: lock, advance, members, keys. Each
                 // list is padded to a power of two with rows that match nothing (ids are never
                 // empty), so a few statement texts cover every batch and stay prepared.
@@ -1044,52 +1096,76 @@ macro_rules! impl_store {
                     .iter()
                     .map(|((c, t), p)| (c.as_str(), t.as_str(), p.len() as i64))
                     .collect();
-                let mut q = sqlx::QueryBuilder::<$db>::new(
+                // A block: the builders borrow the batch, which is taken apart below.
+                let tagged: Vec<(String, String, String, i64)> = {
+                let mut q = sqlx::QueryBuilder::<$db>::new(begin);
+                q.push(
                     "UPDATE channels SET last_sequence = channels.last_sequence + d.column3 FROM (VALUES ",
                 );
                 push_padded_rows(&mut q, &keys, ("", "", 0), |q, (c, t, n)| {
                     q.push_bind(c).push(", ").push_bind(t).push(", ").push_bind(n);
                 });
+                // Rows of the shape (kind, a, b, n), so that the membership rows can follow
+                // in the same command: 'L' (channel, tenant, new last sequence) and 'M'
+                // (channel, member, 0).
                 q.push(
                     ") AS d WHERE channels.id = d.column1 AND channels.tenant_id = d.column2 \
                      AND channels.delete_time IS NULL \
-                     RETURNING channels.id, channels.tenant_id, channels.last_sequence",
+                     RETURNING CAST('L' AS TEXT), channels.id, channels.tenant_id, channels.last_sequence",
                 );
-                let lasts: HashMap<(String, String), i64> = q
-                    .build_query_as::<(String, String, i64)>()
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .map(|(c, t, last)| ((c, t), last))
-                    .collect();
                 // Membership is read in a statement of its own, after the locks: on READ
                 // COMMITTED a check inside the UPDATE (a sub-select) would keep the snapshot
                 // from before the lock wait and miss a removal that committed meanwhile.
+                // (SQLite has one writer and no such wait: the two go as one command.)
                 let mut pairs: Vec<(&str, &str)> = Vec::new();
                 for (key, positions) in &by_channel {
-                    let channel = &key.0;
-                    if lasts.contains_key(key) {
-                        for &i in positions {
-                            if let Some(b) = &batch[i] {
-                                pairs.push((channel.as_str(), b.user_id.as_str()));
-                            }
+                    for &i in positions {
+                        if let Some(b) = &batch[i] {
+                            pairs.push((key.0.as_str(), b.user_id.as_str()));
                         }
                     }
                 }
                 pairs.sort_unstable();
                 pairs.dedup();
-                let member_rows: Vec<(String, String)> = if pairs.is_empty() {
-                    Vec::new()
-                } else {
-                    let mut q = sqlx::QueryBuilder::<$db>::new(
-                        "SELECT m.channel_id, m.user_id FROM (VALUES ",
+                fn members_query<'a>(
+                    q: &mut sqlx::QueryBuilder<'a, $db>,
+                    pairs: &[(&'a str, &'a str)],
+                ) {
+                    q.push(
+                        "SELECT CAST('M' AS TEXT), m.channel_id, m.user_id, CAST(0 AS BIGINT) \
+                         FROM (VALUES ",
                     );
-                    push_padded_rows(&mut q, &pairs, ("", ""), |q, (c, u)| {
+                    push_padded_rows(q, pairs, ("", ""), |q, (c, u)| {
                         q.push_bind(c).push(", ").push_bind(u);
                     });
                     q.push(") AS d JOIN members m ON m.channel_id = d.column1 AND m.user_id = d.column2");
+                }
+                if Self::STATEMENTS_IN_ONE_COMMAND {
+                    q.push("; ");
+                    members_query(&mut q, &pairs);
                     q.build_query_as().fetch_all(&mut *tx).await?
+                } else {
+                    let mut rows: Vec<(String, String, String, i64)> =
+                        q.build_query_as().fetch_all(&mut *tx).await?;
+                    let mut q = sqlx::QueryBuilder::<$db>::new("");
+                    members_query(&mut q, &pairs);
+                    rows.extend(
+                        q.build_query_as::<(String, String, String, i64)>()
+                            .fetch_all(&mut *tx)
+                            .await?,
+                    );
+                    rows
+                }
                 };
+                let mut lasts: HashMap<(String, String), i64> = HashMap::new();
+                let mut member_rows: Vec<(String, String)> = Vec::new();
+                for (kind, a, b, n) in tagged {
+                    if kind == "L" {
+                        lasts.insert((a, b), n);
+                    } else {
+                        member_rows.push((a, b));
+                    }
+                }
                 let members: std::collections::HashSet<(&str, &str)> =
                     member_rows.iter().map(|(c, u)| (c.as_str(), u.as_str())).collect();
                 // Messages already stored under a client_message_id of this batch (under the
@@ -1186,6 +1262,7 @@ macro_rules! impl_store {
                     .map(|(_, r)| (Uuid::now_v7().to_string(), to_json(r)))
                     .collect();
                 let mut at = 0;
+                let mut committed = false;
                 for size in insert_sizes(rows.len(), Self::POWER_OF_TWO_INSERTS) {
                     let chunk = &rows[at..at + size];
                     let payloads = &payloads[at..at + size];
@@ -1246,9 +1323,16 @@ macro_rules! impl_store {
                             .push_bind(after)
                             .push_bind(now);
                     });
+                    if at == rows.len() && Self::STATEMENTS_IN_ONE_COMMAND {
+                        q.push("; COMMIT");
+                        committed = true;
+                    }
                     q.build().execute(&mut *tx).await?;
                 }
-                tx.commit().await?;
+                if !committed {
+                    sqlx::query("COMMIT").execute(&mut *tx).await?;
+                }
+                tx.committed();
                 self.committed_generally(&finals);
                 Ok(batch_outcomes(out, rows, payloads, repeats))
             }
