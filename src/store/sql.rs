@@ -110,6 +110,33 @@ impl<DB: sqlx::Database> std::ops::DerefMut for ManualTransaction<DB> {
     }
 }
 
+/// The group commit's transaction: sqlx's where each command is one statement (PostgreSQL),
+/// so a failure rolls back and keeps the connection; run by hand where BEGIN and COMMIT share
+/// commands with other statements (SQLite).
+enum WriteTransaction<DB: sqlx::Database> {
+    Sqlx(Transaction<'static, DB>),
+    Manual(ManualTransaction<DB>),
+}
+
+impl<DB: sqlx::Database> std::ops::Deref for WriteTransaction<DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        match self {
+            WriteTransaction::Sqlx(t) => t,
+            WriteTransaction::Manual(t) => t,
+        }
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::DerefMut for WriteTransaction<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        match self {
+            WriteTransaction::Sqlx(t) => t,
+            WriteTransaction::Manual(t) => t,
+        }
+    }
+}
+
 /// The new row of a group-commit message: version 1, no attachments (sends with attachments
 /// take the single-message path).
 fn batch_row(b: BatchMessage, id: String, sequence: i64, create_time: i64) -> MessageRow {
@@ -296,6 +323,10 @@ pub async fn connect(
         ))),
     }
 }
+
+/// The LIMITs a history query is written with (page sizes 10, 25, 50, 100 and 200, plus the
+/// row that tells whether a next page exists): a request's limit is rounded up to the next.
+const HISTORY_LIMIT_STEPS: [i64; 5] = [11, 26, 51, 101, 201];
 
 /// The condition a history query adds so that it returns rows only to a member of the live
 /// channel: `$1` is the channel, `$3` the viewer's user id, `$4` the viewer's tenant. A constant
@@ -1062,12 +1093,11 @@ macro_rules! impl_store {
                 // advancing UPDATE and the membership SELECT, and COMMIT with the INSERTs: two
                 // trips to the connection's thread for a batch, where a sqlx transaction with
                 // a statement per trip took five.
-                let mut tx = ManualTransaction::new(self.write.acquire().await?);
-                let begin = if Self::STATEMENTS_IN_ONE_COMMAND {
-                    "BEGIN IMMEDIATE; "
+                let (mut tx, begin) = if Self::STATEMENTS_IN_ONE_COMMAND {
+                    let conn = self.write.acquire().await?;
+                    (WriteTransaction::Manual(ManualTransaction::new(conn)), "BEGIN IMMEDIATE; ")
                 } else {
-                    sqlx::query("BEGIN").execute(&mut *tx).await?;
-                    ""
+                    (WriteTransaction::Sqlx(self.write.begin().await?), "")
                 };
                 // Four statements whatever the batch holds: lock, advance, members, keys. Each
                 // list is padded to a power of two with rows that match nothing (ids are never
@@ -1329,10 +1359,15 @@ macro_rules! impl_store {
                     }
                     q.build().execute(&mut *tx).await?;
                 }
-                if !committed {
-                    sqlx::query("COMMIT").execute(&mut *tx).await?;
+                match tx {
+                    WriteTransaction::Sqlx(t) => t.commit().await?,
+                    WriteTransaction::Manual(mut t) => {
+                        if !committed {
+                            sqlx::query("COMMIT").execute(&mut *t).await?;
+                        }
+                        t.committed();
+                    }
                 }
-                tx.committed();
                 self.committed_generally(&finals);
                 Ok(batch_outcomes(out, rows, payloads, repeats))
             }
@@ -1368,7 +1403,13 @@ macro_rules! impl_store {
                 // PostgreSQL cannot cost a generic plan (it assumes a tenth of the table), so
                 // it planned every page again, half of its CPU per page. With the size known,
                 // the generic plan costs what a custom one does, and PostgreSQL keeps it after
-                // five executions (plan_cache_mode = auto). One prepared text per page size.
+                // five executions (plan_cache_mode = auto). The size is rounded up to one of a
+                // few steps, so a handful of texts stay prepared whatever sizes clients ask
+                // for; the extra rows are dropped here.
+                let fetched = HISTORY_LIMIT_STEPS
+                    .into_iter()
+                    .find(|&step| step >= limit)
+                    .unwrap_or(limit);
                 let sql = match parent {
                     None => format!(
                         concat!(
@@ -1377,7 +1418,7 @@ macro_rules! impl_store {
                             viewer_is_member!(),
                             " ORDER BY sequence DESC LIMIT {}"
                         ),
-                        limit
+                        fetched
                     ),
                     Some(_) => format!(
                         concat!(
@@ -1386,7 +1427,7 @@ macro_rules! impl_store {
                             viewer_is_member!(),
                             " ORDER BY sequence DESC LIMIT {}"
                         ),
-                        limit
+                        fetched
                     ),
                 };
                 let mut query = sqlx::query_as(&sql)
@@ -1397,7 +1438,9 @@ macro_rules! impl_store {
                 if let Some(parent) = parent {
                     query = query.bind(parent);
                 }
-                Ok(query.fetch_all(&self.read).await?)
+                let mut rows: Vec<MessageRow> = query.fetch_all(&self.read).await?;
+                rows.truncate(usize::try_from(limit).unwrap_or(0));
+                Ok(rows)
             }
 
             async fn update_message(
