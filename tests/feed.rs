@@ -506,22 +506,26 @@ async fn read_markers_and_heartbeats_are_live_only(backend: Backend) {
     assert_eq!(hb.sequence, 0);
 }
 
+/// A feed of all the user's channels on a token that expires in `ttl` seconds.
+async fn subscribe_expiring(
+    server: &TestServer,
+    user: &str,
+    ttl: i64,
+) -> Streaming<proto::SubscribeResponse> {
+    let permissions = chat_service::auth::all_permission_names();
+    let mut c = server
+        .chat(&token_with(user, "default", permissions, ttl))
+        .await;
+    c.subscribe(proto::SubscribeRequest::default())
+        .await
+        .expect("subscribe")
+        .into_inner()
+}
+
 async fn stream_ends_unauthenticated_when_token_expires(backend: Backend) {
     let server = TestServer::start(backend).await;
     group(&server, "alice", &["bob"]).await;
-    let mut c = server
-        .chat(&token_with(
-            "bob",
-            "default",
-            chat_service::auth::all_permission_names(),
-            2,
-        ))
-        .await;
-    let mut feed = c
-        .subscribe(proto::SubscribeRequest::default())
-        .await
-        .expect("subscribe")
-        .into_inner();
+    let mut feed = subscribe_expiring(&server, "bob", 2).await;
     let end = loop {
         match tokio::time::timeout(WAIT, feed.message())
             .await
@@ -534,6 +538,41 @@ async fn stream_ends_unauthenticated_when_token_expires(backend: Backend) {
     };
     assert_eq!(end.code(), Code::Unauthenticated);
     assert!(end.message().contains("expired"));
+}
+
+/// A client that stops reading holds no hub registration past its token's expiry: its stream
+/// is not polled, so the hub drops the feed when it cannot queue for it any more; reading
+/// again, the client hears UNAUTHENTICATED.
+async fn stalled_reader_leaves_the_hub_when_its_token_expires(backend: Backend) {
+    let server = server_with_small_hub_queue(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut feed = subscribe_expiring(&server, "bob", 2).await;
+    let hub = server.chat.hub().clone();
+    let mut alice = server.chat(&token("alice")).await;
+    // Bob reads nothing: fill the HTTP/2 windows, the feed's outbox and the hub's queue.
+    let big = "x".repeat(30_000);
+    for i in 0..200 {
+        send(&mut alice, &ch, &format!("before {i} {big}")).await;
+    }
+    assert_eq!(
+        hub.followed_channels(),
+        1,
+        "registered while the token lasts"
+    );
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    send(&mut alice, &ch, "after expiry").await;
+    assert_eq!(hub.followed_channels(), 0, "dropped once expired and full");
+    let end = loop {
+        match tokio::time::timeout(WAIT, feed.message())
+            .await
+            .expect("ends")
+        {
+            Ok(Some(ev)) => assert_ne!(body(&ev), "after expiry", "nothing after expiry"),
+            Ok(None) => panic!("ended without UNAUTHENTICATED"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(end.code(), Code::Unauthenticated);
 }
 
 /// A token that expired a moment ago is still let in (30 s leeway), but the feed sends nothing
@@ -656,6 +695,7 @@ on_every_backend!(
     cursor_beyond_end_is_out_of_range,
     read_markers_and_heartbeats_are_live_only,
     stream_ends_unauthenticated_when_token_expires,
+    stalled_reader_leaves_the_hub_when_its_token_expires,
     no_replay_after_the_token_expired,
     shutdown_closes_feeds_cleanly,
     replay_across_removal_and_rejoin,

@@ -77,9 +77,11 @@ impl Chat {
         }
         c.done()?;
         let all = req.channel_ids.is_empty();
-        let (feed, rx) = self.hub.register(&caller.tenant_id, &caller.user_id, all);
-        let outbox = Outbox::default();
         let deadline = tokio::time::Instant::now() + caller.time_left();
+        let (feed, rx) = self
+            .hub
+            .register(&caller.tenant_id, &caller.user_id, all, deadline);
+        let outbox = Outbox::default();
         let mut session = Session {
             chat: self.clone(),
             caller,

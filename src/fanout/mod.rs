@@ -85,6 +85,10 @@ pub struct Feed {
     lagged: AtomicBool,
     /// Woken when `lag` gains an entry.
     pub wake: Notify,
+    /// When the feed's token expires. Past it the feed sends nothing more, so a feed the hub
+    /// cannot queue for (its client stopped reading) is dropped from the hub instead of being
+    /// marked lagged.
+    expires: tokio::time::Instant,
 }
 
 impl Feed {
@@ -110,9 +114,16 @@ impl Feed {
         }
     }
 
-    fn offer(&self, item: Item, channel: Option<&str>) {
+    /// Queues an item, or records the miss. False when the feed should leave the hub: its
+    /// queue is full and its token has expired.
+    fn offer(&self, item: Item, channel: Option<&str>) -> bool {
         match self.tx.try_send(item) {
             Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_))
+                if tokio::time::Instant::now() >= self.expires =>
+            {
+                return false
+            }
             Err(mpsc::error::TrySendError::Full(_)) => self.mark(|lag| match channel {
                 Some(c) if lag.channels.contains(c) => false,
                 Some(c) => lag.channels.insert(c.to_owned()),
@@ -121,6 +132,7 @@ impl Feed {
             // The feed is closing; its guard removes it.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+        true
     }
 }
 
@@ -139,8 +151,8 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Per-feed buffer, in events. Large enough to ride out bursts, small enough that a reader
     /// that falls behind costs little memory before it is switched to catching up from storage.
-    /// A reader that stops reading altogether keeps its registration (and this buffer's events)
-    /// until its stream is dropped, when its connection closes: its feed is not polled.
+    /// A reader that stops reading altogether keeps this buffer's events until its stream is
+    /// dropped (its feed is not polled), and its registration until its token expires.
     buffer: usize,
     shutdown: watch::Sender<bool>,
     /// Set with `shutdown`: a plain load for the checks on every batch, where the watch's
@@ -170,12 +182,14 @@ impl Hub {
         }
     }
 
-    /// Registers a feed; with `all_channels`, it also hears of channels the user joins.
+    /// Registers a feed whose token expires at `expires`; with `all_channels`, it also hears
+    /// of channels the user joins.
     pub fn register(
         &self,
         tenant: &str,
         user: &str,
         all_channels: bool,
+        expires: tokio::time::Instant,
     ) -> (Arc<Feed>, mpsc::Receiver<Item>) {
         let (tx, rx) = mpsc::channel(self.buffer);
         let user_key = all_channels.then(|| (tenant.to_owned(), user.to_owned()));
@@ -186,6 +200,7 @@ impl Hub {
             lag: Mutex::default(),
             lagged: AtomicBool::new(false),
             wake: Notify::new(),
+            expires,
         });
         if let Some(k) = user_key {
             write(&self.users)
@@ -255,20 +270,44 @@ impl Hub {
 
 impl Publisher for Hub {
     fn publish(&self, event: Arc<LiveEvent>) {
+        let mut expired: Vec<Arc<Feed>> = Vec::new();
         if let Some(feeds) = read(&self.channels).get(&event.channel_id) {
             for feed in feeds.values() {
-                feed.offer(Item::Event(event.clone()), Some(&event.channel_id));
+                if !feed.offer(Item::Event(event.clone()), Some(&event.channel_id)) {
+                    expired.push(feed.clone());
+                }
             }
+        }
+        // Feeds whose client stopped reading and whose token has expired: their stream is not
+        // polled, so they would stay registered until their connection closes. They leave this
+        // channel now (and every other one as it publishes); the feed ends with
+        // UNAUTHENTICATED if its client reads again.
+        for feed in expired {
+            self.unfollow(&feed, &event.channel_id);
         }
         if let Some(MembershipChange::Added(user)) = &event.membership {
             let key = (event.tenant_id.clone(), user.clone());
+            let mut expired: Vec<u64> = Vec::new();
             if let Some(feeds) = read(&self.users).get(&key) {
                 for feed in feeds.values() {
                     let item = Item::Joined(Box::new(Joined {
                         channel_id: event.channel_id.clone(),
                         sequence: event.sequence,
                     }));
-                    feed.offer(item, None);
+                    if !feed.offer(item, None) {
+                        expired.push(feed.id);
+                    }
+                }
+            }
+            if !expired.is_empty() {
+                let mut map = write(&self.users);
+                if let Some(feeds) = map.get_mut(&key) {
+                    for id in expired {
+                        feeds.remove(&id);
+                    }
+                    if feeds.is_empty() {
+                        map.remove(&key);
+                    }
                 }
             }
         }
