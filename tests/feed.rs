@@ -546,7 +546,11 @@ async fn stream_ends_unauthenticated_when_token_expires(backend: Backend) {
 async fn stalled_reader_leaves_the_hub_when_its_token_expires(backend: Backend) {
     let server = server_with_small_hub_queue(backend).await;
     let ch = group(&server, "alice", &["bob"]).await;
-    let mut feed = subscribe_expiring(&server, "bob", 2).await;
+    // Long enough to fill the pipe on a loaded CI machine (200 sends of 30 KB took over 2 s
+    // there); the test then waits out the rest.
+    let ttl = 10;
+    let opened = std::time::Instant::now();
+    let mut feed = subscribe_expiring(&server, "bob", ttl).await;
     let hub = server.chat.hub().clone();
     let mut alice = server.chat(&token("alice")).await;
     // Bob reads nothing: fill the HTTP/2 windows, the feed's outbox and the hub's queue.
@@ -559,7 +563,9 @@ async fn stalled_reader_leaves_the_hub_when_its_token_expires(backend: Backend) 
         1,
         "registered while the token lasts"
     );
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // `exp` is in whole seconds: a second more than the TTL is past it.
+    let expired_at = opened + Duration::from_secs(ttl as u64 + 1);
+    tokio::time::sleep(expired_at.saturating_duration_since(std::time::Instant::now())).await;
     send(&mut alice, &ch, "after expiry").await;
     assert_eq!(hub.followed_channels(), 0, "dropped once expired and full");
     let end = loop {
