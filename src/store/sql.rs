@@ -1410,26 +1410,20 @@ macro_rules! impl_store {
                     .into_iter()
                     .find(|&step| step >= limit)
                     .unwrap_or(limit);
-                let sql = match parent {
-                    None => format!(
-                        concat!(
-                            "SELECT * FROM messages WHERE channel_id = $1 AND sequence < $2 \
-                             AND delete_time IS NULL AND ",
-                            viewer_is_member!(),
-                            " ORDER BY sequence DESC LIMIT {}"
-                        ),
-                        fetched
-                    ),
-                    Some(_) => format!(
-                        concat!(
-                            "SELECT * FROM messages WHERE channel_id = $1 AND parent_message_id = $5 \
-                             AND sequence < $2 AND delete_time IS NULL AND ",
-                            viewer_is_member!(),
-                            " ORDER BY sequence DESC LIMIT {}"
-                        ),
-                        fetched
-                    ),
+                let thread = if parent.is_some() {
+                    "AND parent_message_id = $5 "
+                } else {
+                    ""
                 };
+                let sql = format!(
+                    concat!(
+                        "SELECT * FROM messages WHERE channel_id = $1 {}AND sequence < $2 \
+                         AND delete_time IS NULL AND ",
+                        viewer_is_member!(),
+                        " ORDER BY sequence DESC LIMIT {}"
+                    ),
+                    thread, fetched
+                );
                 let mut query = sqlx::query_as(&sql)
                     .bind(channel_id)
                     .bind(before)
