@@ -11,7 +11,6 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -67,16 +66,14 @@ fn chunk_prefix(upload_id: &str) -> String {
     format!("u/{upload_id}/")
 }
 
-/// Hashes and counts bytes on their way to a writer.
+/// Counts bytes on their way to a writer (which hashes them).
 struct Sink {
     writer: BlobWriter,
-    hasher: Sha256,
     written: i64,
 }
 
 impl Sink {
     async fn write(&mut self, bytes: Bytes) -> Result<()> {
-        self.hasher.update(&bytes);
         self.written += bytes.len() as i64;
         self.writer.write(bytes).await?;
         Ok(())
@@ -136,7 +133,8 @@ impl Chat {
     /// Checks what the stream brought against what was declared, then completes the object.
     /// A refusal of the content is `Error::Invalid`; anything else is a storage failure.
     async fn finish_sink(sink: Sink, size: i64, sha256: &str) -> Result<String> {
-        let digest = hex::encode(sink.hasher.clone().finalize());
+        let closed = sink.writer.close().await?;
+        let digest = closed.sha256().to_owned();
         let refusal = if sink.written != size {
             Some(Error::invalid(
                 "metadata.size_bytes",
@@ -151,12 +149,12 @@ impl Chat {
             None
         };
         if let Some(e) = refusal {
-            if let Err(abort) = sink.writer.abort().await {
+            if let Err(abort) = closed.abort().await {
                 tracing::warn!(error = %abort, "aborting a refused upload failed");
             }
             return Err(e);
         }
-        sink.writer.finish().await?;
+        closed.commit().await?;
         Ok(digest)
     }
 
@@ -178,7 +176,6 @@ impl Chat {
         let key = blob_key(&id);
         let mut sink = Sink {
             writer: self.blobs.writer(&key).await?,
-            hasher: Sha256::new(),
             written: 0,
         };
         let streamed: Result<()> = async {
@@ -416,7 +413,6 @@ impl Chat {
         let key = blob_key(&id);
         let mut sink = Sink {
             writer: self.blobs.writer(&key).await?,
-            hasher: Sha256::new(),
             written: 0,
         };
         let copied: Result<()> = async {
