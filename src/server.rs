@@ -25,6 +25,10 @@ use crate::proto::attachment_service_server::AttachmentServiceServer;
 use crate::proto::chat_service_server::ChatServiceServer;
 use crate::proto::group_service_server::GroupServiceServer;
 
+/// Largest HTTP/2 frame a client may send: 64 KiB, against the protocol's (and hyper's) default
+/// of 16 KiB, so a 1 MiB upload frame arrives in 16 HTTP/2 frames rather than 64.
+pub const H2_MAX_FRAME_BYTES: u32 = 64 * 1024;
+
 /// Largest message AttachmentService decodes: a 1 MiB chunk plus 64 KiB for the rest of the
 /// frame. Larger frames are refused by tonic with `RESOURCE_EXHAUSTED`.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024 + 64 * 1024;
@@ -206,6 +210,7 @@ pub async fn serve(
         })
     });
     let mut router = Server::builder()
+        .max_frame_size(H2_MAX_FRAME_BYTES)
         // grpc-web from browsers arrives over HTTP/1.1 as often as HTTP/2.
         .accept_http1(true)
         // Outermost first: CORS answers preflight before grpc-web translation sees it.
