@@ -685,12 +685,38 @@ async fn sweep_removes_unlinked_and_unfinished(storage: Storage) {
         .await
         .expect("chunk");
     settle(&server, 3).await;
+    // On local disk, what a server killed mid-write leaves: a staging file beside an object,
+    // which no listing shows. One last written two hours ago, one just now.
+    let staging = server.opts.storage.is_none().then(|| {
+        let dir = server.db.blob_dir().join("a");
+        let (old, new) = (dir.join("killed#123"), dir.join("writing#456"));
+        std::fs::write(&old, b"half").expect("write");
+        std::fs::write(&new, b"half").expect("write");
+        let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .and_then(|f| f.set_modified(two_hours_ago))
+            .expect("set mtime");
+        (old, new)
+    });
     // Nothing is old enough yet.
     let now = chat_service::store::now_micros();
     assert_eq!(
         server.chat.sweep(now - 3_600_000_000).await.expect("sweep"),
         (0, 0)
     );
+    if let Some((old, new)) = &staging {
+        assert!(
+            !old.exists(),
+            "a staging file older than the cutoff is removed"
+        );
+        assert!(
+            new.exists(),
+            "a recent one (a write still going on) is kept"
+        );
+        std::fs::remove_file(new).expect("remove");
+    }
     // Everything unlinked is, a moment from now.
     assert_eq!(
         server.chat.sweep(now + 1_000_000).await.expect("sweep"),

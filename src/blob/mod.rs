@@ -17,7 +17,6 @@ use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::{GetOptions, GetRange, ObjectStore, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
 /// Errors of blob storage.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +186,20 @@ impl Blobs {
         }
     }
 
+    /// On local disk, removes staging files (names ending in `#` and digits: this server's own
+    /// and `object_store`'s) last written before `before`: what a server killed mid-write left
+    /// behind. Listings never show them, so nothing else would. Returns how many were removed;
+    /// other stores have none. Run by the attachment sweep, with its TTL.
+    pub async fn remove_stale_staging(&self, before: std::time::SystemTime) -> usize {
+        let Some((_, root)) = &self.local else {
+            return 0;
+        };
+        let root = root.clone();
+        blocking(move || Ok(remove_stale_in(&root, before)))
+            .await
+            .unwrap_or(0)
+    }
+
     /// Keys under `prefix`, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, BlobError> {
         let mut keys: Vec<String> = self
@@ -253,14 +266,7 @@ impl BlobWriter {
     pub async fn abort(self) -> Result<(), BlobError> {
         match self.inner {
             WriterInner::Remote { upload, .. } => Ok(upload.abort().await?),
-            // The writer thread removes its staging file when its queue closes unfinished.
-            WriterInner::Local(w) => {
-                drop(w.queue);
-                if let Some(thread) = w.thread {
-                    let _ = thread.await;
-                }
-                Ok(())
-            }
+            WriterInner::Local(w) => w.abort().await,
         }
     }
 }
@@ -317,10 +323,9 @@ impl ClosedBlob {
                         remove_quietly(&staged);
                         return Err(fail(e));
                     }
-                    if let Err(e) = sync_dirs(&file) {
-                        remove_quietly(&file.path);
-                        return Err(fail(e));
-                    }
+                    // Not removed if this fails: a concurrent call may have committed the same
+                    // key (CompleteUpload), and its row names the file.
+                    sync_dirs(&file).map_err(fail)?;
                     Ok(())
                 })
                 .await
@@ -353,12 +358,10 @@ impl ClosedBlob {
 
 impl Drop for ClosedBlob {
     fn drop(&mut self) {
-        if let ClosedInner::Local {
-            staged: Some(staged),
-            ..
-        } = &self.inner
-        {
-            remove_quietly(staged);
+        if let ClosedInner::Local { staged, .. } = &mut self.inner {
+            if let Some(staged) = staged.take() {
+                remove_soon(staged);
+            }
         }
     }
 }
@@ -403,12 +406,51 @@ fn sync_dirs(file: &LocalFile) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Walks `dir` and below for staging files last modified before `before`, removing them.
+fn remove_stale_in(dir: &std::path::Path, before: std::time::SystemTime) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        let path = entry.path();
+        if meta.is_dir() {
+            removed += remove_stale_in(&path, before);
+            continue;
+        }
+        let staging = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.rsplit_once('#'))
+            .is_some_and(|(_, d)| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+        if staging && meta.modified().is_ok_and(|m| m < before) {
+            remove_quietly(&path);
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Removes a file, logging (not returning) a failure: used where the file is already garbage.
 fn remove_quietly(path: &std::path::Path) {
     if let Err(e) = std::fs::remove_file(path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(error = %e, path = %path.display(), "could not remove a file");
         }
+    }
+}
+
+/// Removes a file from a `Drop`: on tokio's blocking pool when a runtime is there, so no
+/// worker thread waits on the disk, else right away.
+fn remove_soon(path: std::path::PathBuf) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn_blocking(move || remove_quietly(&path));
+        }
+        Err(_) => remove_quietly(&path),
     }
 }
 
@@ -421,9 +463,9 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| BlobError::Unavailable(format!("file task: {e}")))?
 }
 
-/// Buffers (upload frames, at most 1 MiB each) queued for a local writer thread: the memory one
-/// local upload holds, beyond what the transport buffers, is at most this many frames plus the
-/// one being written.
+/// Buffers (upload frames, at most 1 MiB each) a local writer gathers while its previous batch
+/// is being written: the memory one local upload holds, beyond what the transport buffers, is
+/// at most this many frames plus the batch being written.
 pub const LOCAL_QUEUE_BUFFERS: usize = 4;
 
 /// Bytes a local writer writes between two requests to the device to start writing them out
@@ -433,85 +475,196 @@ pub const LOCAL_QUEUE_BUFFERS: usize = 4;
 /// waits.
 pub const WRITEBACK_BYTES: u64 = 8 * 1024 * 1024;
 
-/// What the task of a local upload sends its writer thread.
-enum Feed {
-    Data(Bytes),
-    /// Every byte is sent: flush and return the digest.
-    End,
+/// Bytes a local writer writes between two flushes (`fdatasync`) it asks a helper thread for
+/// while the upload goes on. The writeback above puts the bytes on their way, but only a flush
+/// empties the device's write cache (on a virtual disk, the host's), and that took 0.5-0.9 s
+/// for 1 GiB at the end of an upload measured with `chat-bench` scenario 6.
+pub const FLUSH_AHEAD_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A local-disk write in progress, into a staging file beside the object whose name ends in
+/// `#` and digits (`object_store` never lists those). Frames are hashed and written in batches
+/// by jobs on tokio's blocking pool, one at a time, while the upload's task gathers the next
+/// batch: a thread is held only while there is something to write, so slow or idle uploads
+/// hold none. Dropped before [`LocalWriter::close`] or [`LocalWriter::abort`], it removes the
+/// staging file.
+struct LocalWriter {
+    /// The file and its running totals; `None` while a job has them, or after a job failed.
+    state: Option<LocalState>,
+    /// The batch being written.
+    job: Option<tokio::task::JoinHandle<(LocalState, std::io::Result<()>)>>,
+    /// Frames gathered for the next batch.
+    pending: Vec<Bytes>,
+    /// `None` once handed to a [`ClosedBlob`] or removed.
+    staged: Option<std::path::PathBuf>,
+    file: LocalFile,
 }
 
-/// A local-disk write in progress: a thread of tokio's blocking pool that hashes and writes
-/// what the upload's task queues for it, into a staging file beside the object. The staging
-/// file's name ends in `#` and digits, which `object_store` never lists.
-struct LocalWriter {
-    queue: mpsc::Sender<Feed>,
-    /// `None` once awaited (it failed).
-    thread: Option<tokio::task::JoinHandle<Result<String, BlobError>>>,
-    staged: std::path::PathBuf,
-    file: LocalFile,
+/// What the write jobs of one local upload carry from one batch to the next.
+struct LocalState {
+    out: std::fs::File,
+    hasher: Sha256,
+    written: u64,
+    /// `written` when writeback was last started.
+    started: u64,
+    /// `written` when a flush ahead was last asked for.
+    flushed: u64,
+    flusher: Option<Flusher>,
 }
 
 impl LocalWriter {
     async fn start(file: LocalFile) -> Result<LocalWriter, BlobError> {
         let dest = file.path.clone();
         let (out, staged) = blocking(move || create_staged(&dest)).await?;
-        let (queue, feed) = mpsc::channel(LOCAL_QUEUE_BUFFERS);
-        let path = staged.clone();
-        let thread = tokio::task::spawn_blocking(move || write_staged(feed, out, &path));
         Ok(LocalWriter {
-            queue,
-            thread: Some(thread),
-            staged,
+            state: Some(LocalState {
+                out,
+                hasher: Sha256::new(),
+                written: 0,
+                started: 0,
+                flushed: 0,
+                flusher: None,
+            }),
+            job: None,
+            pending: Vec::with_capacity(LOCAL_QUEUE_BUFFERS),
+            staged: Some(staged),
             file,
         })
     }
 
-    async fn write(&mut self, bytes: Bytes) -> Result<(), BlobError> {
-        if self.queue.send(Feed::Data(bytes)).await.is_ok() {
-            return Ok(());
-        }
-        // The thread stopped early: it failed, and says why.
-        Err(self.failure().await)
+    fn fail(&self, e: impl std::fmt::Display) -> BlobError {
+        BlobError::Unavailable(format!("{}: {e}", self.file.path.display()))
     }
 
-    async fn close(mut self) -> Result<ClosedBlob, BlobError> {
-        if self.queue.send(Feed::End).await.is_err() {
-            return Err(self.failure().await);
+    async fn write(&mut self, bytes: Bytes) -> Result<(), BlobError> {
+        self.pending.push(bytes);
+        if let Some(job) = &self.job {
+            if !job.is_finished() && self.pending.len() < LOCAL_QUEUE_BUFFERS {
+                return Ok(());
+            }
+            self.finish_job().await?;
         }
-        let sha256 = match self.thread.take() {
-            Some(thread) => thread
-                .await
-                .map_err(|e| BlobError::Unavailable(format!("file task: {e}")))??,
-            None => return Err(BlobError::Unavailable("the writer already failed".into())),
+        self.start_job()
+    }
+
+    /// Hands the gathered frames to a new job.
+    fn start_job(&mut self) -> Result<(), BlobError> {
+        let Some(mut state) = self.state.take() else {
+            return Err(self.fail("an earlier write failed"));
         };
+        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(LOCAL_QUEUE_BUFFERS));
+        self.job = Some(tokio::task::spawn_blocking(move || {
+            let done = state.write_batch(&batch);
+            (state, done)
+        }));
+        Ok(())
+    }
+
+    /// Waits for the batch being written, if any.
+    async fn finish_job(&mut self) -> Result<(), BlobError> {
+        let Some(job) = self.job.take() else {
+            return Ok(());
+        };
+        let (state, done) = job
+            .await
+            .map_err(|e| self.fail(format!("write task: {e}")))?;
+        done.map_err(|e| self.fail(e))?;
+        self.state = Some(state);
+        Ok(())
+    }
+
+    /// Writes what is left, stops the flush-ahead helper (any error it met fails the close),
+    /// flushes the file and returns it as a [`ClosedBlob`] with its digest.
+    async fn close(mut self) -> Result<ClosedBlob, BlobError> {
+        self.finish_job().await?;
+        if !self.pending.is_empty() {
+            self.start_job()?;
+            self.finish_job().await?;
+        }
+        let Some(mut state) = self.state.take() else {
+            return Err(self.fail("an earlier write failed"));
+        };
+        let path = self.file.path.clone();
+        let sha256 = blocking(move || {
+            let fail =
+                |e: std::io::Error| BlobError::Unavailable(format!("{}: {e}", path.display()));
+            if let Some(f) = state.flusher.take() {
+                f.stop().map_err(fail)?;
+            }
+            state.out.sync_data().map_err(fail)?;
+            Ok(hex::encode(state.hasher.finalize()))
+        })
+        .await?;
         Ok(ClosedBlob {
             sha256,
             inner: ClosedInner::Local {
-                staged: Some(self.staged),
-                file: self.file,
+                staged: self.staged.take(),
+                file: self.file.clone(),
             },
         })
     }
 
-    async fn failure(&mut self) -> BlobError {
-        match self.thread.take() {
-            Some(thread) => match thread.await {
-                Ok(Err(e)) => e,
-                Ok(Ok(_)) => BlobError::Unavailable("the writer ended early".into()),
-                Err(e) => BlobError::Unavailable(format!("file task: {e}")),
-            },
-            None => BlobError::Unavailable("the writer already failed".into()),
+    /// Waits for the batch being written (its result no longer matters), then removes the
+    /// staging file.
+    async fn abort(mut self) -> Result<(), BlobError> {
+        if let Some(job) = self.job.take() {
+            let _ = job.await;
+        }
+        let staged = self.staged.take();
+        blocking(move || {
+            if let Some(staged) = staged {
+                remove_quietly(&staged);
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        // Neither closed nor aborted (the upload's future was dropped). A job still writing
+        // keeps writing into the unlinked file, which the kernel frees when it is done.
+        if let Some(staged) = self.staged.take() {
+            remove_soon(staged);
         }
     }
 }
 
-/// Creates `<dest>#<random digits>` (and any missing folders), new.
+impl LocalState {
+    /// Hashes and writes a batch; starts writeback every [`WRITEBACK_BYTES`] and asks for a
+    /// flush every [`FLUSH_AHEAD_BYTES`].
+    fn write_batch(&mut self, batch: &[Bytes]) -> std::io::Result<()> {
+        use std::io::Write;
+        for bytes in batch {
+            self.hasher.update(bytes);
+            self.out.write_all(bytes)?;
+            self.written += bytes.len() as u64;
+            if self.written - self.started >= WRITEBACK_BYTES {
+                start_writeback(&self.out, self.started, self.written - self.started);
+                self.started = self.written;
+            }
+            if self.written - self.flushed >= FLUSH_AHEAD_BYTES {
+                if self.flusher.is_none() {
+                    self.flusher = Some(Flusher::start(&self.out)?);
+                }
+                if let Some(f) = &self.flusher {
+                    f.request();
+                }
+                self.flushed = self.written;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates `<dest>#<random digits>` (and any missing folders), new. A folder removed meanwhile
+/// (the store removes folders left empty by a delete) is made again.
 fn create_staged(dest: &std::path::Path) -> Result<(std::fs::File, std::path::PathBuf), BlobError> {
     let fail = |e: std::io::Error| BlobError::Unavailable(format!("{}: {e}", dest.display()));
-    if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir).map_err(fail)?;
-    }
-    loop {
+    for _ in 0..10 {
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).map_err(fail)?;
+        }
         let mut name = dest.as_os_str().to_owned();
         name.push(format!("#{}", rand::random::<u64>()));
         let staged = std::path::PathBuf::from(name);
@@ -521,109 +674,59 @@ fn create_staged(dest: &std::path::Path) -> Result<(std::fs::File, std::path::Pa
             .open(&staged)
         {
             Ok(f) => return Ok((f, staged)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                continue
+            }
             Err(e) => return Err(fail(e)),
         }
     }
+    Err(fail(std::io::Error::other(
+        "could not create a staging file in 10 attempts",
+    )))
 }
-
-/// The writer thread: hashes and writes each buffer, starts writeback every
-/// [`WRITEBACK_BYTES`], and on [`Feed::End`] flushes the file (`fdatasync`) and returns the
-/// hex SHA-256. If the queue closes without `End` (aborted or dropped) or anything fails, it
-/// removes the staging file.
-fn write_staged(
-    mut feed: mpsc::Receiver<Feed>,
-    mut out: std::fs::File,
-    staged: &std::path::Path,
-) -> Result<String, BlobError> {
-    use std::io::Write;
-    let mut hasher = Sha256::new();
-    let (mut written, mut started, mut flushed) = (0u64, 0u64, 0u64);
-    let mut flusher: Option<Flusher> = None;
-    let result = loop {
-        match feed.blocking_recv() {
-            Some(Feed::Data(bytes)) => {
-                hasher.update(&bytes);
-                if let Err(e) = out.write_all(&bytes) {
-                    break Err(e);
-                }
-                written += bytes.len() as u64;
-                if written - started >= WRITEBACK_BYTES {
-                    start_writeback(&out, started, written - started);
-                    started = written;
-                }
-                if written - flushed >= FLUSH_AHEAD_BYTES {
-                    if flusher.is_none() {
-                        flusher = Flusher::start(&out);
-                    }
-                    if let Some(f) = &flusher {
-                        f.request();
-                    }
-                    flushed = written;
-                }
-            }
-            Some(Feed::End) => {
-                if let Some(f) = flusher.take() {
-                    f.stop();
-                }
-                break out.sync_data().map(|()| true);
-            }
-            None => break Ok(false),
-        }
-    };
-    match result {
-        Ok(true) => Ok(hex::encode(hasher.finalize())),
-        Ok(false) => {
-            remove_quietly(staged);
-            Err(BlobError::Unavailable("the write was abandoned".into()))
-        }
-        Err(e) => {
-            remove_quietly(staged);
-            Err(BlobError::Unavailable(format!("{}: {e}", staged.display())))
-        }
-    }
-}
-
-/// Bytes a local writer writes between two flushes (`fdatasync`) it asks a helper thread for
-/// while the upload goes on. The writeback above puts the bytes on their way, but only a flush
-/// empties the device's write cache (on a virtual disk, the host's), and that took 0.5-0.9 s
-/// for 1 GiB at the end of an upload measured with `chat-bench` scenario 6.
-pub const FLUSH_AHEAD_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A thread that flushes a file whenever asked, while its writer goes on writing. Started for
 /// uploads of at least [`FLUSH_AHEAD_BYTES`]; a request made while a flush runs is merged into
-/// the next one.
+/// the next one. The first error it meets is kept for [`Flusher::stop`]: on Linux a writeback
+/// error is reported once per open file description, which this thread shares with the
+/// writer, so the writer's own final flush would not see it again.
 struct Flusher {
     requests: std::sync::mpsc::SyncSender<()>,
-    thread: std::thread::JoinHandle<()>,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
 }
 
 impl Flusher {
-    /// `None` when the file cannot be shared or no thread can start: the final flush still
-    /// makes the bytes durable.
-    fn start(file: &std::fs::File) -> Option<Flusher> {
-        let file = file.try_clone().ok()?;
+    fn start(file: &std::fs::File) -> std::io::Result<Flusher> {
+        let file = file.try_clone()?;
         let (requests, asked) = std::sync::mpsc::sync_channel::<()>(1);
         let thread = std::thread::Builder::new()
             .name("upload-flush".into())
             .spawn(move || {
                 while asked.recv().is_ok() {
-                    // A failure shows again in the writer's final flush, which reports it.
-                    let _ = file.sync_data();
+                    file.sync_data()?;
                 }
-            })
-            .ok()?;
-        Some(Flusher { requests, thread })
+                Ok(())
+            })?;
+        Ok(Flusher { requests, thread })
     }
 
     fn request(&self) {
+        // Full: a flush is already asked for. Closed: the thread stopped on an error, which
+        // `stop` returns.
         let _ = self.requests.try_send(());
     }
 
-    /// Ends the thread once its current flush is done.
-    fn stop(self) {
+    /// Ends the thread once its current flush is done; returns the first error it met.
+    fn stop(self) -> std::io::Result<()> {
         drop(self.requests);
-        let _ = self.thread.join();
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the flush thread panicked")))
     }
 }
 

@@ -133,26 +133,26 @@ impl Chat {
     /// Checks what the stream brought against what was declared, then completes the object.
     /// A refusal of the content is `Error::Invalid`; anything else is a storage failure.
     async fn finish_sink(sink: Sink, size: i64, sha256: &str) -> Result<String> {
-        let closed = sink.writer.close().await?;
-        let digest = closed.sha256().to_owned();
-        let refusal = if sink.written != size {
-            Some(Error::invalid(
+        if sink.written != size {
+            // Known without flushing anything.
+            if let Err(abort) = sink.writer.abort().await {
+                tracing::warn!(error = %abort, "aborting a refused upload failed");
+            }
+            return Err(Error::invalid(
                 "metadata.size_bytes",
                 format!("declared {size} bytes, received {}", sink.written),
-            ))
-        } else if !sha256.is_empty() && !sha256.eq_ignore_ascii_case(&digest) {
-            Some(Error::invalid(
-                "metadata.sha256",
-                format!("declared {sha256}, the content hashes to {digest}"),
-            ))
-        } else {
-            None
-        };
-        if let Some(e) = refusal {
+            ));
+        }
+        let closed = sink.writer.close().await?;
+        let digest = closed.sha256().to_owned();
+        if !sha256.is_empty() && !sha256.eq_ignore_ascii_case(&digest) {
             if let Err(abort) = closed.abort().await {
                 tracing::warn!(error = %abort, "aborting a refused upload failed");
             }
-            return Err(e);
+            return Err(Error::invalid(
+                "metadata.sha256",
+                format!("declared {sha256}, the content hashes to {digest}"),
+            ));
         }
         closed.commit().await?;
         Ok(digest)
@@ -206,7 +206,18 @@ impl Chat {
             }
             return Err(e);
         }
-        let sha256 = Self::finish_sink(sink, meta.size_bytes, &meta.sha256).await?;
+        let sha256 = match Self::finish_sink(sink, meta.size_bytes, &meta.sha256).await {
+            Ok(s) => s,
+            Err(e) => {
+                // The key is this call's alone: whatever a failed commit left under it goes.
+                if !matches!(e, Error::Invalid(_)) {
+                    if let Err(d) = self.blobs.delete(&key).await {
+                        tracing::warn!(error = %d, key, "could not delete the blob of a failed upload");
+                    }
+                }
+                return Err(e);
+            }
+        };
         let row = AttachmentRow {
             id,
             tenant_id: caller.tenant_id.clone(),
@@ -750,7 +761,8 @@ impl Chat {
     }
 
     /// Deletes unlinked attachments and unfinished uploads created before `before`
-    /// (microseconds since the epoch), in batches until none is left. One item that fails is
+    /// (microseconds since the epoch), in batches until none is left, then on local disk the
+    /// staging files of writes interrupted before then (a killed server's). One item that fails is
     /// logged and skipped, so it cannot stall the rest. Returns how many of each were removed.
     pub async fn sweep(&self, before: i64) -> Result<(usize, usize)> {
         const BATCH: i64 = 500;
@@ -795,6 +807,14 @@ impl Chat {
             if (batch.len() as i64) < BATCH || !progressed {
                 break;
             }
+        }
+        let cutoff = std::time::UNIX_EPOCH + std::time::Duration::from_micros(before.max(0) as u64);
+        let staging = self.blobs.remove_stale_staging(cutoff).await;
+        if staging > 0 {
+            tracing::info!(
+                files = staging,
+                "sweep: removed staging files of interrupted writes"
+            );
         }
         Ok((attachments, uploads))
     }
