@@ -483,6 +483,10 @@ impl Chat {
                     .ok_or_else(|| Error::not_found(format!("upload {}", up.id)));
             }
             Err(e) => {
+                // A concurrent CompleteUpload may have committed the same key and its row.
+                if let Ok(Some(done)) = self.completed_upload(caller, &up.id).await {
+                    return Ok(done);
+                }
                 if let Err(d) = self.blobs.delete(&key).await {
                     tracing::warn!(error = %d, key, "could not delete the blob of a failed completion");
                 }
