@@ -324,9 +324,7 @@ impl ClosedBlob {
                     let Some(staged) = staged else {
                         return Ok(());
                     };
-                    let fail = |e: std::io::Error| {
-                        BlobError::Unavailable(format!("{}: {e}", file.path.display()))
-                    };
+                    let fail = |e| unavailable(&file.path, e);
                     if let Err(e) = std::fs::rename(&staged, &file.path) {
                         remove_quietly(&staged);
                         return Err(fail(e));
@@ -350,16 +348,7 @@ impl ClosedBlob {
                 }
                 Ok(())
             }
-            ClosedInner::Local { staged, .. } => {
-                let staged = staged.take();
-                blocking(move || {
-                    if let Some(staged) = staged {
-                        remove_quietly(&staged);
-                    }
-                    Ok(())
-                })
-                .await
-            }
+            ClosedInner::Local { staged, .. } => remove_staged(staged.take()).await,
         }
     }
 }
@@ -396,7 +385,7 @@ async fn sync_file(file: LocalFile) -> Result<(), BlobError> {
             .and_then(|()| sync_dirs(&file));
         if let Err(e) = flushed {
             remove_quietly(path);
-            return Err(BlobError::Unavailable(format!("{}: {e}", path.display())));
+            return Err(unavailable(path, e));
         }
         Ok(())
     })
@@ -472,6 +461,22 @@ fn remove_soon(path: std::path::PathBuf) {
         }
         Err(_) => remove_quietly(&path),
     }
+}
+
+/// `Unavailable` naming the file and what went wrong with it.
+fn unavailable(path: &std::path::Path, e: impl std::fmt::Display) -> BlobError {
+    BlobError::Unavailable(format!("{}: {e}", path.display()))
+}
+
+/// Removes a staging file (if there still is one) on tokio's blocking pool.
+async fn remove_staged(staged: Option<std::path::PathBuf>) -> Result<(), BlobError> {
+    blocking(move || {
+        if let Some(staged) = staged {
+            remove_quietly(&staged);
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Runs blocking file work on tokio's blocking pool.
@@ -552,7 +557,7 @@ impl LocalWriter {
     }
 
     fn fail(&self, e: impl std::fmt::Display) -> BlobError {
-        BlobError::Unavailable(format!("{}: {e}", self.file.path.display()))
+        unavailable(&self.file.path, e)
     }
 
     async fn write(&mut self, bytes: Bytes) -> Result<(), BlobError> {
@@ -605,8 +610,7 @@ impl LocalWriter {
         };
         let path = self.file.path.clone();
         let sha256 = blocking(move || {
-            let fail =
-                |e: std::io::Error| BlobError::Unavailable(format!("{}: {e}", path.display()));
+            let fail = |e: std::io::Error| unavailable(&path, e);
             if let Some(f) = state.flusher.take() {
                 f.stop().map_err(fail)?;
             }
@@ -629,14 +633,7 @@ impl LocalWriter {
         if let Some(job) = self.job.take() {
             let _ = job.await;
         }
-        let staged = self.staged.take();
-        blocking(move || {
-            if let Some(staged) = staged {
-                remove_quietly(&staged);
-            }
-            Ok(())
-        })
-        .await
+        remove_staged(self.staged.take()).await
     }
 }
 
@@ -686,7 +683,7 @@ impl LocalState {
 /// Creates `<dest>#<random digits>` (and any missing folders), new. A folder removed meanwhile
 /// (the store removes folders left empty by a delete) is made again.
 fn create_staged(dest: &std::path::Path) -> Result<(std::fs::File, std::path::PathBuf), BlobError> {
-    let fail = |e: std::io::Error| BlobError::Unavailable(format!("{}: {e}", dest.display()));
+    let fail = |e: std::io::Error| unavailable(dest, e);
     for _ in 0..10 {
         if let Some(dir) = dest.parent() {
             std::fs::create_dir_all(dir).map_err(fail)?;
