@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 mod sql;
+mod sqlite_read;
 
 pub use sql::{connect, now_micros, Database, PostgresStore, SqliteStore};
 

@@ -16,6 +16,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Postgres, Sqlite, Transaction};
 use uuid::Uuid;
 
+use super::sqlite_read::{message_row, SqliteReaders, MESSAGE_COLUMNS};
 use super::*;
 
 /// Microseconds since the Unix epoch, the unit of every stored time.
@@ -198,6 +199,41 @@ fn to_json<T: Serialize>(v: &T) -> Option<String> {
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
+    /// History pages: read through rusqlite, without sqlx's per-row hand-over.
+    history: SqliteReaders,
+}
+
+impl SqliteStore {
+    /// The rows of a history query (`sql` selects [`MESSAGE_COLUMNS`]; `$1` channel,
+    /// `$2` before, `$3` user, `$4` tenant, `$5` the thread's parent when given).
+    async fn history_rows(
+        &self,
+        sql: String,
+        channel_id: &str,
+        before: i64,
+        (tenant, user): (&str, &str),
+        parent: Option<&str>,
+    ) -> StoreResult<Vec<MessageRow>> {
+        let binds = (
+            channel_id.to_owned(),
+            user.to_owned(),
+            tenant.to_owned(),
+            parent.map(str::to_owned),
+        );
+        self.history
+            .run(move |conn| {
+                let (channel, user, tenant, parent) = &binds;
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let mut params: Vec<(&str, &dyn rusqlite::ToSql)> =
+                    vec![("$1", channel), ("$2", &before), ("$3", user), ("$4", tenant)];
+                if let Some(parent) = parent {
+                    params.push(("$5", parent));
+                }
+                let rows = stmt.query_map(params.as_slice(), message_row)?;
+                rows.collect()
+            })
+            .await
+    }
 }
 
 /// PostgreSQL: a pool for writes and one for reads; row locks on `channels` order each
@@ -212,6 +248,28 @@ pub struct PostgresStore {
     /// Group-commit batches committed by `chat_append_messages` / by the general path.
     one_call: Arc<AtomicU64>,
     general: Arc<AtomicU64>,
+}
+
+impl PostgresStore {
+    /// The rows of a history query; see [`SqliteStore::history_rows`].
+    async fn history_rows(
+        &self,
+        sql: String,
+        channel_id: &str,
+        before: i64,
+        (tenant, user): (&str, &str),
+        parent: Option<&str>,
+    ) -> StoreResult<Vec<MessageRow>> {
+        let mut query = sqlx::query_as(&sql)
+            .bind(channel_id)
+            .bind(before)
+            .bind(user)
+            .bind(tenant);
+        if let Some(parent) = parent {
+            query = query.bind(parent);
+        }
+        Ok(query.fetch_all(&self.read).await?)
+    }
 }
 
 /// Which database a URL names.
@@ -253,7 +311,7 @@ pub async fn connect(
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .foreign_keys(true)
-                .busy_timeout(Duration::from_secs(10))
+                .busy_timeout(SQLITE_BUSY_TIMEOUT)
                 // Temporary structures in memory: the writer's profile under group commit
                 // showed files created, unlinked and closed for every batch.
                 .pragma("temp_store", "memory");
@@ -277,15 +335,30 @@ pub async fn connect(
                     .await
                     .map_err(|e| StoreError::Internal(e.to_string()))?;
             }
+            let path = opts.get_filename().to_path_buf();
             let read = SqlitePoolOptions::new()
                 .max_connections(8)
                 .test_before_acquire(false)
                 // A page (up to MAX_PAGE_SIZE + 1 rows) is handed over without the worker
                 // thread stopping to wait for the reader: at the default of 50 rows, a page of
                 // 50 (51 rows asked for) blocked it once per page.
-                .connect_with(opts.read_only(true).row_buffer_size(256))
+                .connect_with(
+                    opts.read_only(true)
+                        .row_buffer_size(256)
+                        .pragma("mmap_size", READER_MMAP_BYTES.to_string()),
+                )
                 .await?;
-            Ok(Arc::new(SqliteStore { write, read }))
+            let history = SqliteReaders::new(
+                path,
+                SQLITE_HISTORY_READERS,
+                READER_MMAP_BYTES,
+                SQLITE_BUSY_TIMEOUT,
+            );
+            Ok(Arc::new(SqliteStore {
+                write,
+                read,
+                history,
+            }))
         }
         Some(Database::Postgres) => {
             let mut opts = PgConnectOptions::from_str(url)?;
@@ -323,6 +396,16 @@ pub async fn connect(
         ))),
     }
 }
+
+/// Bytes of the database file each SQLite reader maps (`PRAGMA mmap_size`): pages are read
+/// from the page cache in place instead of copied by a `pread` each.
+const READER_MMAP_BYTES: u64 = 1 << 30;
+
+/// Concurrent history queries on SQLite (rusqlite connections, blocking-pool jobs).
+const SQLITE_HISTORY_READERS: usize = 4;
+
+/// How long a SQLite statement waits for a lock before failing as unavailable.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The LIMITs a history query is written with (page sizes 10, 25, 50, 100 and 200, plus the
 /// row that tells whether a next page exists): a request's limit is rounded up to the next.
@@ -1417,22 +1500,16 @@ macro_rules! impl_store {
                 };
                 let sql = format!(
                     concat!(
-                        "SELECT * FROM messages WHERE channel_id = $1 {}AND sequence < $2 \
+                        "SELECT {} FROM messages WHERE channel_id = $1 {}AND sequence < $2 \
                          AND delete_time IS NULL AND ",
                         viewer_is_member!(),
                         " ORDER BY sequence DESC LIMIT {}"
                     ),
-                    thread, fetched
+                    MESSAGE_COLUMNS, thread, fetched
                 );
-                let mut query = sqlx::query_as(&sql)
-                    .bind(channel_id)
-                    .bind(before)
-                    .bind(user)
-                    .bind(tenant);
-                if let Some(parent) = parent {
-                    query = query.bind(parent);
-                }
-                let mut rows: Vec<MessageRow> = query.fetch_all(&self.read).await?;
+                let mut rows = self
+                    .history_rows(sql, channel_id, before, (tenant, user), parent)
+                    .await?;
                 rows.truncate(usize::try_from(limit).unwrap_or(0));
                 Ok(rows)
             }
