@@ -224,8 +224,12 @@ impl SqliteStore {
             .run(move |conn| {
                 let (channel, user, tenant, parent) = &binds;
                 let mut stmt = conn.prepare_cached(&sql)?;
-                let mut params: Vec<(&str, &dyn rusqlite::ToSql)> =
-                    vec![("$1", channel), ("$2", &before), ("$3", user), ("$4", tenant)];
+                let mut params: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
+                    ("$1", channel),
+                    ("$2", &before),
+                    ("$3", user),
+                    ("$4", tenant),
+                ];
                 if let Some(parent) = parent {
                     params.push(("$5", parent));
                 }
@@ -342,11 +346,7 @@ pub async fn connect(
                 // A page (up to MAX_PAGE_SIZE + 1 rows) is handed over without the worker
                 // thread stopping to wait for the reader: at the default of 50 rows, a page of
                 // 50 (51 rows asked for) blocked it once per page.
-                .connect_with(
-                    opts.read_only(true)
-                        .row_buffer_size(256)
-                        .pragma("mmap_size", READER_MMAP_BYTES.to_string()),
-                )
+                .connect_with(opts.read_only(true).row_buffer_size(256))
                 .await?;
             let history = SqliteReaders::new(
                 path,
@@ -397,8 +397,10 @@ pub async fn connect(
     }
 }
 
-/// Bytes of the database file each SQLite reader maps (`PRAGMA mmap_size`): pages are read
-/// from the page cache in place instead of copied by a `pread` each.
+/// Bytes of the database file each SQLite history reader maps (`PRAGMA mmap_size`): pages are
+/// read from the page cache in place instead of copied by a `pread` each. The mapped pages
+/// are the kernel's page cache, shared and reclaimable, but they count in the process's RSS
+/// once touched.
 const READER_MMAP_BYTES: u64 = 1 << 30;
 
 /// Concurrent history queries on SQLite (rusqlite connections, blocking-pool jobs).
