@@ -1005,3 +1005,49 @@ async fn sqlite_failed_batch_writes_nothing_and_the_next_one_commits() {
     assert_eq!(new_message(&outcomes, 1), (ch.clone(), 4, "after 2".into()));
     assert_events_gap_free(&s, &ch, 4).await;
 }
+
+/// History pages on SQLite go through the store's own read-only connections to the file,
+/// except for an in-memory database, which only sqlx's connections share: there they must
+/// still come back, whole pages, threads and keyset continuation alike.
+#[tokio::test]
+async fn sqlite_in_memory_database_serves_history() {
+    let s = store::connect("sqlite::memory:", None, true)
+        .await
+        .expect("connect");
+    let ch = group_with(&s, &["u1", "u2"]).await;
+    let batch = (0..5)
+        .map(|i| batched("u1", &ch, &format!("m{i}"), None))
+        .collect();
+    let outcomes = s.insert_messages(batch, &enc).await.expect("batch");
+    let root = match &outcomes[0] {
+        Ok(Inserted::New(row, _)) => row.clone(),
+        other => panic!("{other:?}"),
+    };
+    let page = s
+        .list_messages(("t1", "u2"), &ch, None, None, 3)
+        .await
+        .expect("history");
+    let bodies: Vec<&str> = page.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, ["m4", "m3", "m2"]);
+    let rest = s
+        .list_messages(("t1", "u2"), &ch, None, Some(page[2].sequence), 10)
+        .await
+        .expect("next page");
+    let bodies: Vec<&str> = rest.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, ["m1", "m0"]);
+    let mut reply = batched("u2", &ch, "reply", None);
+    reply.msg.parent_message_id = Some(root.id.clone());
+    s.insert_messages(vec![reply], &enc).await.expect("reply");
+    let thread = s
+        .list_messages(("t1", "u1"), &ch, Some(&root.id), None, 10)
+        .await
+        .expect("thread");
+    assert_eq!(thread.len(), 1);
+    assert_eq!(thread[0].body, "reply");
+    // A non-member sees nothing.
+    let none = s
+        .list_messages(("t1", "u9"), &ch, None, None, 10)
+        .await
+        .expect("non-member");
+    assert!(none.is_empty());
+}

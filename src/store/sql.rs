@@ -199,8 +199,9 @@ fn to_json<T: Serialize>(v: &T) -> Option<String> {
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
-    /// History pages: read through rusqlite, without sqlx's per-row hand-over.
-    history: SqliteReaders,
+    /// History pages: read through rusqlite, without sqlx's per-row hand-over. `None` for an
+    /// in-memory database, which only sqlx's connections share; its pages go through `read`.
+    history: Option<SqliteReaders>,
 }
 
 impl SqliteStore {
@@ -214,13 +215,18 @@ impl SqliteStore {
         (tenant, user): (&str, &str),
         parent: Option<&str>,
     ) -> StoreResult<Vec<MessageRow>> {
+        let Some(history) = &self.history else {
+            return self
+                .sqlx_history_rows(&sql, channel_id, before, (tenant, user), parent)
+                .await;
+        };
         let binds = (
             channel_id.to_owned(),
             user.to_owned(),
             tenant.to_owned(),
             parent.map(str::to_owned),
         );
-        self.history
+        history
             .run(move |conn| {
                 let (channel, user, tenant, parent) = &binds;
                 let mut stmt = conn.prepare_cached(&sql)?;
@@ -261,18 +267,11 @@ impl PostgresStore {
         sql: String,
         channel_id: &str,
         before: i64,
-        (tenant, user): (&str, &str),
+        viewer: (&str, &str),
         parent: Option<&str>,
     ) -> StoreResult<Vec<MessageRow>> {
-        let mut query = sqlx::query_as(&sql)
-            .bind(channel_id)
-            .bind(before)
-            .bind(user)
-            .bind(tenant);
-        if let Some(parent) = parent {
-            query = query.bind(parent);
-        }
-        Ok(query.fetch_all(&self.read).await?)
+        self.sqlx_history_rows(&sql, channel_id, before, viewer, parent)
+            .await
     }
 }
 
@@ -340,20 +339,27 @@ pub async fn connect(
                     .map_err(|e| StoreError::Internal(e.to_string()))?;
             }
             let path = opts.get_filename().to_path_buf();
+            // sqlx names an in-memory database `file:sqlx-in-memory-…` (or keeps `:memory:`):
+            // a name only its own shared-cache connections can open.
+            let in_memory = path
+                .to_str()
+                .is_some_and(|p| p.starts_with("file:") || p == ":memory:");
             let read = SqlitePoolOptions::new()
                 .max_connections(8)
                 .test_before_acquire(false)
-                // A page (up to MAX_PAGE_SIZE + 1 rows) is handed over without the worker
+                // A list (up to MAX_PAGE_SIZE + 1 rows) is handed over without the worker
                 // thread stopping to wait for the reader: at the default of 50 rows, a page of
                 // 50 (51 rows asked for) blocked it once per page.
                 .connect_with(opts.read_only(true).row_buffer_size(256))
                 .await?;
-            let history = SqliteReaders::new(
-                path,
-                SQLITE_HISTORY_READERS,
-                READER_MMAP_BYTES,
-                SQLITE_BUSY_TIMEOUT,
-            );
+            let history = (!in_memory).then(|| {
+                SqliteReaders::new(
+                    path,
+                    SQLITE_HISTORY_READERS,
+                    READER_MMAP_BYTES,
+                    SQLITE_BUSY_TIMEOUT,
+                )
+            });
             Ok(Arc::new(SqliteStore {
                 write,
                 read,
@@ -428,6 +434,27 @@ macro_rules! viewer_is_member {
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         impl $store {
+            /// A history query through sqlx, on the read pool: `$1` channel, `$2` before,
+            /// `$3` user, `$4` tenant, `$5` the thread's parent when given.
+            async fn sqlx_history_rows(
+                &self,
+                sql: &str,
+                channel_id: &str,
+                before: i64,
+                (tenant, user): (&str, &str),
+                parent: Option<&str>,
+            ) -> StoreResult<Vec<MessageRow>> {
+                let mut query = sqlx::query_as(sql)
+                    .bind(channel_id)
+                    .bind(before)
+                    .bind(user)
+                    .bind(tenant);
+                if let Some(parent) = parent {
+                    query = query.bind(parent);
+                }
+                Ok(query.fetch_all(&self.read).await?)
+            }
+
             async fn audit(
                 tx: &mut Transaction<'_, $db>,
                 actor: Actor<'_>,

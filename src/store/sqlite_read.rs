@@ -13,7 +13,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::Semaphore;
@@ -29,6 +29,14 @@ pub const MESSAGE_COLUMNS: &str = "id, tenant_id, channel_id, sender_id, body, s
 /// Prepared statements each connection keeps (rusqlite's LRU cache, keyed by SQL text).
 const STATEMENT_CACHE: usize = 32;
 
+/// A connection older than this is closed instead of reused (sqlx's default lifetime), so a
+/// database file replaced underneath the server is picked up by the readers too.
+const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+
+/// How long a read waits for a free connection before failing as unavailable (sqlx's default
+/// acquire timeout).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A pool of read-only rusqlite connections to one SQLite file. Cloning shares the pool.
 #[derive(Clone)]
 pub struct SqliteReaders {
@@ -39,8 +47,10 @@ struct Inner {
     path: PathBuf,
     mmap_bytes: u64,
     busy_timeout: Duration,
-    /// Idle connections; at most `permits`' size are open at once.
-    idle: Mutex<Vec<Connection>>,
+    max_connections: usize,
+    /// Idle connections with the time each was opened; at most `max_connections` are open
+    /// at once (one per permit).
+    idle: Mutex<Vec<(Connection, Instant)>>,
     permits: Arc<Semaphore>,
 }
 
@@ -48,7 +58,7 @@ impl std::fmt::Debug for SqliteReaders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteReaders")
             .field("path", &self.inner.path)
-            .field("max_connections", &self.inner.permits.available_permits())
+            .field("max_connections", &self.inner.max_connections)
             .finish()
     }
 }
@@ -68,6 +78,7 @@ impl SqliteReaders {
                 path,
                 mmap_bytes,
                 busy_timeout,
+                max_connections: max_connections.max(1),
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(max_connections.max(1))),
             }),
@@ -76,39 +87,44 @@ impl SqliteReaders {
 
     /// Runs `f` on a connection of the pool, on tokio's blocking pool. The connection goes
     /// back to the pool when `f` returns, even if the caller stopped waiting; one on which
-    /// `f` failed is closed instead, so a broken connection is not reused.
+    /// `f` failed, or older than [`MAX_LIFETIME`], is closed instead.
     ///
-    /// Errors: `StoreError::Unavailable` when the file cannot be opened, the database is
-    /// busy past the timeout, or the job could not run; `StoreError::Internal` for any other
-    /// SQLite error.
+    /// Errors: `StoreError::Unavailable` when no connection frees up within
+    /// [`ACQUIRE_TIMEOUT`], the file cannot be opened, the database is busy past the busy
+    /// timeout, or the job could not be run; `StoreError::Internal` for any other SQLite
+    /// error and for a panic in `f`.
     pub async fn run<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let permit = self
-            .inner
-            .permits
-            .clone()
-            .acquire_owned()
+        let acquire = self.inner.permits.clone().acquire_owned();
+        let permit = tokio::time::timeout(ACQUIRE_TIMEOUT, acquire)
             .await
+            .map_err(|_| StoreError::Unavailable("no SQLite reader free in 30 s".into()))?
             .map_err(|_| StoreError::Unavailable("SQLite readers closed".into()))?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let idle = inner.idle.lock().map(|mut v| v.pop()).unwrap_or(None);
-            let conn = match idle {
-                Some(c) => c,
-                None => inner.open().map_err(store_error)?,
+            let (conn, opened) = match idle {
+                Some((c, opened)) if opened.elapsed() < MAX_LIFETIME => (c, opened),
+                _ => (inner.open().map_err(store_error)?, Instant::now()),
             };
             let out = f(&conn).map_err(store_error)?;
             if let Ok(mut v) = inner.idle.lock() {
-                v.push(conn);
+                v.push((conn, opened));
             }
             Ok(out)
         })
         .await
-        .map_err(|e| StoreError::Unavailable(format!("SQLite read job: {e}")))?
+        .map_err(|e| {
+            if e.is_panic() {
+                StoreError::Internal(format!("SQLite read job panicked: {e}"))
+            } else {
+                StoreError::Unavailable(format!("SQLite read job: {e}"))
+            }
+        })?
     }
 }
 
@@ -119,7 +135,8 @@ impl Inner {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(self.busy_timeout)?;
-        conn.pragma_update(None, "mmap_size", self.mmap_bytes)?;
+        // The pragma answers with the size it took, so it is run as a query.
+        conn.pragma_update_and_check(None, "mmap_size", self.mmap_bytes, |_| Ok(()))?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(conn)
     }
