@@ -652,11 +652,9 @@ impl LocalState {
     /// flush every [`FLUSH_AHEAD_BYTES`].
     fn write_batch(&mut self, batch: &[Bytes]) -> std::io::Result<()> {
         use std::io::Write;
-        if self.flusher.as_ref().is_some_and(Flusher::stopped) {
-            // It stops only on an error: report it now rather than at the close.
-            if let Some(f) = self.flusher.take() {
-                f.stop()?;
-            }
+        // The flusher stops only on an error: report it now rather than at the close.
+        if let Some(f) = self.flusher.take_if(|f| f.stopped()) {
+            f.stop()?;
         }
         for bytes in batch {
             self.hasher.update(bytes);

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::Semaphore;
 
-use super::{MessageRow, StoreError, StoreResult};
+use super::{is_retryable, MessageRow, StoreError, StoreResult};
 
 /// The columns of `messages` in [`MessageRow`]'s field order, for queries decoded by
 /// [`message_row`].
@@ -73,14 +73,15 @@ impl SqliteReaders {
         mmap_bytes: u64,
         busy_timeout: Duration,
     ) -> Self {
+        let max_connections = max_connections.max(1);
         SqliteReaders {
             inner: Arc::new(Inner {
                 path,
                 mmap_bytes,
                 busy_timeout,
-                max_connections: max_connections.max(1),
+                max_connections,
                 idle: Mutex::new(Vec::new()),
-                permits: Arc::new(Semaphore::new(max_connections.max(1))),
+                permits: Arc::new(Semaphore::new(max_connections)),
             }),
         }
     }
@@ -101,7 +102,12 @@ impl SqliteReaders {
         let acquire = self.inner.permits.clone().acquire_owned();
         let permit = tokio::time::timeout(ACQUIRE_TIMEOUT, acquire)
             .await
-            .map_err(|_| StoreError::Unavailable("no SQLite reader free in 30 s".into()))?
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "no SQLite reader free in {} s",
+                    ACQUIRE_TIMEOUT.as_secs()
+                ))
+            })?
             .map_err(|_| StoreError::Unavailable("SQLite readers closed".into()))?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -142,12 +148,18 @@ impl Inner {
     }
 }
 
-/// SQLite's busy and locked codes are retryable; anything else is a bug or a broken file.
+/// The store's rule for what is retryable ([`is_retryable`], on SQLite's primary result
+/// code), plus a file that cannot be opened; anything else is a bug or a broken file.
 fn store_error(e: rusqlite::Error) -> StoreError {
-    use rusqlite::ErrorCode::{CannotOpen, DatabaseBusy, DatabaseLocked};
-    match e.sqlite_error_code() {
-        Some(DatabaseBusy | DatabaseLocked | CannotOpen) => StoreError::Unavailable(e.to_string()),
-        _ => StoreError::Internal(e.to_string()),
+    let primary = e
+        .sqlite_error()
+        .map(|f| (f.extended_code & 0xff).to_string());
+    if is_retryable(primary.as_deref())
+        || e.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen)
+    {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Internal(e.to_string())
     }
 }
 
