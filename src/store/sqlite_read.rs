@@ -1,12 +1,13 @@
-//! History pages on SQLite, read through rusqlite on tokio's blocking pool.
+//! History pages on SQLite, read through rusqlite, on the calling runtime worker when one is
+//! free for it and on tokio's blocking pool otherwise (see [`SqliteReaders::run`]).
 //!
 //! sqlx runs each SQLite connection on a worker thread of its own and hands every row back
 //! over a channel, each value copied out of SQLite into an allocation of its own, and each
 //! column then looked up by name. For a history page (51 rows of 16 columns) that overhead
 //! was most of the page's cost: in chat-bench scenario 5 the sqlx worker threads took 39% of
-//! the machine's CPU, of which SQLite's own VM was 2.5 points. Here a page is one job on the
-//! blocking pool: the statement is prepared once per connection, rows are decoded by column
-//! index straight into [`MessageRow`]s, and the page comes back in one hand-over.
+//! the machine's CPU, of which SQLite's own VM was 2.5 points. Here a page is one job: the
+//! statement is prepared once per connection, rows are decoded by column index straight into
+//! [`MessageRow`]s, and the page is handed over whole, or not at all when it ran in place.
 //!
 //! Only reads go this way; writes stay on sqlx's single writer connection. The connections
 //! are read-only and WAL lets them read beside the writer.
@@ -44,6 +45,9 @@ pub struct SqliteReaders {
 }
 
 struct Inner {
+    /// Jobs that may run on the calling runtime worker at once (half the workers, at least
+    /// one); the rest go to the blocking pool. See [`SqliteReaders::run`].
+    inline: Semaphore,
     path: PathBuf,
     mmap_bytes: u64,
     busy_timeout: Duration,
@@ -74,8 +78,12 @@ impl SqliteReaders {
         busy_timeout: Duration,
     ) -> Self {
         let max_connections = max_connections.max(1);
+        let workers = tokio::runtime::Handle::try_current()
+            .map(|h| h.metrics().num_workers())
+            .unwrap_or(1);
         SqliteReaders {
             inner: Arc::new(Inner {
+                inline: Semaphore::new((workers / 2).max(1)),
                 path,
                 mmap_bytes,
                 busy_timeout,
@@ -86,14 +94,23 @@ impl SqliteReaders {
         }
     }
 
-    /// Runs `f` on a connection of the pool, on tokio's blocking pool. The connection goes
-    /// back to the pool when `f` returns, even if the caller stopped waiting; one on which
-    /// `f` failed, or older than [`MAX_LIFETIME`], is closed instead.
+    /// Runs `f` on a connection of the pool. The connection goes back to the pool when `f`
+    /// returns, even if the caller stopped waiting; one on which `f` failed, or older than
+    /// [`MAX_LIFETIME`], is closed instead.
+    ///
+    /// Where `f` runs: on the calling runtime worker when fewer than half the workers (at
+    /// least one) are already running such a job, else on tokio's blocking pool. A history
+    /// page is 50-100 µs of CPU on a warm file, about what the hand-over to and back from the
+    /// blocking pool costs (two futex wake-ups and two context switches): in chat-bench
+    /// scenario 5, running pages where they were asked for raised 16 readers from 7.7-8.7k
+    /// to 11-12k pages/s. A read that must wait for the disk holds its worker meanwhile, so
+    /// the other half of the workers always stay free to drive the connections and feeds.
     ///
     /// Errors: `StoreError::Unavailable` when no connection frees up within
     /// [`ACQUIRE_TIMEOUT`], the file cannot be opened, the database is busy past the busy
     /// timeout, or the job could not be run; `StoreError::Internal` for any other SQLite
-    /// error and for a panic in `f`.
+    /// error and for a panic in `f` on the blocking pool (on a worker, a panic unwinds into
+    /// the calling task, as any other panic there does).
     pub async fn run<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -109,19 +126,14 @@ impl SqliteReaders {
                 ))
             })?
             .map_err(|_| StoreError::Unavailable("SQLite readers closed".into()))?;
+        if let Ok(_inline) = self.inner.inline.try_acquire() {
+            let _permit = permit;
+            return self.inner.with_connection(f);
+        }
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let idle = inner.idle.lock().map(|mut v| v.pop()).unwrap_or(None);
-            let (conn, opened) = match idle {
-                Some((c, opened)) if opened.elapsed() < MAX_LIFETIME => (c, opened),
-                _ => (inner.open().map_err(store_error)?, Instant::now()),
-            };
-            let out = f(&conn).map_err(store_error)?;
-            if let Ok(mut v) = inner.idle.lock() {
-                v.push((conn, opened));
-            }
-            Ok(out)
+            inner.with_connection(f)
         })
         .await
         .map_err(|e| {
@@ -135,6 +147,24 @@ impl SqliteReaders {
 }
 
 impl Inner {
+    /// Runs `f` on an idle connection (a new one when none is idle or the idle one is too
+    /// old), and keeps the connection for the next job when `f` succeeded.
+    fn with_connection<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> StoreResult<T> {
+        let idle = self.idle.lock().map(|mut v| v.pop()).unwrap_or(None);
+        let (conn, opened) = match idle {
+            Some((c, opened)) if opened.elapsed() < MAX_LIFETIME => (c, opened),
+            _ => (self.open().map_err(store_error)?, Instant::now()),
+        };
+        let out = f(&conn).map_err(store_error)?;
+        if let Ok(mut v) = self.idle.lock() {
+            v.push((conn, opened));
+        }
+        Ok(out)
+    }
+
     fn open(&self) -> rusqlite::Result<Connection> {
         let conn = Connection::open_with_flags(
             &self.path,
