@@ -20,12 +20,19 @@ struct Dialog {
     lines: Vec<String>,
 }
 
+/// The corpus file: `CHAT_CORPUS` when set, else `../shared/corpus/dialogs.jsonl` beside the
+/// checkout (where CI's clone finds it).
 fn dialogs() -> Vec<Dialog> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/corpus/dialogs.jsonl"
-    );
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let path = std::env::var("CHAT_CORPUS").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/corpus/dialogs.jsonl"
+        )
+        .to_owned()
+    });
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("{path}: {e} (set CHAT_CORPUS to the path of the corpus's dialogs.jsonl)")
+    });
     text.lines()
         .map(|l| serde_json::from_str(l).expect("dialog"))
         .collect()
