@@ -896,12 +896,16 @@ on_every_backend!(
     concurrent_add_members_skip_each_other,
 );
 
-/// A SQLite database at `db`, migrated only as far as the migrations named before `first_new`
-/// (as an older release shipped them), for an upgrade test to fill and then upgrade.
-async fn sqlite_db_before(db: &TestDb, first_new: &str) -> sqlx::SqlitePool {
+/// Upgrading a SQLite database made before migration 0003 (which rebuilds `events` clustered on
+/// its key and makes two message indexes partial) keeps every stored event byte for byte, in
+/// order, and the upgraded store goes on appending after them.
+#[tokio::test]
+async fn sqlite_upgrade_keeps_every_event() {
     use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
     use std::str::FromStr;
 
+    let db = TestDb::new(Backend::Sqlite).await;
+    // The migrations before 0003, as an older release shipped them.
     let old = tempfile::tempdir().expect("tempdir");
     for entry in std::fs::read_dir("migrations/sqlite").expect("migrations") {
         let path = entry.expect("entry").path();
@@ -910,14 +914,13 @@ async fn sqlite_db_before(db: &TestDb, first_new: &str) -> sqlx::SqlitePool {
             .expect("name")
             .to_string_lossy()
             .into_owned();
-        if name.as_str() < first_new {
+        if name.as_str() < "0003" {
             std::fs::copy(&path, old.path().join(&name)).expect("copy");
         }
     }
     let options = SqliteConnectOptions::from_str(&db.url)
         .expect("url")
-        .create_if_missing(true)
-        .foreign_keys(true);
+        .create_if_missing(true);
     let pool = SqlitePool::connect_with(options).await.expect("sqlite");
     sqlx::migrate::Migrator::new(old.path())
         .await
@@ -925,16 +928,6 @@ async fn sqlite_db_before(db: &TestDb, first_new: &str) -> sqlx::SqlitePool {
         .run(&pool)
         .await
         .expect("run old migrations");
-    pool
-}
-
-/// Upgrading a SQLite database made before migration 0003 (which rebuilds `events` clustered on
-/// its key and makes two message indexes partial) keeps every stored event byte for byte, in
-/// order, and the upgraded store goes on appending after them.
-#[tokio::test]
-async fn sqlite_upgrade_keeps_every_event() {
-    let db = TestDb::new(Backend::Sqlite).await;
-    let pool = sqlite_db_before(&db, "0003").await;
     let payload = |ch: &str, seq: i64| format!("{ch}/{seq}").into_bytes();
     for ch in ["c1", "c2"] {
         for seq in 1..=300 {
@@ -963,170 +956,6 @@ async fn sqlite_upgrade_keeps_every_event() {
         .expect("send");
     assert_events_gap_free(&s, &ch, 3).await;
     assert_eq!(db.count("events").await, 603);
-}
-
-/// Upgrading a SQLite database made before migration 0004 (which rebuilds `messages` clustered
-/// on `(channel_id, sequence)`, and `favorites` with it) keeps every message and favourite
-/// exactly, keeps the foreign key from favourites to messages, and the upgraded store reads,
-/// threads, deduplicates and appends as before.
-#[tokio::test]
-async fn sqlite_upgrade_clusters_messages_and_keeps_them() {
-    let db = TestDb::new(Backend::Sqlite).await;
-    let pool = sqlite_db_before(&db, "0004").await;
-    let exec = |sql: &'static str| {
-        let pool = pool.clone();
-        async move { sqlx::query(sql).execute(&pool).await.expect(sql) }
-    };
-    exec(
-        "INSERT INTO channels (id, tenant_id, kind, name, last_sequence, create_time, update_time) \
-         VALUES ('c1', 't1', 'group', 'g', 4, 1, 1), ('c2', 't1', 'group', 'h', 1, 1, 1)",
-    )
-    .await;
-    exec(
-        "INSERT INTO members (channel_id, tenant_id, user_id, role, join_time, join_sequence) \
-         VALUES ('c1', 't1', 'u1', 'owner', 1, 1), ('c1', 't1', 'u2', 'member', 1, 1), \
-                ('c2', 't1', 'u1', 'owner', 1, 1)",
-    )
-    .await;
-    // Inserted out of history order, so the old table's rowids are not the new order.
-    exec(
-        "INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, subject, \
-             parent_message_id, attachment_ids, client_message_id, forwarded_from_message_id, \
-             sequence, version, create_time, update_time, delete_time, deleted_by) VALUES \
-         ('m3', 't1', 'c1', 'u2', 'reply ✓', '', 'm2', '[]', NULL, NULL, 3, 1, 30, NULL, NULL, NULL), \
-         ('m9', 't1', 'c2', 'u1', 'other', 's', NULL, '[\"a1\"]', NULL, 'm2', 1, 2, 5, 6, NULL, NULL), \
-         ('m2', 't1', 'c1', 'u1', 'שלום', 'topic', NULL, '[]', 'key-1', NULL, 2, 1, 20, NULL, NULL, NULL), \
-         ('m4', 't1', 'c1', 'u1', 'gone', '', NULL, '[]', NULL, NULL, 4, 2, 40, 41, 41, 'u1')",
-    )
-    .await;
-    exec(
-        "INSERT INTO favorites (tenant_id, user_id, message_id, create_time) \
-         VALUES ('t1', 'u2', 'm2', 50)",
-    )
-    .await;
-    // Every column of every row, as one string, before and after.
-    let dump = |pool: sqlx::SqlitePool| async move {
-        let messages: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(id, tenant_id, channel_id, sender_id, body, \
-                 subject, parent_message_id, attachment_ids, client_message_id, \
-                 forwarded_from_message_id, sequence, version, create_time, update_time, \
-                 delete_time, deleted_by)) \
-             FROM (SELECT * FROM messages ORDER BY channel_id, sequence)",
-        )
-        .fetch_one(&pool)
-        .await
-        .expect("messages");
-        let favorites: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(tenant_id, user_id, message_id, create_time)) \
-             FROM favorites",
-        )
-        .fetch_one(&pool)
-        .await
-        .expect("favorites");
-        (messages, favorites)
-    };
-    let before = dump(pool.clone()).await;
-    pool.close().await;
-
-    let s = store::connect(&db.url, None, true).await.expect("upgrade");
-    let pool = sqlx::SqlitePool::connect(&db.url).await.expect("sqlite");
-    assert_eq!(dump(pool.clone()).await, before);
-    let schema: String = sqlx::query_scalar(
-        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
-    )
-    .fetch_one(&pool)
-    .await
-    .expect("schema");
-    assert!(schema.contains("WITHOUT ROWID"), "{schema}");
-    let indexes: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages' \
-         ORDER BY name",
-    )
-    .fetch_all(&pool)
-    .await
-    .expect("indexes");
-    // The table is itself the (channel_id, sequence) B-tree; beside it only the index on id
-    // (the autoindex of UNIQUE) and the two partial ones.
-    assert_eq!(
-        indexes,
-        [
-            "messages_by_thread",
-            "messages_idempotency",
-            "sqlite_autoindex_messages_1",
-        ]
-    );
-    // A history page is one range scan of the table.
-    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
-        "EXPLAIN QUERY PLAN SELECT * FROM messages \
-         WHERE channel_id = 'c1' AND sequence < 9 ORDER BY sequence DESC LIMIT 51",
-    )
-    .fetch_all(&pool)
-    .await
-    .expect("plan");
-    let plan: Vec<&str> = plan
-        .iter()
-        .map(|(_, _, _, detail)| detail.as_str())
-        .collect();
-    assert_eq!(
-        plan,
-        ["SEARCH messages USING PRIMARY KEY (channel_id=? AND sequence<?)"]
-    );
-    // The foreign key from favourites now names the rebuilt table, and still holds.
-    let orphans: Vec<(String, i64)> =
-        sqlx::query_as("SELECT \"table\", rowid FROM pragma_foreign_key_check")
-            .fetch_all(&pool)
-            .await
-            .expect("foreign_key_check");
-    assert!(orphans.is_empty(), "{orphans:?}");
-    let refused = sqlx::query(
-        "INSERT INTO favorites (tenant_id, user_id, message_id, create_time) \
-         VALUES ('t1', 'u2', 'no-such-message', 1)",
-    )
-    .execute(&pool)
-    .await;
-    assert!(
-        refused.is_err(),
-        "favourite of a missing message: {refused:?}"
-    );
-    pool.close().await;
-
-    // History newest first (deleted messages left out), threads, lookups by id, favourites.
-    let page = s
-        .list_messages(("t1", "u2"), "c1", None, None, 10)
-        .await
-        .expect("history");
-    let ids: Vec<&str> = page.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids, ["m3", "m2"]);
-    assert_eq!(page[1].body, "שלום");
-    let thread = s
-        .list_messages(("t1", "u1"), "c1", Some("m2"), None, 10)
-        .await
-        .expect("thread");
-    assert_eq!(thread.len(), 1);
-    assert_eq!(thread[0].id, "m3");
-    let m9 = s.message("t1", "m9").await.expect("by id");
-    assert_eq!((m9.channel_id.as_str(), m9.version), ("c2", 2));
-    let m2 = s.message("t1", "m2").await.expect("by id");
-    let r = s.recipients(&m2).await.expect("recipients");
-    assert!(r.iter().any(|r| r.user_id == "u2" && r.favorite));
-    // A keyed resend finds the old message; a new send takes the next sequence.
-    let again = s
-        .insert_message(actor("u1"), msg("c1", "שלום", Some("key-1")), &enc)
-        .await
-        .expect("resend");
-    assert!(
-        matches!(&again, Inserted::Existing(row) if row.id == "m2"),
-        "{again:?}"
-    );
-    match s
-        .insert_message(actor("u1"), msg("c1", "after the upgrade", None), &enc)
-        .await
-        .expect("send")
-    {
-        Inserted::New(row, _) => assert_eq!(row.sequence, 5),
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(db.count("messages").await, 5);
 }
 
 /// A SQLite batch that fails after its BEGIN (here an INSERT refused by a trigger) writes
