@@ -27,6 +27,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".")
         // prost with a smaller first buffer per call: see `src/codec.rs`.
         .codec_path("crate::codec::ChatCodec")
+        // Written by hand, so a history page can go out already encoded: see `src/page.rs`.
+        .extern_path(
+            ".chat.v1.ListMessagesResponse",
+            "crate::page::ListMessagesResponse",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

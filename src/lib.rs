@@ -36,6 +36,7 @@
 //! - [`server`]: assembles services, auth, health and reflection on one listener that speaks
 //!   gRPC and grpc-web (with CORS).
 //! - [`codec`]: the protobuf codec of every generated client and server.
+//! - [`page`]: `ListMessagesResponse` by hand, so history pages can be sent pre-encoded.
 //! - [`cli`]: the `chat-service` command line, including a small client.
 
 pub mod api;
@@ -47,6 +48,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod fanout;
+pub mod page;
 pub mod server;
 pub mod store;
 
@@ -54,6 +56,9 @@ pub mod store;
 pub mod proto {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("chat.v1");
+
+    /// Written by hand (see [`crate::page`]); the wire form is the declared one.
+    pub use crate::page::ListMessagesResponse;
 
     /// The encoded `FileDescriptorSet` of `proto/`, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -423,6 +423,19 @@ pub trait MessageStore: Send + Sync {
         before_sequence: Option<i64>,
         limit: i64,
     ) -> StoreResult<Vec<MessageRow>>;
+    /// [`MessageStore::list_messages`] with each message already in the wire form of
+    /// `chat.v1.Message`, byte for byte what `domain::convert::into_message` and prost make of
+    /// the same row, for a store that can write it straight from its rows; `None` when this
+    /// store cannot (PostgreSQL, an in-memory SQLite database), and the caller converts the
+    /// rows of `list_messages` instead.
+    async fn list_messages_encoded(
+        &self,
+        viewer: (&str, &str),
+        channel_id: &str,
+        parent: Option<&str>,
+        before_sequence: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Option<crate::page::EncodedMessages>>;
     /// Edits a message as a new event.
     async fn update_message(
         &self,

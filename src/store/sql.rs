@@ -16,8 +16,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Postgres, Sqlite, Transaction};
 use uuid::Uuid;
 
-use super::sqlite_read::{message_row, SqliteReaders, MESSAGE_COLUMNS};
+use super::sqlite_read::{
+    message_row, push_message_row, HistoryBinds, SqliteReaders, MESSAGE_COLUMNS,
+};
 use super::*;
+use crate::page::EncodedMessages;
 
 /// Microseconds since the Unix epoch, the unit of every stored time.
 pub fn now_micros() -> i64 {
@@ -220,29 +223,45 @@ impl SqliteStore {
                 .sqlx_history_rows(&sql, channel_id, before, (tenant, user), parent)
                 .await;
         };
-        let binds = (
-            channel_id.to_owned(),
-            user.to_owned(),
-            tenant.to_owned(),
-            parent.map(str::to_owned),
-        );
+        let binds = HistoryBinds::new(channel_id, user, tenant, parent);
         history
             .run(move |conn| {
-                let (channel, user, tenant, parent) = &binds;
                 let mut stmt = conn.prepare_cached(&sql)?;
-                let mut params: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
-                    ("$1", channel),
-                    ("$2", &before),
-                    ("$3", user),
-                    ("$4", tenant),
-                ];
-                if let Some(parent) = parent {
-                    params.push(("$5", parent));
-                }
-                let rows = stmt.query_map(params.as_slice(), message_row)?;
+                let rows = stmt.query_map(binds.params(&before).as_slice(), message_row)?;
                 rows.collect()
             })
             .await
+    }
+
+    /// The messages of a history query (as [`SqliteStore::history_rows`]), at most `limit`,
+    /// written straight from the rows in wire form; `None` for an in-memory database.
+    async fn history_encoded(
+        &self,
+        sql: String,
+        channel_id: &str,
+        before: i64,
+        (tenant, user): (&str, &str),
+        parent: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Option<EncodedMessages>> {
+        let Some(history) = &self.history else {
+            return Ok(None);
+        };
+        let binds = HistoryBinds::new(channel_id, user, tenant, parent);
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let page = history
+            .run(move |conn| {
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let mut rows = stmt.query(binds.params(&before).as_slice())?;
+                let mut page = EncodedMessages::default();
+                while page.len() < limit {
+                    let Some(row) = rows.next()? else { break };
+                    push_message_row(&mut page, row)?;
+                }
+                Ok(page)
+            })
+            .await?;
+        Ok(Some(page))
     }
 }
 
@@ -261,6 +280,19 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// Never: pages on PostgreSQL come as rows (see [`MessageStore::list_messages_encoded`]).
+    async fn history_encoded(
+        &self,
+        _sql: String,
+        _channel_id: &str,
+        _before: i64,
+        _viewer: (&str, &str),
+        _parent: Option<&str>,
+        _limit: i64,
+    ) -> StoreResult<Option<EncodedMessages>> {
+        Ok(None)
+    }
+
     /// The rows of a history query; see [`SqliteStore::history_rows`].
     async fn history_rows(
         &self,
@@ -409,7 +441,8 @@ pub async fn connect(
 /// once touched.
 const READER_MMAP_BYTES: u64 = 1 << 30;
 
-/// Concurrent history queries on SQLite (rusqlite connections, blocking-pool jobs).
+/// Concurrent history queries on SQLite (rusqlite connections; see [`SqliteReaders::run`] for
+/// which thread runs each).
 const SQLITE_HISTORY_READERS: usize = 4;
 
 /// How long a SQLite statement waits for a lock before failing as unavailable.
@@ -429,6 +462,37 @@ macro_rules! viewer_is_member {
          WHERE mb.channel_id = $1 AND mb.user_id = $3 AND mb.tenant_id = $4 \
          AND c.delete_time IS NULL)"
     };
+}
+
+/// The text of a history query (see [`MessageStore::list_messages`]) that selects
+/// [`MESSAGE_COLUMNS`] for `limit` rows or a few more: `$1` channel, `$2` before, `$3` user,
+/// `$4` tenant, and `$5` the thread's parent when `thread`.
+///
+/// The page size is written into the text, not bound: with `LIMIT $n` PostgreSQL cannot cost
+/// a generic plan (it assumes a tenth of the table), so it planned every page again, half of
+/// its CPU per page. With the size known, the generic plan costs what a custom one does, and
+/// PostgreSQL keeps it after five executions (plan_cache_mode = auto). The size is rounded up
+/// to one of [`HISTORY_LIMIT_STEPS`], so a handful of texts stay prepared whatever sizes
+/// clients ask for; the callers drop the extra rows.
+fn history_sql(thread: bool, limit: i64) -> String {
+    let fetched = HISTORY_LIMIT_STEPS
+        .into_iter()
+        .find(|&step| step >= limit)
+        .unwrap_or(limit);
+    let thread = if thread {
+        "AND parent_message_id = $5 "
+    } else {
+        ""
+    };
+    format!(
+        concat!(
+            "SELECT {} FROM messages WHERE channel_id = $1 {}AND sequence < $2 \
+             AND delete_time IS NULL AND ",
+            viewer_is_member!(),
+            " ORDER BY sequence DESC LIMIT {}"
+        ),
+        MESSAGE_COLUMNS, thread, fetched
+    )
 }
 
 macro_rules! impl_store {
@@ -1510,37 +1574,26 @@ macro_rules! impl_store {
                 limit: i64,
             ) -> StoreResult<Vec<MessageRow>> {
                 let before = before_sequence.unwrap_or(i64::MAX);
-                let (tenant, user) = viewer;
-                // The page size is written into the text, not bound: with `LIMIT $n`
-                // PostgreSQL cannot cost a generic plan (it assumes a tenth of the table), so
-                // it planned every page again, half of its CPU per page. With the size known,
-                // the generic plan costs what a custom one does, and PostgreSQL keeps it after
-                // five executions (plan_cache_mode = auto). The size is rounded up to one of a
-                // few steps, so a handful of texts stay prepared whatever sizes clients ask
-                // for; the extra rows are dropped here.
-                let fetched = HISTORY_LIMIT_STEPS
-                    .into_iter()
-                    .find(|&step| step >= limit)
-                    .unwrap_or(limit);
-                let thread = if parent.is_some() {
-                    "AND parent_message_id = $5 "
-                } else {
-                    ""
-                };
-                let sql = format!(
-                    concat!(
-                        "SELECT {} FROM messages WHERE channel_id = $1 {}AND sequence < $2 \
-                         AND delete_time IS NULL AND ",
-                        viewer_is_member!(),
-                        " ORDER BY sequence DESC LIMIT {}"
-                    ),
-                    MESSAGE_COLUMNS, thread, fetched
-                );
+                let sql = history_sql(parent.is_some(), limit);
                 let mut rows = self
-                    .history_rows(sql, channel_id, before, (tenant, user), parent)
+                    .history_rows(sql, channel_id, before, viewer, parent)
                     .await?;
                 rows.truncate(usize::try_from(limit).unwrap_or(0));
                 Ok(rows)
+            }
+
+            async fn list_messages_encoded(
+                &self,
+                viewer: (&str, &str),
+                channel_id: &str,
+                parent: Option<&str>,
+                before_sequence: Option<i64>,
+                limit: i64,
+            ) -> StoreResult<Option<EncodedMessages>> {
+                let before = before_sequence.unwrap_or(i64::MAX);
+                let sql = history_sql(parent.is_some(), limit);
+                self.history_encoded(sql, channel_id, before, viewer, parent, limit)
+                    .await
             }
 
             async fn update_message(

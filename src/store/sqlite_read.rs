@@ -16,10 +16,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rusqlite::types::{FromSqlError, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::Semaphore;
 
 use super::{is_retryable, MessageRow, StoreError, StoreResult};
+use crate::page::EncodedMessages;
 
 /// The columns of `messages` in [`MessageRow`]'s field order, for queries decoded by
 /// [`message_row`].
@@ -45,8 +47,9 @@ pub struct SqliteReaders {
 }
 
 struct Inner {
-    /// Jobs that may run on the calling runtime worker at once (half the workers, at least
-    /// one); the rest go to the blocking pool. See [`SqliteReaders::run`].
+    /// Jobs that may run on the calling runtime worker at once: half the workers of a
+    /// multi-threaded runtime, rounded down, so none with one worker; the rest go to the
+    /// blocking pool. See [`SqliteReaders::run`].
     inline: Semaphore,
     path: PathBuf,
     mmap_bytes: u64,
@@ -78,12 +81,15 @@ impl SqliteReaders {
         busy_timeout: Duration,
     ) -> Self {
         let max_connections = max_connections.max(1);
+        // Outside a runtime, or on a current-thread one, every job goes to the blocking pool:
+        // a job in place would hold the only thread that drives I/O.
         let workers = tokio::runtime::Handle::try_current()
-            .map(|h| h.metrics().num_workers())
-            .unwrap_or(1);
+            .ok()
+            .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+            .map_or(0, |h| h.metrics().num_workers());
         SqliteReaders {
             inner: Arc::new(Inner {
-                inline: Semaphore::new((workers / 2).max(1)),
+                inline: Semaphore::new(workers / 2),
                 path,
                 mmap_bytes,
                 busy_timeout,
@@ -98,13 +104,14 @@ impl SqliteReaders {
     /// returns, even if the caller stopped waiting; one on which `f` failed, or older than
     /// [`MAX_LIFETIME`], is closed instead.
     ///
-    /// Where `f` runs: on the calling runtime worker when fewer than half the workers (at
-    /// least one) are already running such a job, else on tokio's blocking pool. A history
-    /// page is 50-100 µs of CPU on a warm file, about what the hand-over to and back from the
-    /// blocking pool costs (two futex wake-ups and two context switches): in chat-bench
-    /// scenario 5, running pages where they were asked for raised 16 readers from 7.7-8.7k
-    /// to 11-12k pages/s. A read that must wait for the disk holds its worker meanwhile, so
-    /// the other half of the workers always stay free to drive the connections and feeds.
+    /// Where `f` runs: on the calling runtime worker when fewer than half the workers of a
+    /// multi-threaded runtime (rounded down) are already running such a job, else on tokio's
+    /// blocking pool. A history page is 50-100 µs of CPU on a warm file, about what the
+    /// hand-over to and back from the blocking pool costs (two futex wake-ups and two context
+    /// switches); see BENCHMARKS.md, round 8, for what running in place bought. A read that
+    /// waits for the disk, or for a lock up to the busy timeout, holds its worker meanwhile,
+    /// so at least half of the workers always stay free to drive connections and feeds; with
+    /// one worker nothing runs in place.
     ///
     /// Errors: `StoreError::Unavailable` when no connection frees up within
     /// [`ACQUIRE_TIMEOUT`], the file cannot be opened, the database is busy past the busy
@@ -213,4 +220,92 @@ pub fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRow> {
         delete_time: r.get(14)?,
         deleted_by: r.get(15)?,
     })
+}
+
+/// The values a history query binds by name (`$1` channel, `$2` before, `$3` user, `$4`
+/// tenant, `$5` the thread's parent when given), owned so a job can take them along. By name,
+/// because the thread clause puts `$5` before `$2` in the text.
+pub struct HistoryBinds {
+    channel: String,
+    user: String,
+    tenant: String,
+    parent: Option<String>,
+}
+
+impl HistoryBinds {
+    /// The binds of one page.
+    pub fn new(channel: &str, user: &str, tenant: &str, parent: Option<&str>) -> Self {
+        HistoryBinds {
+            channel: channel.to_owned(),
+            user: user.to_owned(),
+            tenant: tenant.to_owned(),
+            parent: parent.map(str::to_owned),
+        }
+    }
+
+    /// The named parameters, with `before` as `$2`.
+    pub fn params<'a>(&'a self, before: &'a i64) -> Vec<(&'a str, &'a dyn rusqlite::ToSql)> {
+        let mut params: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
+            ("$1", &self.channel),
+            ("$2", before),
+            ("$3", &self.user),
+            ("$4", &self.tenant),
+        ];
+        if let Some(parent) = &self.parent {
+            params.push(("$5", parent));
+        }
+        params
+    }
+}
+
+/// Appends a row that selected [`MESSAGE_COLUMNS`] first, in order, to `page` as a
+/// `chat.v1.Message` in wire form: the same bytes as prost encoding
+/// `domain::convert::into_message` of the same row (body and subject left out of a deleted
+/// message, `attachment_ids` parsed from its JSON text with unparsable text read as none, the
+/// version as the etag, microsecond times as `Timestamp`s), fields in field-number order.
+/// Text is borrowed from SQLite and copied once, into the page.
+///
+/// Errors: a column of an unexpected type, or text that is not UTF-8.
+pub fn push_message_row(page: &mut EncodedMessages, r: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
+    let text = |i: usize| -> rusqlite::Result<&str> {
+        match r.get_ref(i)? {
+            ValueRef::Null => Ok(""),
+            v => v.as_str().map_err(|e| conversion(i, v, e)),
+        }
+    };
+    let sequence: i64 = r.get(10)?;
+    let version: i64 = r.get(11)?;
+    let create_time: i64 = r.get(12)?;
+    let update_time: Option<i64> = r.get(13)?;
+    let delete_time: Option<i64> = r.get(14)?;
+    let attachments = text(7)?;
+    let attachment_ids: Vec<String> = if attachments == "[]" {
+        Vec::new()
+    } else {
+        serde_json::from_str(attachments).unwrap_or_default()
+    };
+    page.push_with(sequence, |w| {
+        w.string(1, text(0)?);
+        w.string(2, text(2)?);
+        w.string(3, text(3)?);
+        if delete_time.is_none() {
+            w.string(4, text(4)?);
+            w.string(5, text(5)?);
+        }
+        w.string(6, text(6)?);
+        w.repeated_string(7, &attachment_ids);
+        w.string(8, text(8)?);
+        w.string(9, text(9)?);
+        w.int64(10, sequence);
+        w.string(11, &version.to_string());
+        w.timestamp(12, Some(create_time));
+        w.timestamp(13, update_time);
+        w.timestamp(14, delete_time);
+        w.string(15, text(15)?);
+        Ok(())
+    })
+}
+
+fn conversion(i: usize, v: ValueRef<'_>, e: FromSqlError) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e))
 }
