@@ -5,7 +5,7 @@
 //! field 2 (`string next_page_token`), as `proto/chat/v1/chat_service.proto` declares, and
 //! every client decodes it as before. The difference is on the server: besides the decoded
 //! `messages`, the type can carry [`EncodedMessages`], field-1 entries written straight from
-//! the database rows (SQLite history, see `store::sqlite_read`), which skips building a
+//! the database rows (every history page, see [`EncodedMessages::push_row`]), which skips building a
 //! `Message` with ten owned strings per row only to encode and drop it (chat-bench scenario 5:
 //! that conversion and its allocations were a sixth of the server's CPU per page).
 //!
@@ -154,6 +154,62 @@ impl EncodedMessages {
         self.bytes.extend_from_slice(&self.scratch);
         self.ends.push((sequence, self.bytes.len()));
         Ok(())
+    }
+}
+
+/// A database row that selected the message columns (`store::MESSAGE_COLUMNS`: id,
+/// tenant_id, channel_id, sender_id, body, subject, parent_message_id, attachment_ids,
+/// client_message_id, forwarded_from_message_id, sequence, version, create_time, update_time,
+/// delete_time, deleted_by) first, in that order, as [`EncodedMessages::push_row`] reads it.
+pub trait MessageColumns {
+    /// What reading a column can fail with.
+    type Error;
+    /// Text column `i`, borrowed from the row; NULL reads as empty.
+    fn text(&self, i: usize) -> Result<&str, Self::Error>;
+    /// Integer column `i`; NULL reads as `None`.
+    fn integer(&self, i: usize) -> Result<Option<i64>, Self::Error>;
+}
+
+impl EncodedMessages {
+    /// Appends a row of the message columns as a `chat.v1.Message`: the same bytes as prost
+    /// encoding `domain::convert::into_message` of the same row (body and subject left out of
+    /// a deleted message, `attachment_ids` parsed from its JSON text with unparsable text read
+    /// as none, the version as the etag, microsecond times as `Timestamp`s). Text is copied
+    /// once, from the row into the page.
+    ///
+    /// Errors: the row's, for a column of an unexpected type or text that is not UTF-8.
+    pub fn push_row<R: MessageColumns>(&mut self, r: &R) -> Result<(), R::Error> {
+        let sequence = r.integer(10)?.unwrap_or_default();
+        let version = r.integer(11)?.unwrap_or_default();
+        let create_time = r.integer(12)?.unwrap_or_default();
+        let update_time = r.integer(13)?;
+        let delete_time = r.integer(14)?;
+        let attachments = r.text(7)?;
+        let attachment_ids: Vec<String> = if attachments == "[]" {
+            Vec::new()
+        } else {
+            serde_json::from_str(attachments).unwrap_or_default()
+        };
+        self.push_with(sequence, |w| {
+            w.string(1, r.text(0)?);
+            w.string(2, r.text(2)?);
+            w.string(3, r.text(3)?);
+            if delete_time.is_none() {
+                w.string(4, r.text(4)?);
+                w.string(5, r.text(5)?);
+            }
+            w.string(6, r.text(6)?);
+            w.repeated_string(7, &attachment_ids);
+            w.string(8, r.text(8)?);
+            w.string(9, r.text(9)?);
+            w.int64(10, sequence);
+            w.string(11, &version.to_string());
+            w.timestamp(12, Some(create_time));
+            w.timestamp(13, update_time);
+            w.timestamp(14, delete_time);
+            w.string(15, r.text(15)?);
+            Ok(())
+        })
     }
 }
 

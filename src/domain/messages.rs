@@ -225,41 +225,24 @@ impl Chat {
             };
         let parent = non_empty(req.parent_message_id);
         let viewer = (caller.tenant_id.as_str(), caller.user_id.as_str());
-        // Stores that can write the page in wire form straight from their rows do.
-        if let Some(mut page) = self
+        let mut page = self
             .store
             .list_messages_encoded(viewer, &req.channel_id, parent.as_deref(), before, size + 1)
-            .await?
-        {
-            if page.is_empty() {
-                self.membership(caller, &req.channel_id).await?;
-            }
-            let mut next_page_token = String::new();
-            if page.len() as i64 > size {
-                page.truncate(size as usize);
-                if let Some(last) = page.last_sequence() {
-                    next_page_token = validate::encode_page_token(&scope, &last.to_string());
-                }
-            }
-            return Ok(proto::ListMessagesResponse {
-                next_page_token,
-                encoded_messages: page,
-                ..Default::default()
-            });
-        }
-        let mut rows = self
-            .store
-            .list_messages(viewer, &req.channel_id, parent.as_deref(), before, size + 1)
             .await?;
-        if rows.is_empty() {
+        if page.is_empty() {
             // No messages, or not the caller's channel: only the latter is an error.
             self.membership(caller, &req.channel_id).await?;
         }
-        let next_page_token =
-            validate::finish_page(&mut rows, size, &scope, |m| m.sequence.to_string());
+        let mut next_page_token = String::new();
+        if page.len() as i64 > size {
+            page.truncate(size as usize);
+            if let Some(last) = page.last_sequence() {
+                next_page_token = validate::encode_page_token(&scope, &last.to_string());
+            }
+        }
         Ok(proto::ListMessagesResponse {
-            messages: rows.into_iter().map(convert::into_message).collect(),
             next_page_token,
+            encoded_messages: page,
             ..Default::default()
         })
     }

@@ -424,10 +424,8 @@ pub trait MessageStore: Send + Sync {
         limit: i64,
     ) -> StoreResult<Vec<MessageRow>>;
     /// [`MessageStore::list_messages`] with each message already in the wire form of
-    /// `chat.v1.Message`, byte for byte what `domain::convert::into_message` and prost make of
-    /// the same row, for a store that can write it straight from its rows; `None` when this
-    /// store cannot (PostgreSQL, an in-memory SQLite database), and the caller converts the
-    /// rows of `list_messages` instead.
+    /// `chat.v1.Message`, written straight from the database rows: byte for byte what
+    /// `domain::convert::into_message` and prost make of the same rows.
     async fn list_messages_encoded(
         &self,
         viewer: (&str, &str),
@@ -435,7 +433,7 @@ pub trait MessageStore: Send + Sync {
         parent: Option<&str>,
         before_sequence: Option<i64>,
         limit: i64,
-    ) -> StoreResult<Option<crate::page::EncodedMessages>>;
+    ) -> StoreResult<crate::page::EncodedMessages>;
     /// Edits a message as a new event.
     async fn update_message(
         &self,

@@ -13,14 +13,12 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{FromRow, Postgres, Sqlite, Transaction};
 use uuid::Uuid;
 
-use super::sqlite_read::{
-    message_row, push_message_row, HistoryBinds, SqliteReaders, MESSAGE_COLUMNS,
-};
+use super::sqlite_read::{message_row, HistoryBinds, SqliteReaders, MESSAGE_COLUMNS};
 use super::*;
-use crate::page::EncodedMessages;
+use crate::page::{EncodedMessages, MessageColumns};
 
 /// Microseconds since the Unix epoch, the unit of every stored time.
 pub fn now_micros() -> i64 {
@@ -234,7 +232,7 @@ impl SqliteStore {
     }
 
     /// The messages of a history query (as [`SqliteStore::history_rows`]), at most `limit`,
-    /// written straight from the rows in wire form; `None` for an in-memory database.
+    /// written straight from the rows in wire form.
     async fn history_encoded(
         &self,
         sql: String,
@@ -243,25 +241,26 @@ impl SqliteStore {
         (tenant, user): (&str, &str),
         parent: Option<&str>,
         limit: i64,
-    ) -> StoreResult<Option<EncodedMessages>> {
+    ) -> StoreResult<EncodedMessages> {
         let Some(history) = &self.history else {
-            return Ok(None);
+            return self
+                .sqlx_history_encoded(&sql, channel_id, before, (tenant, user), parent, limit)
+                .await;
         };
         let binds = HistoryBinds::new(channel_id, user, tenant, parent);
         let limit = usize::try_from(limit).unwrap_or(0);
-        let page = history
+        history
             .run(move |conn| {
                 let mut stmt = conn.prepare_cached(&sql)?;
                 let mut rows = stmt.query(binds.params(&before).as_slice())?;
                 let mut page = EncodedMessages::default();
                 while page.len() < limit {
                     let Some(row) = rows.next()? else { break };
-                    push_message_row(&mut page, row)?;
+                    page.push_row(row)?;
                 }
                 Ok(page)
             })
-            .await?;
-        Ok(Some(page))
+            .await
     }
 }
 
@@ -280,17 +279,18 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// Never: pages on PostgreSQL come as rows (see [`MessageStore::list_messages_encoded`]).
+    /// The messages of a history query; see [`SqliteStore::history_encoded`].
     async fn history_encoded(
         &self,
-        _sql: String,
-        _channel_id: &str,
-        _before: i64,
-        _viewer: (&str, &str),
-        _parent: Option<&str>,
-        _limit: i64,
-    ) -> StoreResult<Option<EncodedMessages>> {
-        Ok(None)
+        sql: String,
+        channel_id: &str,
+        before: i64,
+        viewer: (&str, &str),
+        parent: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<EncodedMessages> {
+        self.sqlx_history_encoded(&sql, channel_id, before, viewer, parent, limit)
+            .await
     }
 
     /// The rows of a history query; see [`SqliteStore::history_rows`].
@@ -495,20 +495,39 @@ fn history_sql(thread: bool, limit: i64) -> String {
     )
 }
 
+/// A row of a history query through sqlx, for [`EncodedMessages::push_row`].
+macro_rules! impl_message_columns {
+    ($row:ty) => {
+        impl MessageColumns for $row {
+            type Error = sqlx::Error;
+
+            fn text(&self, i: usize) -> Result<&str, sqlx::Error> {
+                Ok(sqlx::Row::try_get::<Option<&str>, _>(self, i)?.unwrap_or_default())
+            }
+
+            fn integer(&self, i: usize) -> Result<Option<i64>, sqlx::Error> {
+                sqlx::Row::try_get(self, i)
+            }
+        }
+    };
+}
+impl_message_columns!(sqlx::postgres::PgRow);
+impl_message_columns!(sqlx::sqlite::SqliteRow);
+
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         impl $store {
-            /// A history query through sqlx, on the read pool: `$1` channel, `$2` before,
-            /// `$3` user, `$4` tenant, `$5` the thread's parent when given.
-            async fn sqlx_history_rows(
+            /// The rows of a history query through sqlx, on the read pool: `$1` channel,
+            /// `$2` before, `$3` user, `$4` tenant, `$5` the thread's parent when given.
+            async fn sqlx_history(
                 &self,
                 sql: &str,
                 channel_id: &str,
                 before: i64,
                 (tenant, user): (&str, &str),
                 parent: Option<&str>,
-            ) -> StoreResult<Vec<MessageRow>> {
-                let mut query = sqlx::query_as(sql)
+            ) -> StoreResult<Vec<<$db as sqlx::Database>::Row>> {
+                let mut query = sqlx::query(sql)
                     .bind(channel_id)
                     .bind(before)
                     .bind(user)
@@ -517,6 +536,39 @@ macro_rules! impl_store {
                     query = query.bind(parent);
                 }
                 Ok(query.fetch_all(&self.read).await?)
+            }
+
+            /// [`Self::sqlx_history`] as [`MessageRow`]s.
+            async fn sqlx_history_rows(
+                &self,
+                sql: &str,
+                channel_id: &str,
+                before: i64,
+                viewer: (&str, &str),
+                parent: Option<&str>,
+            ) -> StoreResult<Vec<MessageRow>> {
+                let rows = self.sqlx_history(sql, channel_id, before, viewer, parent).await?;
+                rows.iter()
+                    .map(|r| MessageRow::from_row(r).map_err(StoreError::from))
+                    .collect()
+            }
+
+            /// [`Self::sqlx_history`], at most `limit` messages, in wire form.
+            async fn sqlx_history_encoded(
+                &self,
+                sql: &str,
+                channel_id: &str,
+                before: i64,
+                viewer: (&str, &str),
+                parent: Option<&str>,
+                limit: i64,
+            ) -> StoreResult<EncodedMessages> {
+                let rows = self.sqlx_history(sql, channel_id, before, viewer, parent).await?;
+                let mut page = EncodedMessages::default();
+                for row in rows.iter().take(usize::try_from(limit).unwrap_or(0)) {
+                    page.push_row(row)?;
+                }
+                Ok(page)
             }
 
             async fn audit(
@@ -1589,7 +1641,7 @@ macro_rules! impl_store {
                 parent: Option<&str>,
                 before_sequence: Option<i64>,
                 limit: i64,
-            ) -> StoreResult<Option<EncodedMessages>> {
+            ) -> StoreResult<EncodedMessages> {
                 let before = before_sequence.unwrap_or(i64::MAX);
                 let sql = history_sql(parent.is_some(), limit);
                 self.history_encoded(sql, channel_id, before, viewer, parent, limit)

@@ -16,12 +16,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rusqlite::types::{FromSqlError, ValueRef};
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::Semaphore;
 
 use super::{is_retryable, MessageRow, StoreError, StoreResult};
-use crate::page::EncodedMessages;
+use crate::page::MessageColumns;
 
 /// The columns of `messages` in [`MessageRow`]'s field order, for queries decoded by
 /// [`message_row`].
@@ -258,54 +258,20 @@ impl HistoryBinds {
     }
 }
 
-/// Appends a row that selected [`MESSAGE_COLUMNS`] first, in order, to `page` as a
-/// `chat.v1.Message` in wire form: the same bytes as prost encoding
-/// `domain::convert::into_message` of the same row (body and subject left out of a deleted
-/// message, `attachment_ids` parsed from its JSON text with unparsable text read as none, the
-/// version as the etag, microsecond times as `Timestamp`s), fields in field-number order.
-/// Text is borrowed from SQLite and copied once, into the page.
-///
-/// Errors: a column of an unexpected type, or text that is not UTF-8.
-pub fn push_message_row(page: &mut EncodedMessages, r: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
-    let text = |i: usize| -> rusqlite::Result<&str> {
-        match r.get_ref(i)? {
-            ValueRef::Null => Ok(""),
-            v => v.as_str().map_err(|e| conversion(i, v, e)),
-        }
-    };
-    let sequence: i64 = r.get(10)?;
-    let version: i64 = r.get(11)?;
-    let create_time: i64 = r.get(12)?;
-    let update_time: Option<i64> = r.get(13)?;
-    let delete_time: Option<i64> = r.get(14)?;
-    let attachments = text(7)?;
-    let attachment_ids: Vec<String> = if attachments == "[]" {
-        Vec::new()
-    } else {
-        serde_json::from_str(attachments).unwrap_or_default()
-    };
-    page.push_with(sequence, |w| {
-        w.string(1, text(0)?);
-        w.string(2, text(2)?);
-        w.string(3, text(3)?);
-        if delete_time.is_none() {
-            w.string(4, text(4)?);
-            w.string(5, text(5)?);
-        }
-        w.string(6, text(6)?);
-        w.repeated_string(7, &attachment_ids);
-        w.string(8, text(8)?);
-        w.string(9, text(9)?);
-        w.int64(10, sequence);
-        w.string(11, &version.to_string());
-        w.timestamp(12, Some(create_time));
-        w.timestamp(13, update_time);
-        w.timestamp(14, delete_time);
-        w.string(15, text(15)?);
-        Ok(())
-    })
-}
+/// A rusqlite row of [`MESSAGE_COLUMNS`], for [`crate::page::EncodedMessages::push_row`].
+impl MessageColumns for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
 
-fn conversion(i: usize, v: ValueRef<'_>, e: FromSqlError) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e))
+    fn text(&self, i: usize) -> rusqlite::Result<&str> {
+        match self.get_ref(i)? {
+            ValueRef::Null => Ok(""),
+            v => v.as_str().map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e))
+            }),
+        }
+    }
+
+    fn integer(&self, i: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(i)
+    }
 }

@@ -79,6 +79,24 @@ impl TestDb {
         self.dir.path().join("attachments")
     }
 
+    /// Runs statements as they are, bypassing the service (PostgreSQL: in the test's schema).
+    pub async fn execute(&self, sql: &str) {
+        match self.backend {
+            Backend::Sqlite => {
+                let pool = sqlx::SqlitePool::connect(&self.url).await.expect("sqlite");
+                sqlx::raw_sql(sql).execute(&pool).await.expect(sql);
+                pool.close().await;
+            }
+            Backend::Postgres => {
+                let pool = sqlx::PgPool::connect(&self.url).await.expect("postgres");
+                let schema = self.schema.as_deref().unwrap_or("public");
+                let sql = format!("SET search_path TO {schema}; {sql}");
+                sqlx::raw_sql(&sql).execute(&pool).await.expect(&sql);
+                pool.close().await;
+            }
+        }
+    }
+
     /// Rows in a table (for "nothing was written" checks).
     pub async fn count(&self, table: &str) -> i64 {
         let sql = format!("SELECT COUNT(*) FROM {table}");
