@@ -395,6 +395,64 @@ async fn cancelled_upload_leaves_nothing(storage: Storage) {
     settle(&server, 0).await;
 }
 
+/// A client that goes away after its last frame, while the server may be closing, committing
+/// or recording the upload: the upload runs in a task of its own, so it ends consistent either
+/// way, with an attachment row and its object, or neither; never an object no row names.
+/// Rounds cancel at several delays so some land during the commit.
+async fn client_gone_after_the_last_frame_leaves_no_orphan(storage: Storage) {
+    let server = start(storage, None).await;
+    let ch = group(&server, "alice", &[]).await;
+    let bytes = data(16 * MIB, 5);
+    for delay_ms in [0, 5, 20, 50, 100] {
+        let mut alice = client(&server, "alice").await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let call = tokio::spawn(async move {
+            alice
+                .upload_attachment(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        for frame in frames(meta(&ch, "late.bin", &bytes), &bytes, MIB) {
+            tx.send(frame).await.expect("frame");
+        }
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        call.abort();
+    }
+    let mut consistent = false;
+    for _ in 0..50 {
+        let rows = server.db.count("attachments").await;
+        if rows as usize == stored_objects(&server).await {
+            consistent = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = server.db.count("attachments").await;
+    eprintln!("{rows} of 5 cancelled uploads were recorded");
+    assert!(
+        consistent,
+        "{rows} attachment rows, {} objects",
+        stored_objects(&server).await
+    );
+    // Whatever was recorded is whole.
+    let mut alice = client(&server, "alice").await;
+    let listed = alice
+        .list_attachments(proto::ListAttachmentsRequest {
+            channel_id: ch.clone(),
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .attachments;
+    assert_eq!(listed.len() as i64, rows);
+    for a in listed {
+        let (_, got) = download(&mut alice, &a.id, 0).await.expect("download");
+        assert_eq!(sha(&got), sha(&bytes));
+    }
+}
+
 async fn resumable_upload_survives_a_restart(storage: Storage) {
     let server = start(storage, None).await;
     let ch = group(&server, "alice", &["bob"]).await;
@@ -1014,6 +1072,7 @@ on_every_storage!(
     round_trips_of_every_size,
     refused_uploads_leave_nothing,
     cancelled_upload_leaves_nothing,
+    client_gone_after_the_last_frame_leaves_no_orphan,
     resumable_upload_survives_a_restart,
     access_rules_and_download_records,
     sweep_removes_unlinked_and_unfinished,
