@@ -284,6 +284,79 @@ mod tests {
         }
     }
 
+    /// A stored row read by column index, in `MESSAGE_COLUMNS` order.
+    impl MessageColumns for crate::store::MessageRow {
+        type Error = std::convert::Infallible;
+
+        fn text(&self, i: usize) -> Result<&str, Self::Error> {
+            fn opt(v: &Option<String>) -> &str {
+                v.as_deref().unwrap_or("")
+            }
+            Ok(match i {
+                0 => &self.id,
+                1 => &self.tenant_id,
+                2 => &self.channel_id,
+                3 => &self.sender_id,
+                4 => &self.body,
+                5 => &self.subject,
+                6 => opt(&self.parent_message_id),
+                7 => &self.attachment_ids,
+                8 => opt(&self.client_message_id),
+                9 => opt(&self.forwarded_from_message_id),
+                15 => opt(&self.deleted_by),
+                _ => panic!("column {i} is not text"),
+            })
+        }
+
+        fn integer(&self, i: usize) -> Result<Option<i64>, Self::Error> {
+            Ok(match i {
+                10 => Some(self.sequence),
+                11 => Some(self.version),
+                12 => Some(self.create_time),
+                13 => self.update_time,
+                14 => self.delete_time,
+                _ => panic!("column {i} is not an integer"),
+            })
+        }
+    }
+
+    /// Rows history never lists (deleted ones) and times before the epoch: `push_row` writes
+    /// what prost makes of `into_message`.
+    #[test]
+    fn rows_equal_prost_of_the_converted_row() {
+        let row = crate::store::MessageRow {
+            id: "m1".into(),
+            tenant_id: "t".into(),
+            channel_id: "c".into(),
+            sender_id: "u".into(),
+            body: "gone".into(),
+            subject: "s".into(),
+            parent_message_id: Some("p".into()),
+            attachment_ids: r#"["a", ""]"#.into(),
+            client_message_id: None,
+            forwarded_from_message_id: Some(String::new()),
+            sequence: 7,
+            version: 3,
+            create_time: -1,
+            update_time: Some(0),
+            delete_time: Some(1_500_000),
+            deleted_by: Some("admin".into()),
+        };
+        let live = crate::store::MessageRow {
+            delete_time: None,
+            deleted_by: None,
+            attachment_ids: "[1, 2]".into(),
+            ..row.clone()
+        };
+        for r in [row, live] {
+            let mut written = EncodedMessages::default();
+            written.push_row(&r).expect("written");
+            let mut encoded = EncodedMessages::default();
+            encoded.push(&crate::domain::convert::into_message(r.clone()));
+            assert_eq!(written, encoded, "{r:?}");
+        }
+    }
+
     #[test]
     fn truncate_keeps_whole_messages() {
         let all = [message(3, "c"), message(2, "bb"), message(1, "")];

@@ -59,8 +59,9 @@ pub fn message(m: &MessageRow) -> proto::Message {
     into_message(m.clone())
 }
 
-/// [`message`], taking the row: its strings move into the message instead of being copied
-/// (a page of history converts 50 rows).
+/// [`message`], taking the row: its strings move into the message instead of being copied.
+/// History pages are written in wire form from the rows instead, as byte for byte what prost
+/// makes of this function's result (see [`crate::page::EncodedMessages::push_row`]).
 pub fn into_message(m: MessageRow) -> proto::Message {
     let deleted = m.delete_time.is_some();
     let attachment_ids = if m.attachment_ids == "[]" {

@@ -411,7 +411,8 @@ pub trait MessageStore: Send + Sync {
     fn commit_paths(&self) -> CommitPaths;
     /// One message of the tenant (deleted ones included).
     async fn message(&self, tenant: &str, message_id: &str) -> StoreResult<MessageRow>;
-    /// Live messages of a channel (or one thread), newest first, below `before_sequence`;
+    /// Live messages of a channel (or one thread), newest first, below `before_sequence`, as
+    /// rows (ListMessages sends [`MessageStore::list_messages_encoded`]; tests compare the two);
     /// none unless `viewer` (`(tenant, user)`) is a member of the channel and it is not deleted.
     /// An empty page is therefore either: the caller tells them apart with
     /// [`ChannelStore::member`].

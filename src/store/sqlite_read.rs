@@ -6,8 +6,10 @@
 //! column then looked up by name. For a history page (51 rows of 16 columns) that overhead
 //! was most of the page's cost: in chat-bench scenario 5 the sqlx worker threads took 39% of
 //! the machine's CPU, of which SQLite's own VM was 2.5 points. Here a page is one job: the
-//! statement is prepared once per connection, rows are decoded by column index straight into
-//! [`MessageRow`]s, and the page is handed over whole, or not at all when it ran in place.
+//! statement is prepared once per connection, and each row is read by column index, either
+//! into a [`MessageRow`] ([`message_row`]) or, for a page as it goes out, straight into wire
+//! form ([`crate::page::EncodedMessages::push_row`]); the page is handed over whole, or not at
+//! all when it ran in place.
 //!
 //! Only reads go this way; writes stay on sqlx's single writer connection. The connections
 //! are read-only and WAL lets them read beside the writer.
@@ -23,8 +25,10 @@ use tokio::sync::Semaphore;
 use super::{is_retryable, MessageRow, StoreError, StoreResult};
 use crate::page::MessageColumns;
 
-/// The columns of `messages` in [`MessageRow`]'s field order, for queries decoded by
-/// [`message_row`].
+/// The columns of `messages` in [`MessageRow`]'s field order, for queries read by column index:
+/// by [`message_row`] and by [`crate::page::EncodedMessages::push_row`] (whose
+/// `MessageColumns` lists the same order; the byte-equality test in `tests/store.rs` catches a
+/// change to one and not the other).
 pub const MESSAGE_COLUMNS: &str = "id, tenant_id, channel_id, sender_id, body, subject, \
      parent_message_id, attachment_ids, client_message_id, forwarded_from_message_id, \
      sequence, version, create_time, update_time, delete_time, deleted_by";
