@@ -16,7 +16,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{FromRow, Postgres, Sqlite, Transaction};
 use uuid::Uuid;
 
-use super::sqlite_read::{message_row, HistoryBinds, SqliteReaders, MESSAGE_COLUMNS};
+use super::sqlite_read::{HistoryBinds, SqliteReaders, MESSAGE_COLUMNS};
 use super::*;
 use crate::page::{EncodedMessages, MessageColumns};
 
@@ -206,33 +206,10 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// The rows of a history query (`sql` selects [`MESSAGE_COLUMNS`]; `$1` channel,
-    /// `$2` before, `$3` user, `$4` tenant, `$5` the thread's parent when given).
-    async fn history_rows(
-        &self,
-        sql: String,
-        channel_id: &str,
-        before: i64,
-        (tenant, user): (&str, &str),
-        parent: Option<&str>,
-    ) -> StoreResult<Vec<MessageRow>> {
-        let Some(history) = &self.history else {
-            return self
-                .sqlx_history_rows(&sql, channel_id, before, (tenant, user), parent)
-                .await;
-        };
-        let binds = HistoryBinds::new(channel_id, user, tenant, parent);
-        history
-            .run(move |conn| {
-                let mut stmt = conn.prepare_cached(&sql)?;
-                let rows = stmt.query_map(binds.params(&before).as_slice(), message_row)?;
-                rows.collect()
-            })
-            .await
-    }
-
-    /// The messages of a history query (as [`SqliteStore::history_rows`]), at most `limit`,
-    /// written straight from the rows in wire form.
+    /// The messages of a history query (`sql` selects [`MESSAGE_COLUMNS`]; `$1` channel,
+    /// `$2` before, `$3` user, `$4` tenant, `$5` the thread's parent when given), at most
+    /// `limit`, written straight from the rows in wire form: through the history readers, or
+    /// sqlx for an in-memory database.
     async fn history_encoded(
         &self,
         sql: String,
@@ -290,19 +267,6 @@ impl PostgresStore {
         limit: i64,
     ) -> StoreResult<EncodedMessages> {
         self.sqlx_history_encoded(&sql, channel_id, before, viewer, parent, limit)
-            .await
-    }
-
-    /// The rows of a history query; see [`SqliteStore::history_rows`].
-    async fn history_rows(
-        &self,
-        sql: String,
-        channel_id: &str,
-        before: i64,
-        viewer: (&str, &str),
-        parent: Option<&str>,
-    ) -> StoreResult<Vec<MessageRow>> {
-        self.sqlx_history_rows(&sql, channel_id, before, viewer, parent)
             .await
     }
 }
@@ -1642,8 +1606,10 @@ macro_rules! impl_store {
             ) -> StoreResult<Vec<MessageRow>> {
                 let before = before_sequence.unwrap_or(i64::MAX);
                 let sql = history_sql(parent.is_some(), limit);
+                // Rows through sqlx: ListMessages sends `list_messages_encoded`, and the tests
+                // compare the two, so this path decodes independently of that one.
                 let mut rows = self
-                    .history_rows(sql, channel_id, before, viewer, parent)
+                    .sqlx_history_rows(&sql, channel_id, before, viewer, parent)
                     .await?;
                 rows.truncate(usize::try_from(limit).unwrap_or(0));
                 Ok(rows)

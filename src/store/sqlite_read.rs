@@ -6,10 +6,9 @@
 //! column then looked up by name. For a history page (51 rows of 16 columns) that overhead
 //! was most of the page's cost: in chat-bench scenario 5 the sqlx worker threads took 39% of
 //! the machine's CPU, of which SQLite's own VM was 2.5 points. Here a page is one job: the
-//! statement is prepared once per connection, and each row is read by column index, either
-//! into a [`MessageRow`] ([`message_row`]) or, for a page as it goes out, straight into wire
-//! form ([`crate::page::EncodedMessages::push_row`]); the page is handed over whole, or not at
-//! all when it ran in place.
+//! statement is prepared once per connection, each row is written by column index straight
+//! into wire form ([`crate::page::EncodedMessages::push_row`]), and the page is handed over
+//! whole, or not at all when it ran in place.
 //!
 //! Only reads go this way; writes stay on sqlx's single writer connection. The connections
 //! are read-only and WAL lets them read beside the writer.
@@ -22,13 +21,13 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::Semaphore;
 
-use super::{is_retryable, MessageRow, StoreError, StoreResult};
+use super::{is_retryable, StoreError, StoreResult};
 use crate::page::MessageColumns;
 
-/// The columns of `messages` in [`MessageRow`]'s field order, for queries read by column index:
-/// by [`message_row`] and by [`crate::page::EncodedMessages::push_row`] (whose
-/// `MessageColumns` lists the same order; the byte-equality test in `tests/store.rs` catches a
-/// change to one and not the other).
+/// The columns of `messages` in [`super::MessageRow`]'s field order, for queries read by
+/// column index by [`crate::page::EncodedMessages::push_row`] (whose `MessageColumns` lists the
+/// same order; the byte-equality test in `tests/store.rs` catches a change to one and not the
+/// other).
 pub const MESSAGE_COLUMNS: &str = "id, tenant_id, channel_id, sender_id, body, subject, \
      parent_message_id, attachment_ids, client_message_id, forwarded_from_message_id, \
      sequence, version, create_time, update_time, delete_time, deleted_by";
@@ -202,28 +201,6 @@ fn store_error(e: rusqlite::Error) -> StoreError {
     } else {
         StoreError::Internal(e.to_string())
     }
-}
-
-/// A [`MessageRow`] from a row that selected [`MESSAGE_COLUMNS`] first, in order.
-pub fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRow> {
-    Ok(MessageRow {
-        id: r.get(0)?,
-        tenant_id: r.get(1)?,
-        channel_id: r.get(2)?,
-        sender_id: r.get(3)?,
-        body: r.get(4)?,
-        subject: r.get(5)?,
-        parent_message_id: r.get(6)?,
-        attachment_ids: r.get(7)?,
-        client_message_id: r.get(8)?,
-        forwarded_from_message_id: r.get(9)?,
-        sequence: r.get(10)?,
-        version: r.get(11)?,
-        create_time: r.get(12)?,
-        update_time: r.get(13)?,
-        delete_time: r.get(14)?,
-        deleted_by: r.get(15)?,
-    })
 }
 
 /// The values a history query binds by name (`$1` channel, `$2` before, `$3` user, `$4`
