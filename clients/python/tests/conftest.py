@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
+# The shared multilingual corpus: `CHAT_CORPUS` when set (as the Rust corpus test reads it),
+# else beside the checkout, where CI's clone finds it.
+CORPUS = Path(
+    os.environ.get("CHAT_CORPUS") or REPO.parent / "shared" / "corpus" / "dialogs.jsonl"
+)
 BIN = Path(os.environ.get("CHAT_SERVICE_BIN", REPO / "target" / "debug" / "chat-service"))
 SECRET = "client-test-secret-0123456789"
 

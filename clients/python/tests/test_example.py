@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from conftest import CORPUS
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,7 +28,7 @@ def test_readme_example(server, tmp_path):
             "CHAT_SERVER": server.target,
             "ALICE_TOKEN": server.token("alice"),
             "BOB_TOKEN": server.token("bob"),
-            "FILE": str(REPO.parent / "shared" / "corpus" / "dialogs.jsonl"),
+            "FILE": str(CORPUS),
         },
         capture_output=True,
         text=True,

@@ -17,7 +17,7 @@ from chat_service_client.chat.v1 import (
     chat_service_pb2_grpc,
     group_service_pb2 as groups,
 )
-from conftest import REPO
+from conftest import CORPUS
 
 
 def follow(stream, out: "queue.Queue") -> threading.Thread:
@@ -119,7 +119,7 @@ def test_conversation_subscribe_drop_resume(server):
 
 def test_chunked_upload_of_a_real_file_and_download(server, tmp_path):
     # Real multilingual text from the shared corpus (1.4 MB: two 1 MiB frames).
-    path = REPO.parent / "shared" / "corpus" / "dialogs.jsonl"
+    path = CORPUS
     assert path.exists(), f"{path} is missing"
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     with connect(server.target, server.token("alice")) as alice, connect(
