@@ -32,6 +32,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".chat.v1.ListMessagesResponse",
             "crate::page::ListMessagesResponse",
         )
+        // Written by hand, so a feed can send a stored event as stored: see `src/event.rs`.
+        .extern_path(
+            ".chat.v1.SubscribeResponse",
+            "crate::event::SubscribeResponse",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

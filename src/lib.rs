@@ -37,6 +37,7 @@
 //!   gRPC and grpc-web (with CORS).
 //! - [`codec`]: the protobuf codec of every generated client and server.
 //! - [`page`]: `ListMessagesResponse` by hand, so history pages can be sent pre-encoded.
+//! - [`event`]: `SubscribeResponse` by hand, so feeds send each stored event as stored.
 //! - [`cli`]: the `chat-service` command line, including a small client.
 
 pub mod api;
@@ -47,6 +48,7 @@ pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod event;
 pub mod fanout;
 pub mod page;
 pub mod server;
@@ -59,6 +61,9 @@ pub mod proto {
 
     /// Written by hand (see [`crate::page`]); the wire form is the declared one.
     pub use crate::page::ListMessagesResponse;
+
+    /// Written by hand (see [`crate::event`]); the wire form is the declared one.
+    pub use crate::event::{subscribe_response, SubscribeResponse};
 
     /// The encoded `FileDescriptorSet` of `proto/`, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

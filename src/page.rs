@@ -51,16 +51,9 @@ impl prost::Message for ListMessagesResponse {
         const STRUCT: &str = "ListMessagesResponse";
         match tag {
             1 => encoding::message::merge_repeated(wire_type, &mut self.messages, buf, ctx)
-                .map_err(|mut e| {
-                    e.push(STRUCT, "messages");
-                    e
-                }),
-            2 => encoding::string::merge(wire_type, &mut self.next_page_token, buf, ctx).map_err(
-                |mut e| {
-                    e.push(STRUCT, "next_page_token");
-                    e
-                },
-            ),
+                .map_err(in_field(STRUCT, "messages")),
+            2 => encoding::string::merge(wire_type, &mut self.next_page_token, buf, ctx)
+                .map_err(in_field(STRUCT, "next_page_token")),
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
         }
     }
@@ -79,6 +72,17 @@ impl prost::Message for ListMessagesResponse {
         self.messages.clear();
         self.next_page_token.clear();
         self.encoded_messages = EncodedMessages::default();
+    }
+}
+
+/// Marks a decode error as found in `field` of `message`, as prost's generated code does.
+pub(crate) fn in_field(
+    message: &'static str,
+    field: &'static str,
+) -> impl FnOnce(DecodeError) -> DecodeError {
+    move |mut e| {
+        e.push(message, field);
+        e
     }
 }
 

@@ -469,15 +469,20 @@ async fn cursor_beyond_end_is_out_of_range(backend: Backend) {
     assert_eq!(next(&mut s).await.sequence, 3);
 }
 
-async fn read_markers_and_heartbeats_are_live_only(backend: Backend) {
-    let server = TestServer::start_with(
+/// A server whose feeds send a heartbeat every 300 ms.
+async fn server_with_fast_heartbeat(backend: Backend) -> TestServer {
+    TestServer::start_with(
         backend,
         Options {
             heartbeat: Duration::from_millis(300),
             ..Default::default()
         },
     )
-    .await;
+    .await
+}
+
+async fn read_markers_and_heartbeats_are_live_only(backend: Backend) {
+    let server = server_with_fast_heartbeat(backend).await;
     let ch = group(&server, "alice", &["bob"]).await;
     let mut alice = server.chat(&token("alice")).await;
     let m = send(&mut alice, &ch, "read me").await;
@@ -538,6 +543,58 @@ async fn stream_ends_unauthenticated_when_token_expires(backend: Backend) {
     };
     assert_eq!(end.code(), Code::Unauthenticated);
     assert!(end.message().contains("expired"));
+}
+
+/// A feed's one timer serves both heartbeats and token expiry, and is re-armed after each
+/// heartbeat: after a burst of 400 live events the feed still sends heartbeats, then ends with
+/// UNAUTHENTICATED when the token expires. (The unit tests in `src/domain/feed.rs` cover a
+/// timer first polled with the task's budget spent.)
+async fn timer_fires_after_a_live_burst(backend: Backend) {
+    let server = server_with_fast_heartbeat(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let ttl = 8;
+    let mut feed = subscribe_expiring(&server, "bob", ttl).await;
+    let opened = std::time::Instant::now();
+    let mut senders = Vec::new();
+    for s in 0..4 {
+        let mut alice = server.chat(&token("alice")).await;
+        let ch = ch.clone();
+        senders.push(tokio::spawn(async move {
+            for i in 0..100 {
+                send(&mut alice, &ch, &format!("burst {s}/{i}")).await;
+            }
+        }));
+    }
+    let mut got = 0;
+    while got < 400 {
+        let ev = next(&mut feed).await;
+        assert!(body(&ev).starts_with("burst "));
+        got += 1;
+    }
+    for s in senders {
+        s.await.expect("sender");
+    }
+    assert!(
+        opened.elapsed() < Duration::from_secs(ttl as u64 - 2),
+        "the burst took too long to leave time for the heartbeat check"
+    );
+    let hb = tokio::time::timeout(WAIT, feed.message())
+        .await
+        .expect("a heartbeat after the burst")
+        .expect("ok")
+        .expect("open");
+    assert!(matches!(hb.event, Some(Event::Heartbeat(_))), "{hb:?}");
+    let end = loop {
+        match tokio::time::timeout(WAIT, feed.message())
+            .await
+            .expect("ends at expiry")
+        {
+            Ok(Some(ev)) => assert!(matches!(ev.event, Some(Event::Heartbeat(_))), "{ev:?}"),
+            Ok(None) => panic!("ended without UNAUTHENTICATED"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(end.code(), Code::Unauthenticated);
 }
 
 /// A client that stops reading holds no hub registration past its token's expiry: its stream
@@ -701,6 +758,7 @@ on_every_backend!(
     cursor_beyond_end_is_out_of_range,
     read_markers_and_heartbeats_are_live_only,
     stream_ends_unauthenticated_when_token_expires,
+    timer_fires_after_a_live_burst,
     stalled_reader_leaves_the_hub_when_its_token_expires,
     no_replay_after_the_token_expired,
     shutdown_closes_feeds_cleanly,

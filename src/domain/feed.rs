@@ -12,15 +12,14 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use futures::Stream;
-use prost::Message as _;
 use tokio::sync::mpsc;
 
 use crate::auth::{Caller, Permission};
 use crate::error::{Error, Result};
-use crate::fanout::{Feed, Item, LiveEvent};
+use crate::fanout::{Feed, Item, LiveEvent, MembershipChange};
 use crate::proto::{self, subscribe_response::Event};
 
 use super::validate::Check;
@@ -231,6 +230,18 @@ impl Drop for Session {
 /// Whether the feed goes on.
 type Go = Result<bool>;
 
+/// What ended a [`Session::wait`].
+enum Wake {
+    /// An item from the hub; `None` when its queue closed.
+    Item(Option<Item>),
+    /// The hub could not queue something: catch up from storage.
+    Lagged,
+    /// The server is shutting down.
+    Shutdown,
+    /// The heartbeat is due or the token expired.
+    Timer,
+}
+
 impl Session {
     fn follow(&mut self, channel_id: &str) {
         self.chat.hub.follow(&self.feed, channel_id);
@@ -244,15 +255,12 @@ impl Session {
 
     async fn run(mut self, mut rx: mpsc::Receiver<Item>, replay: Vec<String>) {
         let heartbeat_every = self.chat.settings.heartbeat;
-        let mut heartbeat = tokio::time::interval_at(
-            tokio::time::Instant::now() + heartbeat_every,
-            heartbeat_every,
-        );
-        // A feed is not polled while its client does not read: one heartbeat after, not a burst.
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let expiry = tokio::time::sleep_until(self.deadline);
-        tokio::pin!(expiry);
-        let mut shutdown = self.chat.hub.shutdown_signal();
+        // One timer for both the next heartbeat and the token's expiry, whichever is first.
+        let mut next_heartbeat = tokio::time::Instant::now() + heartbeat_every;
+        let timer = tokio::time::sleep_until(next_heartbeat.min(self.deadline));
+        tokio::pin!(timer);
+        // The waker the timer was last polled with (see `Session::wait`).
+        let mut timer_waker: Option<Waker> = None;
         let outcome = async {
             for id in replay {
                 if !Box::pin(self.fill(&id, i64::MAX)).await? {
@@ -266,27 +274,38 @@ impl Session {
                 if self.chat.hub.is_shut_down() {
                     return Ok(());
                 }
-                // Plain loads, because the select below polls queued events first: while they
-                // flow, its other branches are not polled at all (polling shutdown's and the
-                // lag's notifications takes a lock each). A lag on a quiet channel must not
-                // wait for a busy one to pause; `flush` checks shutdown and expiry before
-                // anything goes out.
+                // A lag on a quiet channel must not wait for a busy one to pause; `flush`
+                // checks shutdown and expiry before anything goes out.
                 if self.feed.is_lagged()
                     && (!Box::pin(self.catch_up()).await? || !self.flush().await?)
                 {
                     return Ok(());
                 }
-                let go = tokio::select! {
-                    biased;
-                    item = rx.recv() => match item {
-                        Some(item) => self.on_items(item, &mut rx).await?,
-                        None => return Ok(()),
-                    },
-                    _ = shutdown.changed() => return Ok(()),
-                    _ = &mut expiry => return Err(expired()),
-                    _ = self.feed.wake.notified() => Box::pin(self.catch_up()).await?,
-                    _ = heartbeat.tick() => {
+                let wake = match rx.try_recv() {
+                    Ok(item) => Wake::Item(Some(item)),
+                    Err(_) => {
+                        std::future::poll_fn(|cx| {
+                            self.wait(cx, &mut rx, timer.as_mut(), &mut timer_waker)
+                        })
+                        .await
+                    }
+                };
+                let go = match wake {
+                    Wake::Item(Some(item)) => self.on_items(item, &mut rx).await?,
+                    Wake::Item(None) | Wake::Shutdown => return Ok(()),
+                    // Caught up at the top of the loop.
+                    Wake::Lagged => true,
+                    Wake::Timer => {
+                        let now = tokio::time::Instant::now();
+                        if now >= self.deadline {
+                            return Err(expired());
+                        }
                         self.send(heartbeat_event());
+                        // A feed is not polled while its client does not read: one heartbeat
+                        // after, not a burst.
+                        next_heartbeat = now + heartbeat_every;
+                        timer.as_mut().reset(next_heartbeat.min(self.deadline));
+                        timer_waker = None;
                         true
                     }
                 };
@@ -309,6 +328,40 @@ impl Session {
                 lock(&self.outbox).push_back(batch);
             }
         }
+    }
+
+    /// Waits for what the feed reacts to: an item from the hub, a lag, shutdown, or the timer
+    /// (heartbeat or token expiry).
+    ///
+    /// It runs once per event that finds the queue empty, so it takes no lock and clones no
+    /// waker it already holds. It registers with the queue; with the feed's `AtomicWaker`,
+    /// which both a lag and shutdown wake, and which keeps a waker that will wake the same
+    /// task; and with the timer only when the polling task's waker is not the one the timer
+    /// already holds (`is_elapsed` reads the timer's state without registering). The
+    /// `select!` over a `Notify`, a `watch`, a `Sleep` and an `Interval` that it replaces took
+    /// two locks and three waker clones per delivery (chat-bench scenario 3).
+    fn wait(
+        &self,
+        cx: &mut Context<'_>,
+        rx: &mut mpsc::Receiver<Item>,
+        timer: Pin<&mut tokio::time::Sleep>,
+        timer_waker: &mut Option<Waker>,
+    ) -> Poll<Wake> {
+        if let Poll::Ready(item) = rx.poll_recv(cx) {
+            return Poll::Ready(Wake::Item(item));
+        }
+        // Registered before the flags are read, so a mark or shutdown after the reads wakes us.
+        self.feed.waker.register(cx.waker());
+        if self.chat.hub.is_shut_down() {
+            return Poll::Ready(Wake::Shutdown);
+        }
+        if self.feed.is_lagged() {
+            return Poll::Ready(Wake::Lagged);
+        }
+        if poll_timer(timer, timer_waker, cx).is_ready() {
+            return Poll::Ready(Wake::Timer);
+        }
+        Poll::Pending
     }
 
     /// Handles `first` and what else the hub has queued for this feed, up to [`MAX_BATCH`]
@@ -371,16 +424,19 @@ impl Session {
         Ok(true)
     }
 
-    /// Sends the next event of a channel and notes it as sent. When the event removes the
-    /// caller from the channel, gives back its channel and sequence for [`Session::on_removed`].
-    fn emit(&mut self, ev: proto::SubscribeResponse) -> Option<(String, i64)> {
-        let sequence = ev.sequence;
-        let removes_me = matches!(
-            &ev.event,
-            Some(Event::MemberRemoved(r)) if r.member.as_ref().is_some_and(|m| m.user_id == self.caller.user_id)
-        );
-        let removal = removes_me.then(|| (ev.channel_id.clone(), sequence));
-        if let Some(s) = self.sent.get_mut(&ev.channel_id) {
+    /// Sends the next event of a channel (`ev`, of `sequence`) and notes it as sent. When the
+    /// event removes `removed`, and that is the caller, gives back its channel and sequence for
+    /// [`Session::on_removed`].
+    fn emit(
+        &mut self,
+        channel_id: &str,
+        sequence: i64,
+        removed: Option<&str>,
+        ev: proto::SubscribeResponse,
+    ) -> Option<(String, i64)> {
+        let removal = (removed == Some(self.caller.user_id.as_str()))
+            .then(|| (channel_id.to_owned(), sequence));
+        if let Some(s) = self.sent.get_mut(channel_id) {
             *s = sequence;
         }
         self.send(ev);
@@ -428,10 +484,12 @@ impl Session {
                 if self.sent.get(channel_id).is_none_or(|&s| row.sequence <= s) {
                     continue;
                 }
-                let ev = proto::SubscribeResponse::decode(row.payload.as_slice()).map_err(|e| {
+                let removed = crate::event::removed_user(&row.payload).map_err(|e| {
                     Error::Internal(format!("stored event {channel_id}/{}: {e}", row.sequence))
                 })?;
-                if let Some(removal) = self.emit(ev) {
+                // Sent as stored: the bytes that went out live.
+                let ev = proto::SubscribeResponse::from_encoded(row.payload.into());
+                if let Some(removal) = self.emit(channel_id, row.sequence, removed.as_deref(), ev) {
                     if !Box::pin(self.on_removed(removal)).await? {
                         return Ok(false);
                     }
@@ -455,8 +513,9 @@ impl Session {
         let Some(&last) = self.sent.get(&ev.channel_id) else {
             return Ok(true);
         };
+        let response = || proto::SubscribeResponse::from_encoded(ev.encoded.clone());
         if ev.sequence == 0 {
-            self.send(ev.response.clone());
+            self.send(response());
             return Ok(true);
         }
         if ev.sequence <= last {
@@ -466,10 +525,16 @@ impl Session {
             return Ok(false);
         }
         match self.sent.get(&ev.channel_id) {
-            Some(&now) if now + 1 == ev.sequence => match self.emit(ev.response.clone()) {
-                Some(removal) => Box::pin(self.on_removed(removal)).await,
-                None => Ok(true),
-            },
+            Some(&now) if now + 1 == ev.sequence => {
+                let removed = match &ev.membership {
+                    Some(MembershipChange::Removed(user)) => Some(user.as_str()),
+                    _ => None,
+                };
+                match self.emit(&ev.channel_id, ev.sequence, removed, response()) {
+                    Some(removal) => Box::pin(self.on_removed(removal)).await,
+                    None => Ok(true),
+                }
+            }
             _ => Ok(true),
         }
     }
@@ -519,6 +584,33 @@ impl Session {
     }
 }
 
+/// Polls the feed's timer, registering the task's waker with it only when `registered` (the
+/// waker it holds) would not wake the same task; `is_elapsed` reads the timer's state without
+/// registering, so polling a timer that already holds this task's waker costs no clone. The
+/// timer is polled outside tokio's task budget: with the budget spent, a `Sleep` returns
+/// pending without taking the waker, and `registered` would claim one it does not hold.
+/// Callers clear `registered` after resetting the timer.
+fn poll_timer(
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    registered: &mut Option<Waker>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    if timer.is_elapsed() {
+        return Poll::Ready(());
+    }
+    if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        return Poll::Pending;
+    }
+    if Pin::new(&mut tokio::task::unconstrained(timer.as_mut()))
+        .poll(cx)
+        .is_ready()
+    {
+        return Poll::Ready(());
+    }
+    *registered = Some(cx.waker().clone());
+    Poll::Pending
+}
+
 fn expired() -> Error {
     Error::Unauthenticated("token expired; reconnect with a new token and your cursors".into())
 }
@@ -530,5 +622,61 @@ fn heartbeat_event() -> proto::SubscribeResponse {
         event: Some(Event::Heartbeat(proto::Heartbeat {
             server_time: Some(convert::timestamp(crate::store::now_micros())),
         })),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Spends the task's budget for this poll, as a long burst of events does.
+    fn spend_budget(cx: &mut Context<'_>) {
+        for _ in 0..1_000 {
+            let mut unit = std::pin::pin!(tokio::task::consume_budget());
+            if unit.as_mut().poll(cx).is_pending() {
+                return;
+            }
+        }
+        panic!("the task budget never ran out");
+    }
+
+    #[tokio::test]
+    async fn timer_fires_when_first_polled_with_the_budget_spent() {
+        let timer = tokio::time::sleep(Duration::from_millis(50));
+        tokio::pin!(timer);
+        let mut registered = None;
+        let first = std::future::poll_fn(|cx| {
+            spend_budget(cx);
+            Poll::Ready(poll_timer(timer.as_mut(), &mut registered, cx))
+        })
+        .await;
+        assert!(first.is_pending());
+        let fired = tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| poll_timer(timer.as_mut(), &mut registered, cx)),
+        )
+        .await;
+        assert!(fired.is_ok(), "the timer never woke the task");
+    }
+
+    #[tokio::test]
+    async fn timer_fires_again_after_a_reset() {
+        let timer = tokio::time::sleep(Duration::from_millis(20));
+        tokio::pin!(timer);
+        let mut registered = None;
+        for _ in 0..3 {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                std::future::poll_fn(|cx| poll_timer(timer.as_mut(), &mut registered, cx)),
+            )
+            .await
+            .expect("fires");
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + Duration::from_millis(20));
+            registered = None;
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! ChatService use cases (everything but the live feed).
 
+use prost::Message as _;
+
 use crate::auth::{Caller, Permission};
 use crate::error::{Error, Result};
 use crate::fanout::LiveEvent;
@@ -424,14 +426,17 @@ impl Chat {
             tenant_id: caller.tenant_id.clone(),
             channel_id: req.channel_id.clone(),
             sequence: 0,
-            response: proto::SubscribeResponse {
+            encoded: proto::SubscribeResponse {
                 channel_id: req.channel_id.clone(),
                 sequence: 0,
                 event: Some(Event::ReadMarkerUpdated(proto::ReadMarkerUpdated {
                     user_id: caller.user_id.clone(),
                     read_sequence: marker,
                 })),
-            },
+                ..Default::default()
+            }
+            .encode_to_vec()
+            .into(),
             membership: None,
         }));
         Ok(proto::MarkReadResponse {

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use prost::Message as _;
 
 use crate::auth::Caller;
@@ -89,11 +90,13 @@ pub(crate) fn encode_message_event(kind: MessageEvent, row: &MessageRow, sequenc
         channel_id: row.channel_id.clone(),
         sequence,
         event: Some(event),
+        ..Default::default()
     }
     .encode_to_vec()
 }
 
-/// Hands a committed event (its stored payload) to the live fan-out.
+/// Hands a committed event (its stored payload) to the live fan-out: the one copy of the bytes
+/// that every feed following the channel sends.
 pub(crate) fn publish_event(
     publisher: &dyn Publisher,
     tenant: &str,
@@ -102,17 +105,13 @@ pub(crate) fn publish_event(
     payload: &[u8],
     membership: Option<MembershipChange>,
 ) {
-    match proto::SubscribeResponse::decode(payload) {
-        Ok(response) => publisher.publish(Arc::new(LiveEvent {
-            tenant_id: tenant.to_owned(),
-            channel_id: channel_id.to_owned(),
-            sequence,
-            response,
-            membership,
-        })),
-        // Cannot happen (we encoded it); feeds catch up from storage anyway.
-        Err(e) => tracing::error!(error = %e, "undecodable event payload"),
-    }
+    publisher.publish(Arc::new(LiveEvent {
+        tenant_id: tenant.to_owned(),
+        channel_id: channel_id.to_owned(),
+        sequence,
+        encoded: Bytes::copy_from_slice(payload),
+        membership,
+    }));
 }
 
 pub(crate) fn encode_member_added(row: &MemberRow, sequence: i64) -> Vec<u8> {
@@ -122,6 +121,7 @@ pub(crate) fn encode_member_added(row: &MemberRow, sequence: i64) -> Vec<u8> {
         event: Some(Event::MemberAdded(proto::MemberAdded {
             member: Some(convert::member(row)),
         })),
+        ..Default::default()
     }
     .encode_to_vec()
 }
@@ -133,6 +133,7 @@ pub(crate) fn encode_member_removed(row: &MemberRow, sequence: i64) -> Vec<u8> {
         event: Some(Event::MemberRemoved(proto::MemberRemoved {
             member: Some(convert::member(row)),
         })),
+        ..Default::default()
     }
     .encode_to_vec()
 }

@@ -11,9 +11,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use tokio::sync::{mpsc, watch, Notify};
-
-use crate::proto::SubscribeResponse;
+use bytes::Bytes;
+use futures::task::AtomicWaker;
+use tokio::sync::mpsc;
 
 /// A membership change carried by an event, so feeds can follow it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +33,9 @@ pub struct LiveEvent {
     pub channel_id: String,
     /// Channel sequence; 0 for live-only events (read markers).
     pub sequence: i64,
-    /// The event as sent.
-    pub response: SubscribeResponse,
+    /// The encoded `chat.v1.SubscribeResponse`, as stored and as every feed sends it (shared,
+    /// not copied, per feed).
+    pub encoded: Bytes,
     /// Set on MemberAdded / MemberRemoved.
     pub membership: Option<MembershipChange>,
 }
@@ -83,8 +84,9 @@ pub struct Feed {
     lag: Mutex<Lag>,
     /// Whether `lag` holds anything: a plain load for a feed that checks on every batch.
     lagged: AtomicBool,
-    /// Woken when `lag` gains an entry.
-    pub wake: Notify,
+    /// The waker of the feed's task: woken when `lag` gains an entry and on shutdown. The
+    /// feed registers it before it reads [`Feed::is_lagged`] and [`Hub::is_shut_down`].
+    pub waker: AtomicWaker,
     /// When the feed's token expires. Past it the feed sends nothing more, so a feed the hub
     /// cannot queue for (its client stopped reading) is dropped from the hub instead of being
     /// marked lagged.
@@ -110,7 +112,7 @@ impl Feed {
         let new = f(&mut self.lag.lock().unwrap_or_else(|p| p.into_inner()));
         if new {
             self.lagged.store(true, Ordering::Release);
-            self.wake.notify_one();
+            self.waker.wake();
         }
     }
 
@@ -154,9 +156,7 @@ pub struct Hub {
     /// A reader that stops reading altogether keeps this buffer's events until its stream is
     /// dropped (its feed is not polled), and its registration until its token expires.
     buffer: usize,
-    shutdown: watch::Sender<bool>,
-    /// Set with `shutdown`: a plain load for the checks on every batch, where the watch's
-    /// read lock would bounce its cache line between cores.
+    /// Set by [`Hub::shutdown`]; a plain load for the checks on every batch.
     shut_down: AtomicBool,
 }
 
@@ -177,7 +177,6 @@ impl Hub {
             users: RwLock::default(),
             next_id: AtomicU64::new(1),
             buffer: buffer.max(1),
-            shutdown: watch::channel(false).0,
             shut_down: AtomicBool::new(false),
         }
     }
@@ -199,7 +198,7 @@ impl Hub {
             tx,
             lag: Mutex::default(),
             lagged: AtomicBool::new(false),
-            wake: Notify::new(),
+            waker: AtomicWaker::new(),
             expires,
         });
         if let Some(k) = user_key {
@@ -251,15 +250,22 @@ impl Hub {
         read(&self.channels).len()
     }
 
-    /// A receiver that turns true when the server shuts down; feeds end cleanly then.
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
-    }
-
-    /// Ends every feed (graceful shutdown).
+    /// Ends every feed (graceful shutdown): sets the flag every feed checks, then wakes every
+    /// registered feed. A feed registers its waker before it reads the flag, so none sleeps
+    /// through it; a feed that follows no channel and is not of all channels has ended
+    /// already, or its token has expired and its timer ends it.
     pub fn shutdown(&self) {
         self.shut_down.store(true, Ordering::Release);
-        self.shutdown.send_replace(true);
+        for feeds in read(&self.channels).values() {
+            for feed in feeds.values() {
+                feed.waker.wake();
+            }
+        }
+        for feeds in read(&self.users).values() {
+            for feed in feeds.values() {
+                feed.waker.wake();
+            }
+        }
     }
 
     /// Whether [`Hub::shutdown`] was called.
