@@ -844,6 +844,35 @@ async fn token_without_iss_refused_when_issuer_configured() {
     server.stop().await;
 }
 
+/// The verifier remembers tokens it passed, but a remembered token still expires: a token
+/// that is past `exp` but inside the leeway passes, is remembered, and is refused as expired
+/// once the leeway runs out, as a token checked afresh would be.
+#[test]
+fn a_remembered_token_still_expires() {
+    let verifier = Verifier::new(AuthSettings {
+        key: KeySource::Secret(SECRET.as_bytes().to_vec()),
+        issuer: None,
+        audience: None,
+        enforce_permissions: true,
+    })
+    .expect("verifier");
+    let mut c = claims("alice");
+    let leeway = auth::LEEWAY_SECONDS as i64;
+    c["exp"] = json!(now() - leeway + 2);
+    let token = sign_hs256(SECRET.as_bytes(), &c);
+    let first = verifier.verify(&token).expect("inside the leeway");
+    let again = verifier.verify(&token).expect("remembered");
+    assert_eq!(
+        (again.user_id, again.tenant_id, again.expires_at),
+        (first.user_id, first.tenant_id, first.expires_at)
+    );
+    std::thread::sleep(Duration::from_millis(3_100));
+    let e = verifier
+        .verify(&token)
+        .expect_err("past exp and the leeway");
+    assert!(e.to_string().ends_with("token expired"), "{e}");
+}
+
 fn audience_verifier(audience: Option<&str>) -> Verifier {
     Verifier::new(AuthSettings {
         key: KeySource::PublicKeyPem(fixture("rsa_public.pem")),
