@@ -200,8 +200,13 @@ pub struct Verifier {
 /// Most tokens [`Verifier`] remembers as verified (an S3-FIFO cache of about this many). A
 /// client sends the same token with every call until it renews it, and checking it again
 /// (base64, two JSON documents, the signature) was a tenth of the server's CPU per send in
-/// chat-bench scenario 2. About 0.5 KiB each, so at most about 2 MiB.
+/// chat-bench scenario 2. A typical token and its caller take about 0.5 KiB (about 2 MiB in
+/// all); tokens longer than [`MAX_REMEMBERED_TOKEN_BYTES`] are never remembered, so at most
+/// about 9 MiB.
 pub const VERIFIED_TOKENS: usize = 4096;
+
+/// Longest token [`Verifier`] remembers, in bytes; longer ones are checked in full every time.
+pub const MAX_REMEMBERED_TOKEN_BYTES: usize = 2048;
 
 /// A token that passed every check, and when it stops passing them.
 ///
@@ -403,7 +408,7 @@ impl Verifier {
             self.verified.remove(token);
         }
         let (caller, valid_from) = self.check(token, &keys)?;
-        if let Some(valid_from) = valid_from {
+        if let Some(valid_from) = valid_from.filter(|_| token.len() <= MAX_REMEMBERED_TOKEN_BYTES) {
             self.verified.insert(
                 token.to_owned(),
                 Arc::new(Verified {
@@ -517,9 +522,10 @@ impl Verifier {
             })
             .unwrap_or(0);
         let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
-        // When the time checks start to pass, for the cache of verified tokens: an `nbf` that
-        // is not a whole number of seconds is not remembered at all.
+        // When the time checks start to pass, for the cache of verified tokens: a token whose
+        // `exp` or `nbf` is not a whole number of seconds is not remembered at all.
         let valid_from = match claims.get("nbf") {
+            _ if !claims.get("exp").is_some_and(Value::is_u64) => None,
             None => Some(0),
             Some(nbf) => nbf.as_u64().map(|n| n.saturating_sub(LEEWAY_SECONDS)),
         };

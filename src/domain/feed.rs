@@ -30,7 +30,7 @@ use super::{convert, Chat};
 pub type FeedItem = Result<proto::SubscribeResponse>;
 
 /// What the feed's outbox holds: a batch of consecutive items, which the encoder writes back to
-/// back into one HTTP/2 DATA frame. A boxed slice (two words), because a `FeedItem` is ~384
+/// back into one HTTP/2 DATA frame. A boxed slice (two words), because a `FeedItem` is ~400
 /// bytes and the outbox keeps its capacity for as long as the stream is open.
 type QueuedItem = Box<[FeedItem]>;
 
@@ -388,7 +388,7 @@ impl Session {
     /// Sends one event: adds it to the batch. Callers end each step with [`Session::flush`].
     ///
     /// Not async, nor is anything that takes an event by value: an async fn keeps its
-    /// arguments for its whole life, and a `SubscribeResponse` is ~376 bytes, so each nested
+    /// arguments for its whole life, and a `SubscribeResponse` is ~400 bytes, so each nested
     /// level that held one made every open feed's future larger, idle or not.
     fn send(&mut self, ev: proto::SubscribeResponse) {
         self.batch.push(Ok(ev));
