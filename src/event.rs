@@ -39,6 +39,21 @@ pub struct SubscribeResponse {
 }
 
 impl SubscribeResponse {
+    /// A response built from fields: `event` of channel `channel_id` at `sequence` (an empty
+    /// channel and 0 for live-only events such as heartbeats).
+    pub fn new(
+        channel_id: String,
+        sequence: i64,
+        event: subscribe_response::Event,
+    ) -> SubscribeResponse {
+        SubscribeResponse {
+            channel_id,
+            sequence,
+            event: Some(event),
+            encoded: Bytes::new(),
+        }
+    }
+
     /// A response that is sent as `encoded`, an encoded `chat.v1.SubscribeResponse` (a stored
     /// event's payload). The bytes are shared, not copied.
     pub fn from_encoded(encoded: Bytes) -> SubscribeResponse {

@@ -616,14 +616,10 @@ fn expired() -> Error {
 }
 
 fn heartbeat_event() -> proto::SubscribeResponse {
-    proto::SubscribeResponse {
-        channel_id: String::new(),
-        sequence: 0,
-        event: Some(Event::Heartbeat(proto::Heartbeat {
-            server_time: Some(convert::timestamp(crate::store::now_micros())),
-        })),
-        ..Default::default()
-    }
+    let event = Event::Heartbeat(proto::Heartbeat {
+        server_time: Some(convert::timestamp(crate::store::now_micros())),
+    });
+    proto::SubscribeResponse::new(String::new(), 0, event)
 }
 
 #[cfg(test)]

@@ -426,15 +426,14 @@ impl Chat {
             tenant_id: caller.tenant_id.clone(),
             channel_id: req.channel_id.clone(),
             sequence: 0,
-            encoded: proto::SubscribeResponse {
-                channel_id: req.channel_id.clone(),
-                sequence: 0,
-                event: Some(Event::ReadMarkerUpdated(proto::ReadMarkerUpdated {
+            encoded: proto::SubscribeResponse::new(
+                req.channel_id.clone(),
+                0,
+                Event::ReadMarkerUpdated(proto::ReadMarkerUpdated {
                     user_id: caller.user_id.clone(),
                     read_sequence: marker,
-                })),
-                ..Default::default()
-            }
+                }),
+            )
             .encode_to_vec()
             .into(),
             membership: None,

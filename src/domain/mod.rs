@@ -86,13 +86,7 @@ pub(crate) fn encode_message_event(kind: MessageEvent, row: &MessageRow, sequenc
         MessageEvent::Updated => Event::MessageUpdated(proto::MessageUpdated { message }),
         MessageEvent::Deleted => Event::MessageDeleted(proto::MessageDeleted { message }),
     };
-    proto::SubscribeResponse {
-        channel_id: row.channel_id.clone(),
-        sequence,
-        event: Some(event),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    proto::SubscribeResponse::new(row.channel_id.clone(), sequence, event).encode_to_vec()
 }
 
 /// Hands a committed event (its stored payload) to the live fan-out: the one copy of the bytes
@@ -115,27 +109,17 @@ pub(crate) fn publish_event(
 }
 
 pub(crate) fn encode_member_added(row: &MemberRow, sequence: i64) -> Vec<u8> {
-    proto::SubscribeResponse {
-        channel_id: row.channel_id.clone(),
-        sequence,
-        event: Some(Event::MemberAdded(proto::MemberAdded {
-            member: Some(convert::member(row)),
-        })),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    let event = Event::MemberAdded(proto::MemberAdded {
+        member: Some(convert::member(row)),
+    });
+    proto::SubscribeResponse::new(row.channel_id.clone(), sequence, event).encode_to_vec()
 }
 
 pub(crate) fn encode_member_removed(row: &MemberRow, sequence: i64) -> Vec<u8> {
-    proto::SubscribeResponse {
-        channel_id: row.channel_id.clone(),
-        sequence,
-        event: Some(Event::MemberRemoved(proto::MemberRemoved {
-            member: Some(convert::member(row)),
-        })),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    let event = Event::MemberRemoved(proto::MemberRemoved {
+        member: Some(convert::member(row)),
+    });
+    proto::SubscribeResponse::new(row.channel_id.clone(), sequence, event).encode_to_vec()
 }
 
 impl Chat {
