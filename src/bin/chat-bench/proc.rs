@@ -152,15 +152,7 @@ impl Server {
 
     /// CPU time used so far (user + system), in seconds.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        // Fields after the parenthesised command name: state is field 3; utime 14, stime 15.
-        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
-            .sum();
-        ticks as f64 / clock_ticks()
+        pid_cpu_seconds(self.pid)
     }
 
     /// SIGKILL and drop the PostgreSQL schema.
@@ -194,6 +186,91 @@ fn status_kib(pid: u32, key: &str) -> u64 {
 /// `/proc/PID/stat` counts CPU time in USER_HZ ticks, 100 per second on every Linux ABI we run on.
 fn clock_ticks() -> f64 {
     100.0
+}
+
+/// CPU time spent so far by each part of a run, from /proc: the server, this load generator,
+/// PostgreSQL's processes (every process named `postgres`), and the whole machine.
+#[derive(Clone, Copy)]
+pub struct CpuSnapshot {
+    server: f64,
+    generator: f64,
+    postgres: f64,
+    /// Seconds the machine's cores were busy (user, system, interrupts, steal), summed.
+    busy: f64,
+    /// Seconds the machine's cores existed (busy + idle + I/O wait), summed.
+    total: f64,
+}
+
+impl CpuSnapshot {
+    /// Reads every counter now; `server_pid` is the server under test.
+    pub fn take(server_pid: u32) -> CpuSnapshot {
+        let postgres = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+            .filter(|stat| stat.contains(" (postgres) "))
+            .map(|stat| stat_seconds(&stat))
+            .sum();
+        let machine = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu  user nice system idle iowait irq softirq steal …
+        let t: Vec<f64> = machine
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse::<f64>().ok())
+            .map(|v| v / clock_ticks())
+            .collect();
+        let at = |i: usize| t.get(i).copied().unwrap_or(0.0);
+        let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+        CpuSnapshot {
+            server: pid_cpu_seconds(server_pid),
+            generator: stat_seconds(
+                &std::fs::read_to_string("/proc/self/stat").unwrap_or_default(),
+            ),
+            postgres,
+            busy,
+            total: busy + at(3) + at(4),
+        }
+    }
+
+    /// What was spent from `self` to `later` for `ops` operations: microseconds of CPU per
+    /// operation by the server, PostgreSQL and the generator, and the share of the machine's
+    /// cores that were busy (0-1).
+    pub fn per_op(&self, later: &CpuSnapshot, ops: f64) -> serde_json::Value {
+        let us = |a: f64, b: f64| (b - a).max(0.0) * 1e6 / ops.max(1.0);
+        serde_json::json!({
+            "server_us": us(self.server, later.server),
+            "postgres_us": us(self.postgres, later.postgres),
+            "generator_us": us(self.generator, later.generator),
+            "machine_busy": (later.busy - self.busy) / (later.total - self.total).max(1e-9),
+        })
+    }
+}
+
+/// User + system seconds from the text of a `/proc/PID/stat`.
+fn stat_seconds(stat: &str) -> f64 {
+    // Fields after the parenthesised command name: state is field 3; utime 14, stime 15.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / clock_ticks()
+}
+
+/// User + system seconds of process `pid` so far.
+fn pid_cpu_seconds(pid: u32) -> f64 {
+    stat_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
 }
 
 /// Samples a server's RSS every 50 ms until dropped; `max()` is the highest seen.
@@ -256,4 +333,37 @@ pub fn version_of(cmd: &str, args: &[&str]) -> String {
 /// A scratch file path under the bench directory.
 pub fn scratch(bench: &Bench, name: &str) -> PathBuf {
     bench.dir.join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{stat_seconds, CpuSnapshot};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn stat_seconds_reads_user_and_system_time_after_the_command_name() {
+        // A command name with ") " inside, as a thread may be named; utime 150, stime 50 ticks.
+        let stat = "4242 (odd) name) S 1 4242 4242 0 -1 4194560 10 0 0 0 150 50 0 0 20 0 3 0";
+        assert_eq!(stat_seconds(stat), 2.0);
+        assert_eq!(stat_seconds(""), 0.0);
+    }
+
+    #[test]
+    fn a_snapshot_counts_this_process_and_the_machine() {
+        let me = std::process::id();
+        let before = CpuSnapshot::take(me);
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let spent = before.per_op(&CpuSnapshot::take(me), 1.0);
+        let server = spent["server_us"].as_f64().unwrap_or(0.0);
+        // 300 ms of spinning, counted in 10 ms ticks: at least 200 ms whatever else runs.
+        assert!(server >= 200_000.0, "{spent}");
+        // The "server" here is this process, so the generator's count is the same process.
+        assert!((spent["generator_us"].as_f64().unwrap_or(0.0) - server).abs() <= 20_000.0);
+        let busy = spent["machine_busy"].as_f64().unwrap_or(-1.0);
+        assert!(busy > 0.0 && busy <= 1.0, "{spent}");
+    }
 }

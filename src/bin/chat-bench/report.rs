@@ -65,6 +65,19 @@ fn ok(pass: bool) -> &'static str {
     }
 }
 
+/// "server · PostgreSQL · generator (busy%)" from a `CpuSnapshot::per_op` value: microseconds
+/// of CPU per send and the share of the machine's cores that were busy. On SQLite the database
+/// runs inside the server, and PostgreSQL's column is only its idle processes.
+fn cpu_cell(c: &Value) -> String {
+    format!(
+        "{:.0} · {:.0} · {:.0} ({:.0}%)",
+        f(&c["server_us"]),
+        f(&c["postgres_us"]),
+        f(&c["generator_us"]),
+        f(&c["machine_busy"]) * 100.0
+    )
+}
+
 /// Throughput of the run at `c` in `runs`.
 fn rate_at(runs: &Value, c: u64) -> f64 {
     runs.as_array()
@@ -135,19 +148,22 @@ pub fn markdown(r: &Value) -> String {
                     .into(),
             );
             w(String::new());
-            w(format!("| senders | sends/s | {} single-row INSERT/s | ratio | ack p50 / p99 ms | peak RSS MiB | target |", name));
-            w("|---|---|---|---|---|---|---|".into());
+            w(format!("| senders | sends/s | {} single-row INSERT/s | ratio | ack p50 / p99 ms | peak RSS MiB | CPU µs per send: server · PostgreSQL · generator (machine busy) | target |", name));
+            w("|---|---|---|---|---|---|---|---|".into());
             for run in s["sends"]["runs"].as_array().into_iter().flatten() {
                 let c = run["concurrency"].as_u64().unwrap_or(0);
                 let base = rate_at(&s["insert_baseline"]["runs"], c);
                 let ratio = f(&run["per_second"]) / base;
                 let rss = f(&run["peak_rss_mib"]);
-                w(format!("| {c} | {:.0} | {:.0} | **{:.2}×** | {:.2} / {:.2} | {:.1} | {} ratio ≥ 1.0, {} RSS ≤ 75 MiB |",
+                w(format!("| {c} | {:.0} | {:.0} | **{:.2}×** | {:.2} / {:.2} | {:.1} | {} | {} ratio ≥ 1.0, {} RSS ≤ 75 MiB |",
                     f(&run["per_second"]), base, ratio, f(&run["ack"]["p50_ms"]), f(&run["ack"]["p99_ms"]), rss,
-                    ok(ratio >= 1.0), ok(rss <= 75.0)));
+                    cpu_cell(&run["cpu_per_send"]), ok(ratio >= 1.0), ok(rss <= 75.0)));
             }
             w(format!(
-                "\nBaseline: {}.",
+                "\nBaseline: {}. CPU: microseconds of CPU time per send used by the server, by \
+                 every PostgreSQL process (WAL writer included; on SQLite the database runs inside \
+                 the server) and by this load generator, read from /proc over the run; machine \
+                 busy is the share of all cores in use.",
                 s["insert_baseline"]["tool"].as_str().unwrap_or("")
             ));
             w(String::new());
@@ -158,13 +174,13 @@ pub fn markdown(r: &Value) -> String {
                 f(&s["latency"]["best_per_second"])
             ));
             w(String::new());
-            w("| load | sends/s | ack p50 / p99 / p99.9 ms | send → delivery p50 / p99 / p99.9 ms | generator lag p50 / p99 ms | target (50%: delivery p99 ≤ 5 ms) |".into());
-            w("|---|---|---|---|---|---|".into());
+            w("| load | sends/s | ack p50 / p99 / p99.9 ms | send → delivery p50 / p99 / p99.9 ms | generator lag p50 / p99 ms | CPU µs per send: server · PostgreSQL · generator (machine busy) | target (50%: delivery p99 ≤ 5 ms) |".into());
+            w("|---|---|---|---|---|---|---|".into());
             for l in s["latency"]["levels"].as_array().into_iter().flatten() {
                 let lvl = f(&l["level"]);
                 let d99 = f(&l["delivery"]["p99_ms"]);
                 w(format!(
-                    "| {:.0}% | {:.0} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} | {} |",
+                    "| {:.0}% | {:.0} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} | {} | {} |",
                     lvl * 100.0,
                     f(&l["achieved_per_second"]),
                     f(&l["ack"]["p50_ms"]),
@@ -175,6 +191,7 @@ pub fn markdown(r: &Value) -> String {
                     f(&l["delivery"]["p999_ms"]),
                     f(&l["generator_lag"]["p50_ms"]),
                     f(&l["generator_lag"]["p99_ms"]),
+                    cpu_cell(&l["cpu_per_send"]),
                     if (lvl - 0.5).abs() < 1e-9 {
                         ok(d99 <= 5.0)
                     } else {

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::baselines::BODY;
-use crate::proc::{RssSampler, Server};
+use crate::proc::{CpuSnapshot, RssSampler, Server};
 use crate::{histogram, record, say, summary, Backend, Bench, BenchResult};
 
 /// `n` HTTP/2 connections to `url`.
@@ -209,13 +209,14 @@ pub async fn sends(bench: &Bench, backend: Backend) -> BenchResult<Value> {
                 h
             }));
         }
-        let t = Instant::now();
+        let (t, cpu0) = (Instant::now(), CpuSnapshot::take(server.pid));
         tokio::time::sleep(Duration::from_secs_f64(bench.plan.send_seconds)).await;
         stop.store(true, Ordering::Relaxed);
         let mut h = histogram();
         for task in tasks {
             h.add(task.await?)?;
         }
+        let cpu = cpu0.per_op(&CpuSnapshot::take(server.pid), h.len() as f64);
         let rate = h.len() as f64 / t.elapsed().as_secs_f64();
         say(&format!(
             "  c={c}: {rate:.0} sends/s, p99 {:.2} ms",
@@ -228,6 +229,7 @@ pub async fn sends(bench: &Bench, backend: Backend) -> BenchResult<Value> {
             "errors": errors.load(Ordering::Relaxed),
             "ack": summary(&h),
             "peak_rss_mib": sampler.max() as f64 / 1024.0,
+            "cpu_per_send": cpu,
         }));
     }
     server.stop().await;
@@ -287,7 +289,7 @@ pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<
             .collect::<BenchResult<_>>()?;
         let acks = Arc::new(std::sync::Mutex::new(histogram()));
         let errors = Arc::new(AtomicU64::new(0));
-        let start = Instant::now();
+        let (start, cpu0) = (Instant::now(), CpuSnapshot::take(server.pid));
         let mut inflight = tokio::task::JoinSet::new();
         // The arrival schedule is kept by a thread of its own: tokio's timer fires on whole
         // milliseconds, which issued every send up to 1 ms late and in bunches, one per tick.
@@ -329,6 +331,7 @@ pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<
         pacer.join().map_err(|_| "the pacer thread panicked")?;
         while inflight.join_next().await.is_some() {}
         let sent_secs = start.elapsed().as_secs_f64();
+        let cpu = cpu0.per_op(&CpuSnapshot::take(server.pid), total as f64);
         let delivery = match tokio::time::timeout(Duration::from_secs(30), receiver).await {
             Ok(h) => h?,
             Err(_) => {
@@ -354,6 +357,7 @@ pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<
             "ack": summary(&ack),
             "delivery": summary(&delivery),
             "generator_lag": summary(&lag),
+            "cpu_per_send": cpu,
         }));
         server.stop().await;
     }
