@@ -189,7 +189,9 @@ fn clock_ticks() -> f64 {
 }
 
 /// CPU time spent so far by each part of a run, from /proc: the server, this load generator,
-/// PostgreSQL's processes (every process named `postgres`), and the whole machine.
+/// PostgreSQL's processes (every process on the host named `postgres`, with the time of the
+/// ones that exited counted through their parent's reaped-children time), and the whole
+/// machine.
 #[derive(Clone, Copy)]
 pub struct CpuSnapshot {
     server: f64,
@@ -216,21 +218,10 @@ impl CpuSnapshot {
             })
             .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
             .filter(|stat| stat.contains(" (postgres) "))
-            .map(|stat| stat_seconds(&stat))
+            .map(|stat| stat_seconds(&stat) + reaped_seconds(&stat))
             .sum();
-        let machine = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        // cpu  user nice system idle iowait irq softirq steal …
-        let t: Vec<f64> = machine
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|v| v.parse::<f64>().ok())
-            .map(|v| v / clock_ticks())
-            .collect();
-        let at = |i: usize| t.get(i).copied().unwrap_or(0.0);
-        let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+        let (busy, total) =
+            machine_seconds(&std::fs::read_to_string("/proc/stat").unwrap_or_default());
         CpuSnapshot {
             server: pid_cpu_seconds(server_pid),
             generator: stat_seconds(
@@ -238,7 +229,7 @@ impl CpuSnapshot {
             ),
             postgres,
             busy,
-            total: busy + at(3) + at(4),
+            total,
         }
     }
 
@@ -251,7 +242,9 @@ impl CpuSnapshot {
             "server_us": us(self.server, later.server),
             "postgres_us": us(self.postgres, later.postgres),
             "generator_us": us(self.generator, later.generator),
-            "machine_busy": (later.busy - self.busy) / (later.total - self.total).max(1e-9),
+            // iowait may go backwards between reads, so the share is clamped.
+            "machine_busy": ((later.busy - self.busy) / (later.total - self.total).max(1e-9))
+                .clamp(0.0, 1.0),
         })
     }
 }
@@ -259,13 +252,42 @@ impl CpuSnapshot {
 /// User + system seconds from the text of a `/proc/PID/stat`.
 fn stat_seconds(stat: &str) -> f64 {
     // Fields after the parenthesised command name: state is field 3; utime 14, stime 15.
+    stat_ticks(stat, &[11, 12]) as f64 / clock_ticks()
+}
+
+/// User + system seconds of the exited children a `/proc/PID/stat` has reaped (cutime 16,
+/// cstime 17).
+fn reaped_seconds(stat: &str) -> f64 {
+    stat_ticks(stat, &[13, 14]) as f64 / clock_ticks()
+}
+
+/// The sum of the fields at `indices`, counted after the command name of a `/proc/PID/stat`.
+fn stat_ticks(stat: &str, indices: &[usize]) -> u64 {
     let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
+    indices
         .iter()
         .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
-    ticks as f64 / clock_ticks()
+        .sum()
+}
+
+/// (busy, total) seconds of all cores from the text of `/proc/stat`. Busy is user, nice,
+/// system, irq, softirq and steal (time the hypervisor gave to others counts as busy: the run
+/// could not use it); total adds idle and iowait. Guest time is inside user already.
+fn machine_seconds(proc_stat: &str) -> (f64, f64) {
+    // cpu  user nice system idle iowait irq softirq steal …
+    let t: Vec<f64> = proc_stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse::<f64>().ok())
+        .map(|v| v / clock_ticks())
+        .collect();
+    let at = |i: usize| t.get(i).copied().unwrap_or(0.0);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    (busy, busy + at(3) + at(4))
 }
 
 /// User + system seconds of process `pid` so far.
@@ -335,34 +357,49 @@ pub fn scratch(bench: &Bench, name: &str) -> PathBuf {
     bench.dir.join(name)
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
-    use super::{stat_seconds, CpuSnapshot};
+    use super::{machine_seconds, reaped_seconds, stat_seconds, CpuSnapshot};
     use std::time::{Duration, Instant};
 
     #[test]
-    fn stat_seconds_reads_user_and_system_time_after_the_command_name() {
-        // A command name with ") " inside, as a thread may be named; utime 150, stime 50 ticks.
-        let stat = "4242 (odd) name) S 1 4242 4242 0 -1 4194560 10 0 0 0 150 50 0 0 20 0 3 0";
+    fn stat_fields_are_read_after_the_command_name() {
+        // A command name with ") " inside, as a thread may be named; utime 150, stime 50,
+        // cutime 30, cstime 20 ticks.
+        let stat = "4242 (odd) name) S 1 4242 4242 0 -1 4194560 10 0 0 0 150 50 30 20 20 0 3 0";
         assert_eq!(stat_seconds(stat), 2.0);
+        assert_eq!(reaped_seconds(stat), 0.5);
         assert_eq!(stat_seconds(""), 0.0);
     }
 
     #[test]
-    fn a_snapshot_counts_this_process_and_the_machine() {
+    fn machine_time_splits_busy_from_idle() {
+        // user nice system idle iowait irq softirq steal guest guest_nice, in ticks.
+        let stat = "cpu  100 10 50 700 40 5 3 2 7 0\ncpu0 50 5 25 350 20 2 1 1 3 0\n";
+        let (busy, total) = machine_seconds(stat);
+        assert!((busy - 1.70).abs() < 1e-9, "{busy}");
+        assert!((total - 9.10).abs() < 1e-9, "{total}");
+    }
+
+    #[test]
+    fn a_snapshot_counts_this_process() {
         let me = std::process::id();
         let before = CpuSnapshot::take(me);
-        let t = Instant::now();
+        // Spin until this process has used 300 ms of CPU, however busy the machine is.
+        let own = || stat_seconds(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default());
+        let (start, t) = (own(), Instant::now());
         let mut x = 0u64;
-        while t.elapsed() < Duration::from_millis(300) {
-            x = std::hint::black_box(x.wrapping_add(1));
+        while own() - start < 0.3 && t.elapsed() < Duration::from_secs(30) {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
         }
-        let spent = before.per_op(&CpuSnapshot::take(me), 1.0);
+        let spent = before.per_op(&CpuSnapshot::take(me), 2.0);
         let server = spent["server_us"].as_f64().unwrap_or(0.0);
-        // 300 ms of spinning, counted in 10 ms ticks: at least 200 ms whatever else runs.
-        assert!(server >= 200_000.0, "{spent}");
+        // Half of at least 300 ms per "operation"; ticks are 10 ms.
+        assert!(server >= 145_000.0, "{spent}");
         // The "server" here is this process, so the generator's count is the same process.
-        assert!((spent["generator_us"].as_f64().unwrap_or(0.0) - server).abs() <= 20_000.0);
+        assert!((spent["generator_us"].as_f64().unwrap_or(0.0) - server).abs() <= 30_000.0);
         let busy = spent["machine_busy"].as_f64().unwrap_or(-1.0);
         assert!(busy > 0.0 && busy <= 1.0, "{spent}");
     }

@@ -216,8 +216,8 @@ pub async fn sends(bench: &Bench, backend: Backend) -> BenchResult<Value> {
         for task in tasks {
             h.add(task.await?)?;
         }
-        let cpu = cpu0.per_op(&CpuSnapshot::take(server.pid), h.len() as f64);
         let rate = h.len() as f64 / t.elapsed().as_secs_f64();
+        let cpu = cpu0.per_op(&CpuSnapshot::take(server.pid), h.len() as f64);
         say(&format!(
             "  c={c}: {rate:.0} sends/s, p99 {:.2} ms",
             h.value_at_quantile(0.99) as f64 / 1000.0
@@ -289,7 +289,9 @@ pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<
             .collect::<BenchResult<_>>()?;
         let acks = Arc::new(std::sync::Mutex::new(histogram()));
         let errors = Arc::new(AtomicU64::new(0));
-        let (start, cpu0) = (Instant::now(), CpuSnapshot::take(server.pid));
+        // The /proc scan first: read after `start`, it would make the first sends late.
+        let cpu0 = CpuSnapshot::take(server.pid);
+        let start = Instant::now();
         let mut inflight = tokio::task::JoinSet::new();
         // The arrival schedule is kept by a thread of its own: tokio's timer fires on whole
         // milliseconds, which issued every send up to 1 ms late and in bunches, one per tick.
