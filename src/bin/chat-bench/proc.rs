@@ -152,7 +152,7 @@ impl Server {
 
     /// CPU time used so far (user + system), in seconds.
     pub fn cpu_seconds(&self) -> f64 {
-        pid_cpu_seconds(self.pid)
+        cpu_seconds_of(self.pid)
     }
 
     /// SIGKILL and drop the PostgreSQL schema.
@@ -223,10 +223,8 @@ impl CpuSnapshot {
         let (busy, total) =
             machine_seconds(&std::fs::read_to_string("/proc/stat").unwrap_or_default());
         CpuSnapshot {
-            server: pid_cpu_seconds(server_pid),
-            generator: stat_seconds(
-                &std::fs::read_to_string("/proc/self/stat").unwrap_or_default(),
-            ),
+            server: cpu_seconds_of(server_pid),
+            generator: cpu_seconds_of("self"),
             postgres,
             busy,
             total,
@@ -290,9 +288,9 @@ fn machine_seconds(proc_stat: &str) -> (f64, f64) {
     (busy, busy + at(3) + at(4))
 }
 
-/// User + system seconds of process `pid` so far.
-fn pid_cpu_seconds(pid: u32) -> f64 {
-    stat_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+/// User + system seconds so far of process `who`: a pid, or `"self"` for this process.
+fn cpu_seconds_of(who: impl std::fmt::Display) -> f64 {
+    stat_seconds(&std::fs::read_to_string(format!("/proc/{who}/stat")).unwrap_or_default())
 }
 
 /// Samples a server's RSS every 50 ms until dropped; `max()` is the highest seen.
@@ -359,7 +357,7 @@ pub fn scratch(bench: &Bench, name: &str) -> PathBuf {
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
-    use super::{machine_seconds, reaped_seconds, stat_seconds, CpuSnapshot};
+    use super::{cpu_seconds_of, machine_seconds, reaped_seconds, stat_seconds, CpuSnapshot};
     use std::time::{Duration, Instant};
 
     #[test]
@@ -386,7 +384,7 @@ mod tests {
         let me = std::process::id();
         let before = CpuSnapshot::take(me);
         // Spin until this process has used 300 ms of CPU, however busy the machine is.
-        let own = || stat_seconds(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default());
+        let own = || cpu_seconds_of("self");
         let (start, t) = (own(), Instant::now());
         let mut x = 0u64;
         while own() - start < 0.3 && t.elapsed() < Duration::from_secs(30) {

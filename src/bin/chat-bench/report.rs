@@ -65,6 +65,9 @@ fn ok(pass: bool) -> &'static str {
     }
 }
 
+/// The heading of [`cpu_cell`]'s column.
+const CPU_COLUMN: &str = "CPU µs per send: server · PostgreSQL · generator (machine busy)";
+
 /// "server · PostgreSQL · generator (busy%)" from a `CpuSnapshot::per_op` value: microseconds
 /// of CPU per send and the share of the machine's cores that were busy. On SQLite the database
 /// runs inside the server, and PostgreSQL's column is only its idle processes.
@@ -148,7 +151,7 @@ pub fn markdown(r: &Value) -> String {
                     .into(),
             );
             w(String::new());
-            w(format!("| senders | sends/s | {} single-row INSERT/s | ratio | ack p50 / p99 ms | peak RSS MiB | CPU µs per send: server · PostgreSQL · generator (machine busy) | target |", name));
+            w(format!("| senders | sends/s | {name} single-row INSERT/s | ratio | ack p50 / p99 ms | peak RSS MiB | {CPU_COLUMN} | target |"));
             w("|---|---|---|---|---|---|---|---|".into());
             for run in s["sends"]["runs"].as_array().into_iter().flatten() {
                 let c = run["concurrency"].as_u64().unwrap_or(0);
@@ -174,7 +177,7 @@ pub fn markdown(r: &Value) -> String {
                 f(&s["latency"]["best_per_second"])
             ));
             w(String::new());
-            w("| load | sends/s | ack p50 / p99 / p99.9 ms | send → delivery p50 / p99 / p99.9 ms | generator lag p50 / p99 ms | CPU µs per send: server · PostgreSQL · generator (machine busy) | target (50%: delivery p99 ≤ 5 ms) |".into());
+            w(format!("| load | sends/s | ack p50 / p99 / p99.9 ms | send → delivery p50 / p99 / p99.9 ms | generator lag p50 / p99 ms | {CPU_COLUMN} | target (50%: delivery p99 ≤ 5 ms) |"));
             w("|---|---|---|---|---|---|---|".into());
             for l in s["latency"]["levels"].as_array().into_iter().flatten() {
                 let lvl = f(&l["level"]);
