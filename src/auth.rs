@@ -4,7 +4,10 @@
 //! so `alg: none` and algorithm confusion (an HS256 token signed with a public key) are refused.
 //! `exp` is required, `nbf` honoured, `iss` / `aud` checked when configured, 30 s leeway.
 //! Claims follow the sourceloop seed: user = `sub` (else `id`), tenant = `tenantId` (else
-//! `tenant_id`, else `default`), permission keys = `permissions`.
+//! `tenant_id`, else `default`), permission keys = `permissions`. Only an absent claim takes
+//! the next one or the default: a claim that is present with the wrong JSON type (a number,
+//! null, an object, an empty string) is refused, naming the claim. `exp` and `nbf` are RFC 7519
+//! NumericDates, whole or fractional seconds.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,6 +23,9 @@ use crate::error::Error;
 
 /// Clock skew accepted on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECONDS: u64 = 30;
+
+/// The longest a token is taken to live, whatever its `exp`: 100 years.
+pub const MAX_TOKEN_TIME_LEFT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A permission key of the seed (`ViewMessage`, …) or of the groups API (`ViewGroup`, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,9 +148,11 @@ impl Caller {
         }
     }
 
-    /// Time left until the token expires (zero when past).
+    /// Time left until the token's `exp` (a live feed ends then; unary calls allow
+    /// [`LEEWAY_SECONDS`] more for clock skew at the start of a call). Zero when past; at most
+    /// [`MAX_TOKEN_TIME_LEFT`], since an `exp` of 10^19 is legal and would overflow a clock.
     pub fn time_left(&self) -> Duration {
-        Duration::from_secs(self.expires_at.saturating_sub(unix_now()))
+        Duration::from_secs(self.expires_at.saturating_sub(unix_now())).min(MAX_TOKEN_TIME_LEFT)
     }
 }
 
@@ -485,43 +493,53 @@ impl Verifier {
                     format!("algorithm {alg} not accepted (expected {key_alg:?})")
                 }
                 K::MissingRequiredClaim(c) => format!("missing claim {c}"),
+                K::InvalidClaimFormat(c) => {
+                    format!("malformed token: the {c} claim has the wrong type")
+                }
+                // The signature verified (jsonwebtoken checks it before reading the claims).
+                K::Json(_) => return self.explain_claims(token),
                 _ => "malformed token".to_owned(),
             })
         })?;
-        let claims = data.claims;
-        let text = |v: &Value| match v {
-            Value::String(s) if !s.is_empty() => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
+        self.caller_from_claims(&data.claims)
+    }
+
+    /// The caller a verified token's claims name, and the first second the token passes the
+    /// `nbf` check (`None`: not to be remembered). Errors: a claim present with the wrong type.
+    fn caller_from_claims(
+        &self,
+        claims: &HashMap<String, Value>,
+    ) -> Result<(Caller, Option<u64>), Error> {
+        let user_id = match id_claim(claims, "sub")? {
+            Some(id) => id,
+            None => id_claim(claims, "id")?
+                .ok_or_else(|| unauth("the token has no user id (sub or id claim)"))?,
         };
-        let user_id = claims
-            .get("sub")
-            .and_then(text)
-            .or_else(|| claims.get("id").and_then(text))
-            .ok_or_else(|| unauth("the token has no user id (sub or id claim)"))?;
-        let tenant_id = claims
-            .get("tenantId")
-            .and_then(text)
-            .or_else(|| claims.get("tenant_id").and_then(text))
-            .unwrap_or_else(|| "default".to_owned());
-        // Ids become keys and stored text: the same rules as user ids in requests.
-        for (claim, v) in [("user id", &user_id), ("tenant", &tenant_id)] {
-            if v.len() > 255 || v.chars().any(char::is_control) {
-                return Err(unauth(format!(
-                    "malformed token: the {claim} claim must be 1 to 255 bytes without control characters"
-                )));
+        let tenant_id = match id_claim(claims, "tenantId")? {
+            Some(t) => t,
+            None => id_claim(claims, "tenant_id")?.unwrap_or_else(|| DEFAULT_TENANT.to_owned()),
+        };
+        let permissions = match claims.get("permissions") {
+            None => 0,
+            Some(Value::Array(a)) => a.iter().try_fold(0, |acc, p| match p {
+                // Keys this service does not know (another service's) are ignored.
+                Value::String(s) => Ok(Permission::parse(s).map_or(acc, |p| acc | p.bit())),
+                _ => Err(unauth(
+                    "malformed token: the permissions claim must be an array of strings",
+                )),
+            })?,
+            Some(_) => {
+                return Err(unauth(
+                    "malformed token: the permissions claim must be an array of strings",
+                ))
             }
-        }
-        let permissions = claims
-            .get("permissions")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p.as_str().and_then(Permission::parse))
-                    .fold(0, |acc, p| acc | p.bit())
-            })
-            .unwrap_or(0);
-        let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        };
+        // `exp` passed jsonwebtoken's check, which reads a number (integer or not, RFC 7519
+        // NumericDate) and rounds it; read it the same way so every path agrees on the instant.
+        let expires_at = claims
+            .get("exp")
+            .and_then(numeric_date)
+            .ok_or_else(|| unauth("malformed token: exp must be a number of seconds"))?;
         // When the time checks start to pass, for the cache of verified tokens: a token whose
         // `exp` or `nbf` is not a whole number of seconds is not remembered at all.
         let valid_from = match claims.get("nbf") {
@@ -538,6 +556,58 @@ impl Verifier {
         };
         Ok((caller, valid_from))
     }
+
+    /// Why a token whose signature verified could not be read by jsonwebtoken (it reports only
+    /// "JSON error" when, say, `sub` is an object): our own reading of the payload names the
+    /// claim; "malformed token" when it cannot.
+    fn explain_claims(&self, token: &str) -> Error {
+        let payload = token.split('.').nth(1).unwrap_or_default();
+        let claims: Option<HashMap<String, Value>> =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload.trim_end_matches('='))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+        match claims.map(|c| self.caller_from_claims(&c)) {
+            Some(Err(e)) => e,
+            _ => unauth("malformed token"),
+        }
+    }
+}
+
+/// The tenant of a token without `tenantId` or `tenant_id`.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Longest user or tenant id a token may carry, in bytes (the limit of ids in requests).
+pub const MAX_CLAIM_ID_BYTES: usize = 255;
+
+/// An id claim (`sub`, `id`, `tenantId`, `tenant_id`): `None` when absent, the text when it is
+/// a string of 1 to [`MAX_CLAIM_ID_BYTES`] bytes without control characters.
+///
+/// Errors: `UNAUTHENTICATED` naming the claim when it is present but anything else (a number,
+/// null, an object, an array, a boolean, an empty or over-long string). Only an absent claim
+/// falls back to the next one: a malformed `tenantId` must not quietly mean tenant `default`.
+fn id_claim(claims: &HashMap<String, Value>, name: &str) -> Result<Option<String>, Error> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(Value::String(s))
+            if !s.is_empty() && s.len() <= MAX_CLAIM_ID_BYTES && !s.chars().any(char::is_control) =>
+        {
+            Ok(Some(s.clone()))
+        }
+        Some(_) => Err(unauth(format!(
+            "malformed token: the {name} claim must be a string of 1 to {MAX_CLAIM_ID_BYTES} bytes without control characters"
+        ))),
+    }
+}
+
+/// An RFC 7519 NumericDate as jsonwebtoken reads it: a non-negative integer, or a finite
+/// non-negative number rounded to the nearest second.
+fn numeric_date(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f.round() as u64)
+    })
 }
 
 fn unix_now() -> u64 {

@@ -86,12 +86,17 @@ fn verifier_settings(a: &AuthArgs) -> Result<(AuthSettings, Option<String>), Str
         KeySource::Jwks(p.clone())
     } else {
         let secret = match std::fs::read_to_string(DEV_SECRET_PATH) {
-            Ok(s) if s.trim().len() >= 32 => s.trim().to_owned(),
+            Ok(s) if s.trim().len() >= 32 => {
+                // Written by an older version with the default umask: readable by every
+                // local user, who could mint tokens with it.
+                owner_only(DEV_SECRET_PATH).map_err(|e| format!("{DEV_SECRET_PATH}: {e}"))?;
+                s.trim().to_owned()
+            }
             _ => {
                 let bytes: [u8; 32] = rand::random();
                 let s = hex::encode(bytes);
                 let _ = std::fs::create_dir_all("./data");
-                std::fs::write(DEV_SECRET_PATH, &s)
+                write_owner_only(DEV_SECRET_PATH, s.as_bytes())
                     .map_err(|e| format!("{DEV_SECRET_PATH}: {e}"))?;
                 s
             }
@@ -108,6 +113,32 @@ fn verifier_settings(a: &AuthArgs) -> Result<(AuthSettings, Option<String>), Str
         },
         dev_secret,
     ))
+}
+
+/// Writes `contents` to a file only its owner may read or write (mode 0600 on Unix), whatever
+/// the umask; an existing file is truncated and its mode tightened.
+fn write_owner_only(path: &str, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    owner_only(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+/// Sets a file's mode to 0600 (Unix; elsewhere nothing).
+fn owner_only(path: &str) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// `serve`: runs until SIGTERM or Ctrl-C.
@@ -163,6 +194,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let options = crate::server::ServeOptions {
         cors_allowed_origins: args.cors_allowed_origins.clone(),
+        drain_period: Duration::from_secs(args.shutdown_drain_seconds),
     };
     crate::server::serve(listener, chat, verifier, options, shutdown_signal())
         .await

@@ -177,6 +177,10 @@ pub struct ServeArgs {
     /// Live fan-out: `memory` (single node). `nats` and `postgres` come with multi-node support.
     #[arg(long, env = "FANOUT", default_value = "memory", value_parser = ["memory"])]
     pub fanout: String,
+    /// Seconds that calls still open at shutdown (SIGTERM, Ctrl-C) may go on before they end
+    /// with UNAVAILABLE; health watches end after half a second (0 to 3600).
+    #[arg(long, env = "SHUTDOWN_DRAIN_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_drain_seconds: u64,
     /// Do not apply migrations at start.
     #[arg(long)]
     pub no_migrate: bool,

@@ -35,6 +35,7 @@
 //! - [`api`]: the thin tonic services.
 //! - [`server`]: assembles services, auth, health and reflection on one listener that speaks
 //!   gRPC and grpc-web (with CORS).
+//! - [`shutdown`]: the bounded drain period that ends every open call at shutdown.
 //! - [`codec`]: the protobuf codec of every generated client and server.
 //! - [`page`]: `ListMessagesResponse` by hand, so history pages can be sent pre-encoded.
 //! - [`event`]: `SubscribeResponse` by hand, so feeds send each stored event as stored.
@@ -52,6 +53,7 @@ pub mod event;
 pub mod fanout;
 pub mod page;
 pub mod server;
+pub mod shutdown;
 pub mod store;
 
 /// Generated protobuf types and tonic clients/servers of package `chat.v1`.

@@ -161,14 +161,32 @@ fn cors(origins: &AllowedOrigins) -> CorsLayer {
 }
 
 /// Transport settings of [`serve`] beyond the services themselves.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Origins allowed to call over grpc-web from a browser.
     pub cors_allowed_origins: AllowedOrigins,
+    /// How long calls still open at shutdown may go on before they end with `UNAVAILABLE`
+    /// (`SHUTDOWN_DRAIN_SECONDS`; see [`crate::shutdown`]).
+    pub drain_period: Duration,
 }
 
-/// Serves on `listener` until `shutdown` resolves; then live feeds end cleanly and in-flight
-/// calls finish before this returns. The listener takes gRPC over HTTP/2 and grpc-web over
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            cors_allowed_origins: AllowedOrigins::None,
+            drain_period: crate::shutdown::DEFAULT_DRAIN,
+        }
+    }
+}
+
+/// How long [`serve`] waits for connections to close once the drain period is over (their
+/// calls have ended by then; this covers the last frames on the wire).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves on `listener` until `shutdown` resolves; then live feeds end cleanly, health
+/// reports `NOT_SERVING`, and calls still open get `options.drain_period` to finish before they
+/// end with `UNAVAILABLE` ([`crate::shutdown`]); this returns once every connection has closed,
+/// or shortly after the drain period whatever the clients do. The listener takes gRPC over HTTP/2 and grpc-web over
 /// HTTP/1.1 or HTTP/2 (tonic-web translates; CORS per `options`).
 ///
 /// Errors: the transport's, when serving fails.
@@ -200,6 +218,7 @@ pub async fn serve(
             e
         });
     let hub = chat.hub().clone();
+    let drain = crate::shutdown::Drain::new();
     // Without TCP_NODELAY a small response waits for the peer's delayed ACK (Nagle): ~40 ms
     // added to every unary call that follows another on the same connection.
     let incoming = TcpListenerStream::new(listener).map(|conn| {
@@ -218,6 +237,8 @@ pub async fn serve(
         // Before tonic-web, which presents every request to the services as HTTP/2.
         .layer(tower::util::MapRequestLayer::new(mark_http_version))
         .layer(tonic_web::GrpcWebLayer::new())
+        // Inside grpc-web, so a cut call's UNAVAILABLE trailers are translated for browsers.
+        .layer(crate::shutdown::DrainLayer(drain.clone()))
         .add_service(health_service)
         .add_service(ChatServiceServer::with_interceptor(
             ChatApi::new(chat.clone()),
@@ -237,12 +258,39 @@ pub async fn serve(
     if let Ok((v1, v1alpha)) = reflection {
         router = router.add_service(v1).add_service(v1alpha);
     }
-    router
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            tracing::info!("shutting down: ending live feeds, finishing in-flight calls");
-            health.set_not_serving::<ChatServiceServer<ChatApi>>().await;
-            hub.shutdown();
-        })
-        .await
+    let period = options.drain_period;
+    let draining = drain.clone();
+    let serving = router.serve_with_incoming_shutdown(incoming, async move {
+        shutdown.await;
+        tracing::info!(
+            drain_seconds = period.as_secs_f64(),
+            "shutting down: ending live feeds, draining open calls"
+        );
+        health.set_not_serving::<ChatServiceServer<ChatApi>>().await;
+        health
+            .set_not_serving::<GroupServiceServer<GroupApi>>()
+            .await;
+        health
+            .set_not_serving::<AttachmentServiceServer<AttachmentApi>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        hub.shutdown();
+        tokio::spawn(async move { draining.run(period).await });
+    });
+    tokio::pin!(serving);
+    tokio::select! {
+        r = &mut serving => return r,
+        _ = drain.over() => {}
+    }
+    // Every call has been ended; a connection whose client does not read its last frames
+    // must not hold the process either.
+    match tokio::time::timeout(CLOSE_GRACE, serving).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!("connections still open after the drain period; closing them");
+            Ok(())
+        }
+    }
 }

@@ -1022,3 +1022,49 @@ async fn ids_with_control_characters_are_refused() {
         .await;
     }
 }
+
+/// A claim that is present with the wrong JSON type is refused, naming the claim; it never
+/// falls back to the next claim or to tenant `default` (`{"sub":"eve","tenantId":null}` was eve
+/// of `default`, a number 7 the tenant "7"). Only an absent claim takes the default.
+async fn malformed_claims_are_refused(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    // Eve of `default` owns a group: none of the malformed tokens below may reach it.
+    group(&server, "eve", &[]).await;
+    let secret: &[&[u8]] = &[SECRET.as_bytes()];
+    let cases: Vec<(&str, Option<&str>, Value)> = vec![
+        ("tenantId", None, json!({"k": "default"})),
+        ("tenantId", None, json!(["default"])),
+        ("tenantId", None, json!(true)),
+        ("tenantId", None, Value::Null),
+        ("tenantId", None, json!("")),
+        ("tenantId", None, json!(7)),
+        ("sub", None, json!(7)),
+        ("sub", None, Value::Null),
+        ("sub", None, json!({"id": "eve"})),
+        ("sub", None, json!("")),
+        ("id", Some("sub"), json!(42)),
+        ("tenant_id", Some("tenantId"), json!(false)),
+        ("permissions", None, json!("ViewGroup")),
+        ("permissions", None, json!([1, 2])),
+    ];
+    for (claim, remove, value) in cases {
+        let mut c = claims("eve");
+        if let Some(r) = remove {
+            c.as_object_mut().unwrap().remove(r);
+        }
+        c[claim] = value.clone();
+        let what = format!("{claim} = {value}");
+        let res = call(&server, &sign_hs256(SECRET.as_bytes(), &c)).await;
+        assert_unauth(res, &[claim], secret, &what);
+    }
+    // Absent claims still take their documented defaults.
+    let mut c = claims("eve");
+    c.as_object_mut().unwrap().remove("tenantId");
+    let mine = call(&server, &sign_hs256(SECRET.as_bytes(), &c))
+        .await
+        .expect("no tenant claim: tenant default");
+    assert_eq!(mine.channels.len(), 1, "eve of default sees her group");
+    server.stop().await;
+}
+
+on_every_backend!(malformed_claims_are_refused);

@@ -674,6 +674,61 @@ async fn no_replay_after_the_token_expired(backend: Backend) {
     }
 }
 
+/// Every legal `exp` works on Subscribe as on unary calls: 10^19 (an instant overflow once
+/// made the feed task panic and reset the stream) and fractional seconds (RFC 7519
+/// NumericDate; once read as 0, "token expired", while unary calls accepted the token).
+async fn subscribe_accepts_every_legal_exp(backend: Backend) {
+    let server = server_with_fast_heartbeat(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    let before = send(&mut alice, &ch, "before").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    for exp in [
+        serde_json::json!(10_000_000_000_000_000_000u64),
+        serde_json::json!(now + 3600.25),
+        serde_json::json!(now + 60.5),
+    ] {
+        let claims = serde_json::json!({
+            "sub": "bob",
+            "tenantId": "default",
+            "permissions": chat_service::auth::all_permission_names(),
+            "exp": exp,
+        });
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("sign");
+        let mut c = server.chat(&token).await;
+        c.count_messages(proto::CountMessagesRequest {
+            channel_id: ch.clone(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("exp {exp}: unary call refused: {s:?}"));
+        let mut feed = c
+            .subscribe(proto::SubscribeRequest {
+                channel_ids: vec![ch.clone()],
+                cursors: [(ch.clone(), before.sequence - 1)].into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("exp {exp}: subscribe refused: {s:?}"))
+            .into_inner();
+        assert_eq!(body(&next(&mut feed).await), "before", "exp {exp}: replay");
+        // Still open a heartbeat later (300 ms): not ended as expired, not reset.
+        let hb = tokio::time::timeout(WAIT, feed.message())
+            .await
+            .expect("a heartbeat");
+        match hb {
+            Ok(Some(ev)) => assert!(matches!(ev.event, Some(Event::Heartbeat(_))), "{ev:?}"),
+            other => panic!("exp {exp}: the feed ended: {other:?}"),
+        }
+    }
+}
+
 async fn shutdown_closes_feeds_cleanly(backend: Backend) {
     let server = TestServer::start(backend).await;
     group(&server, "alice", &["bob"]).await;
@@ -762,6 +817,7 @@ on_every_backend!(
     timer_fires_after_a_live_burst,
     stalled_reader_leaves_the_hub_when_its_token_expires,
     no_replay_after_the_token_expired,
+    subscribe_accepts_every_legal_exp,
     shutdown_closes_feeds_cleanly,
     replay_across_removal_and_rejoin,
     stalled_reader_does_not_block_shutdown,
