@@ -23,6 +23,7 @@ async fn server_allowing(origins: &str) -> TestServer {
         Options {
             serve: ServeOptions {
                 cors_allowed_origins: origins.parse().expect("origins"),
+                ..Default::default()
             },
             ..Options::default()
         },
