@@ -99,27 +99,97 @@ impl From<StoreError> for Error {
     }
 }
 
+/// Most field violations an `INVALID_ARGUMENT` lists; past them one more entry says how many
+/// were left out. Common gRPC clients refuse response metadata over 16 KiB (and report
+/// `RESOURCE_EXHAUSTED` instead of the real status): 1,000 bad member ids once made 33 KB.
+pub const MAX_VIOLATIONS: usize = 20;
+
+/// Longest field path echoed in a violation, in bytes (a path can hold client input, such as a
+/// cursor's channel id); longer ones are cut and end with `…`.
+pub const MAX_FIELD_BYTES: usize = 100;
+
+/// Longest violation description, in bytes.
+pub const MAX_DESCRIPTION_BYTES: usize = 200;
+
+/// Longest status message, in bytes. With the limits above, an `INVALID_ARGUMENT`'s metadata
+/// (message and `google.rpc.BadRequest` details, base64) stays under about 12 KiB.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// Violations the summary message spells out; the details carry up to [`MAX_VIOLATIONS`].
+const SUMMARY_VIOLATIONS: usize = 3;
+
+/// `s` cut to at most `max` bytes on a character boundary, ending with `…` when cut.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let ellipsis = "…";
+    let mut end = max.saturating_sub(ellipsis.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ellipsis}", &s[..end])
+}
+
+/// The `INVALID_ARGUMENT` status of `violations`, bounded: at most [`MAX_VIOLATIONS`] listed
+/// (then one entry `"…": "and N more"`), each field and description clipped, the message naming
+/// the first few.
+fn invalid_argument(violations: Vec<FieldViolation>) -> Status {
+    let total = violations.len();
+    let shown: Vec<(String, String)> = violations
+        .into_iter()
+        .take(MAX_VIOLATIONS)
+        .map(|v| {
+            (
+                clip(&v.field, MAX_FIELD_BYTES),
+                clip(&v.description, MAX_DESCRIPTION_BYTES),
+            )
+        })
+        .collect();
+    let mut summary = shown
+        .iter()
+        .take(SUMMARY_VIOLATIONS)
+        .map(|(f, d)| format!("{f}: {d}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if total > SUMMARY_VIOLATIONS {
+        summary.push_str(&format!(
+            "; and {} more bad field(s)",
+            total - SUMMARY_VIOLATIONS
+        ));
+    }
+    let mut details = ErrorDetails::new();
+    for (field, description) in shown {
+        details.add_bad_request_violation(field, description);
+    }
+    if total > MAX_VIOLATIONS {
+        details.add_bad_request_violation(
+            "…",
+            format!(
+                "and {} more violation(s) not listed",
+                total - MAX_VIOLATIONS
+            ),
+        );
+    }
+    Status::with_error_details(
+        Code::InvalidArgument,
+        clip(&summary, MAX_MESSAGE_BYTES),
+        details,
+    )
+}
+
 impl From<Error> for Status {
+    /// Every message is clipped to [`MAX_MESSAGE_BYTES`]: messages may echo client input.
     fn from(e: Error) -> Status {
+        let m = |m: String| clip(&m, MAX_MESSAGE_BYTES);
         match e {
-            Error::Invalid(violations) => {
-                let mut details = ErrorDetails::new();
-                let summary = violations
-                    .iter()
-                    .map(|v| format!("{}: {}", v.field, v.description))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                for v in violations {
-                    details.add_bad_request_violation(v.field, v.description);
-                }
-                Status::with_error_details(Code::InvalidArgument, summary, details)
-            }
-            Error::Unauthenticated(m) => Status::unauthenticated(m),
-            Error::PermissionDenied(m) => Status::permission_denied(m),
-            Error::NotFound(m) => Status::not_found(m),
-            Error::FailedPrecondition(m) => Status::failed_precondition(m),
-            Error::Aborted(m) => Status::aborted(m),
-            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Error::Invalid(violations) => invalid_argument(violations),
+            Error::Unauthenticated(s) => Status::unauthenticated(m(s)),
+            Error::PermissionDenied(s) => Status::permission_denied(m(s)),
+            Error::NotFound(s) => Status::not_found(m(s)),
+            Error::FailedPrecondition(s) => Status::failed_precondition(m(s)),
+            Error::Aborted(s) => Status::aborted(m(s)),
+            Error::ResourceExhausted(s) => Status::resource_exhausted(m(s)),
             Error::OffsetMismatch { offset, committed } => {
                 let details = ErrorDetails::with_error_info(
                     "OFFSET_MISMATCH",
@@ -132,7 +202,7 @@ impl From<Error> for Status {
                     details,
                 )
             }
-            Error::OutOfRange(m) => Status::out_of_range(m),
+            Error::OutOfRange(s) => Status::out_of_range(m(s)),
             Error::Unavailable(m) => {
                 let id = uuid::Uuid::new_v4();
                 tracing::warn!(request_id = %id, error = %m, "storage unavailable");

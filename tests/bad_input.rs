@@ -1165,6 +1165,169 @@ async fn subscribe_rules(backend: Backend) {
     server.stop().await;
 }
 
+/// Size of what a status carries in metadata: its message and its encoded details.
+fn status_metadata_bytes(s: &Status) -> usize {
+    s.message().len() + s.details().len()
+}
+
+/// Error messages are bounded (common clients refuse status metadata over 16 KiB and report
+/// RESOURCE_EXHAUSTED instead): 1,000 bad member ids once gave a 33 KB error, a 1 MiB cursor key
+/// a 917 KB one. At most 20 violations are listed, then "and N more"; echoed input is clipped.
+async fn errors_are_bounded(backend: Backend) {
+    let (server, ch, _) = setup(backend).await;
+    let mut groups = server.groups(&token("alice")).await;
+    let bad: Vec<String> = (0..1000).map(|i| format!("bad\u{1}user {i}")).collect();
+    let s = expect(
+        &server,
+        "CreateGroup with 1,000 bad member ids",
+        Code::InvalidArgument,
+        &["member_ids[0]"],
+        groups.create_group(proto::CreateGroupRequest {
+            name: "bounded".into(),
+            member_ids: bad,
+            ..Default::default()
+        }),
+    )
+    .await;
+    let v = violations(&s);
+    assert_eq!(v.len(), 21, "20 violations and one 'and N more': {v:?}");
+    assert!(s.message().contains("and 997 more"), "{}", s.message());
+    assert!(
+        status_metadata_bytes(&s) < 8 * 1024,
+        "{} bytes",
+        status_metadata_bytes(&s)
+    );
+
+    let mut alice = server.chat(&token("alice")).await;
+    let before = server.db.counts().await;
+    let huge = "k".repeat(1 << 20);
+    let s = subscribe_status(
+        &mut alice,
+        proto::SubscribeRequest {
+            cursors: [(huge, 0)].into_iter().collect(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        s.code(),
+        Code::InvalidArgument,
+        "1 MiB cursor key: {}",
+        s.code()
+    );
+    let v = violations(&s);
+    assert!(
+        v.len() == 1 && v[0].starts_with("cursors[kkk") && v[0].len() <= 100,
+        "the field path is clipped: {:?}",
+        v.iter().map(|f| f.len()).collect::<Vec<_>>()
+    );
+    assert!(
+        status_metadata_bytes(&s) < 2 * 1024,
+        "{} bytes",
+        status_metadata_bytes(&s)
+    );
+    check(
+        &server,
+        "1 MiB cursor key",
+        Code::InvalidArgument,
+        &[v[0].as_str()],
+        &s,
+        before,
+    )
+    .await;
+
+    // A long id in a NOT_FOUND message is clipped too.
+    let s = alice
+        .count_messages(proto::CountMessagesRequest {
+            channel_id: format!("{ch}{}", "0".repeat(1 << 20)),
+        })
+        .await
+        .expect_err("a 1 MiB channel id");
+    assert!(s.message().len() <= 1024, "{}", s.message().len());
+    server.stop().await;
+}
+
+/// Subscribe is bounded: at most 1,000 `channel_ids` and 1,000 `cursors` (INVALID_ARGUMENT
+/// past that, at once: 100,000 entries once took 20 s to set up); repeated ids count once, so
+/// a message arrives once; memory stays bounded when a client sends 100,000 entries.
+async fn subscribe_is_bounded(backend: Backend) {
+    let (server, ch, m) = setup(backend).await;
+    let mut alice = server.chat(&token("alice")).await;
+    let ids = |n: usize| -> Vec<String> { (0..n).map(|_| random_id()).collect() };
+    let rss_before = rss_kib();
+    for (what, field, req) in [
+        (
+            "1,001 channel ids",
+            "channel_ids",
+            proto::SubscribeRequest {
+                channel_ids: ids(1001),
+                ..Default::default()
+            },
+        ),
+        (
+            "1,001 cursors",
+            "cursors",
+            proto::SubscribeRequest {
+                cursors: ids(1001).into_iter().map(|i| (i, 0)).collect(),
+                ..Default::default()
+            },
+        ),
+        (
+            "100,000 channel ids",
+            "channel_ids",
+            proto::SubscribeRequest {
+                channel_ids: ids(100_000),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let before = server.db.counts().await;
+        let s = subscribe_status(&mut alice, req).await;
+        check(&server, what, Code::InvalidArgument, &[field], &s, before).await;
+        assert_eq!(
+            violations(&s).len(),
+            1,
+            "{what}: one violation, not one per entry"
+        );
+    }
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert!(grown < 200 * 1024, "RSS grew {grown} KiB");
+
+    // The same channel 1,000 times: followed once, the message arrives once.
+    let mut feed = alice
+        .subscribe(proto::SubscribeRequest {
+            channel_ids: vec![ch.clone(); 1000],
+            cursors: [(ch.clone(), m.sequence)].into_iter().collect(),
+        })
+        .await
+        .expect("repeated ids")
+        .into_inner();
+    let mut bob = server.chat(&token("bob")).await;
+    let m2 = send(&mut bob, &ch, "once").await;
+    let m3 = send(&mut bob, &ch, "twice?").await;
+    for want in [m2.sequence, m3.sequence] {
+        let ev = tokio::time::timeout(Duration::from_secs(20), feed.message())
+            .await
+            .expect("event")
+            .expect("ok")
+            .expect("open");
+        assert_eq!(ev.sequence, want, "each event once, in order");
+    }
+    server.stop().await;
+}
+
+/// The process's resident set, in KiB (Linux).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
 /// Right-to-left Hebrew and Arabic, combining marks (decomposed, so nothing may normalise
 /// them), CJK, 4-byte emoji with ZWJ, skin tones, flags and variation selectors, bidi controls,
 /// line breaks and surrounding spaces.
@@ -1305,5 +1468,7 @@ on_every_backend!(
     update_mask_rules,
     membership_calls,
     subscribe_rules,
+    errors_are_bounded,
+    subscribe_is_bounded,
     text_round_trips,
 );

@@ -511,6 +511,45 @@ async fn read_markers_and_heartbeats_are_live_only(backend: Backend) {
     assert_eq!(hb.sequence, 0);
 }
 
+/// MarkRead publishes a ReadMarkerUpdated only when the marker moves: 41 calls that leave it
+/// where it is (the same sequence again, or a lower one) once gave 41 events to every
+/// subscriber of the channel.
+async fn mark_read_publishes_only_a_real_move(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ch = group(&server, "alice", &["bob"]).await;
+    let mut alice = server.chat(&token("alice")).await;
+    let m1 = send(&mut alice, &ch, "one").await;
+    let m2 = send(&mut alice, &ch, "two").await;
+    let mut feed = subscribe(&server, "alice", &[&ch], &[]).await;
+    let mut bob = server.chat(&token("bob")).await;
+    for seq in std::iter::once(m2.sequence)
+        .chain(std::iter::repeat_n(m2.sequence, 20))
+        .chain(std::iter::repeat_n(m1.sequence, 20))
+    {
+        let r = bob
+            .mark_read(proto::MarkReadRequest {
+                channel_id: ch.clone(),
+                sequence: seq,
+            })
+            .await
+            .expect("mark")
+            .into_inner();
+        assert_eq!(r.read_sequence, m2.sequence, "never back");
+    }
+    let m3 = send(&mut alice, &ch, "three").await;
+    let ev = next(&mut feed).await;
+    assert!(
+        matches!(&ev.event, Some(Event::ReadMarkerUpdated(r)) if r.read_sequence == m2.sequence),
+        "{ev:?}"
+    );
+    let ev = next(&mut feed).await;
+    assert_eq!(
+        (body(&ev), ev.sequence),
+        ("three".to_owned(), m3.sequence),
+        "no event for the 40 calls that moved nothing"
+    );
+}
+
 /// A feed of all the user's channels on a token that expires in `ttl` seconds.
 async fn subscribe_expiring(
     server: &TestServer,
@@ -818,6 +857,7 @@ on_every_backend!(
     stalled_reader_leaves_the_hub_when_its_token_expires,
     no_replay_after_the_token_expired,
     subscribe_accepts_every_legal_exp,
+    mark_read_publishes_only_a_real_move,
     shutdown_closes_feeds_cleanly,
     replay_across_removal_and_rejoin,
     stalled_reader_does_not_block_shutdown,

@@ -341,11 +341,18 @@ async fn read_markers_favorites_and_unread(backend: Backend) {
         s.mark_read(&ch, "bob", last.sequence - 1)
             .await
             .expect("mark"),
-        last.sequence - 1
+        (last.sequence - 1, true)
     );
     assert_eq!(
         s.mark_read(&ch, "bob", 1).await.expect("never back"),
-        last.sequence - 1
+        (last.sequence - 1, false)
+    );
+    assert_eq!(
+        s.mark_read(&ch, "bob", last.sequence - 1)
+            .await
+            .expect("same again"),
+        (last.sequence - 1, false),
+        "a marker already there did not move"
     );
     assert_eq!(
         s.unread_counts("t1", "bob").await.expect("unread"),

@@ -418,10 +418,16 @@ impl Chat {
                 ),
             ));
         }
-        let marker = self
+        let (marker, moved) = self
             .store
             .mark_read(&req.channel_id, &caller.user_id, req.sequence)
             .await?;
+        if !moved {
+            // Nothing changed: no event for every subscriber of the channel.
+            return Ok(proto::MarkReadResponse {
+                read_sequence: marker,
+            });
+        }
         self.publisher.publish(std::sync::Arc::new(LiveEvent {
             tenant_id: caller.tenant_id.clone(),
             channel_id: req.channel_id.clone(),

@@ -457,8 +457,14 @@ pub trait MessageStore: Send + Sync {
 /// Read markers and favourites: the seed's per-recipient state.
 #[async_trait]
 pub trait ReadStateStore: Send + Sync {
-    /// Moves the marker forward to `sequence` (never back); returns the marker after the call.
-    async fn mark_read(&self, channel_id: &str, user: &str, sequence: i64) -> StoreResult<i64>;
+    /// Moves the marker forward to `sequence` (never back); returns the marker after the call
+    /// and whether this call moved it (false when it was at or past `sequence` already).
+    async fn mark_read(
+        &self,
+        channel_id: &str,
+        user: &str,
+        sequence: i64,
+    ) -> StoreResult<(i64, bool)>;
     /// Stars or unstars.
     async fn set_favorite(
         &self,

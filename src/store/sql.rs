@@ -1694,9 +1694,9 @@ macro_rules! impl_store {
 
         #[async_trait]
         impl ReadStateStore for $store {
-            async fn mark_read(&self, channel_id: &str, user: &str, sequence: i64) -> StoreResult<i64> {
+            async fn mark_read(&self, channel_id: &str, user: &str, sequence: i64) -> StoreResult<(i64, bool)> {
                 let mut tx = self.write.begin().await?;
-                sqlx::query(
+                let moved = sqlx::query(
                     "UPDATE members SET read_sequence = $3 \
                      WHERE channel_id = $1 AND user_id = $2 AND read_sequence < $3",
                 )
@@ -1704,7 +1704,9 @@ macro_rules! impl_store {
                 .bind(user)
                 .bind(sequence)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected()
+                    > 0;
                 let marker: i64 = sqlx::query_scalar(
                     "SELECT read_sequence FROM members WHERE channel_id = $1 AND user_id = $2",
                 )
@@ -1714,7 +1716,7 @@ macro_rules! impl_store {
                 .await?
                 .ok_or(StoreError::NotFound)?;
                 tx.commit().await?;
-                Ok(marker)
+                Ok((marker, moved))
             }
 
             async fn set_favorite(
