@@ -239,6 +239,10 @@ pub async fn serve(
         .layer(tonic_web::GrpcWebLayer::new())
         // Inside grpc-web, so a cut call's UNAVAILABLE trailers are translated for browsers.
         .layer(crate::shutdown::DrainLayer(drain.clone()))
+        // A request over the message limit: RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE.
+        .layer(tower::util::MapResponseLayer::new(
+            crate::api::oversize_response::<tonic::body::Body>,
+        ))
         .add_service(health_service)
         .add_service(ChatServiceServer::with_interceptor(
             ChatApi::new(chat.clone()),

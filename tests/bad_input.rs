@@ -1316,6 +1316,140 @@ async fn subscribe_is_bounded(backend: Backend) {
     server.stop().await;
 }
 
+/// Storage that refuses writes is UNAVAILABLE (retryable), never INTERNAL: the database opened
+/// read-only (SQLite `mode=ro`, SQLITE_READONLY; PostgreSQL `default_transaction_read_only`,
+/// SQLSTATE 25006, as on a standby). Reads still answer; nothing changes. (Full disks, I/O
+/// errors and lost connections are classified by the same rules: see tests/store.rs.)
+async fn storage_failures_are_unavailable(backend: Backend) {
+    let (server, ch, m) = setup(backend).await;
+    let mut server = server;
+    server.opts.url_params = Some(match backend {
+        Backend::Sqlite => "?mode=ro".into(),
+        Backend::Postgres => "?options=-c%20default_transaction_read_only%3Don".into(),
+    });
+    let server = server.restart().await;
+    let mut alice = server.chat(&token("alice")).await;
+    let mut groups = server.groups(&token("alice")).await;
+    expect(
+        &server,
+        "SendMessage on read-only storage",
+        Code::Unavailable,
+        &[],
+        alice.send_message(to_channel(&ch, "lost?")),
+    )
+    .await;
+    expect(
+        &server,
+        "CreateGroup on read-only storage",
+        Code::Unavailable,
+        &[],
+        groups.create_group(proto::CreateGroupRequest {
+            name: "ro".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let got = alice
+        .get_message(proto::GetMessageRequest {
+            message_id: m.id.clone(),
+        })
+        .await
+        .expect("reads still work")
+        .into_inner()
+        .message
+        .expect("message");
+    assert_eq!(got.body, "first");
+    server.stop().await;
+}
+
+/// A request message over the limit is RESOURCE_EXHAUSTED, as the README promises (tonic
+/// answers OUT_OF_RANGE, which on Subscribe means "cursor beyond the end"): a 5 MiB
+/// SendMessage and Subscribe (limit 4 MiB), a 1.2 MiB UploadChunk and upload frame (limit
+/// 1 MiB + 64 KiB). Nothing is stored.
+async fn oversize_messages_are_resource_exhausted(backend: Backend) {
+    use chat_service::proto::attachment_service_client::AttachmentServiceClient;
+    use chat_service::proto::upload_attachment_request::Data;
+    let (server, ch, _) = setup(backend).await;
+    let mut alice = server.chat(&token("alice")).await;
+    expect(
+        &server,
+        "5 MiB SendMessage",
+        Code::ResourceExhausted,
+        &[],
+        alice.send_message(to_channel(&ch, &"x".repeat(5 << 20))),
+    )
+    .await;
+    let before = server.db.counts().await;
+    let s = subscribe_status(
+        &mut alice,
+        proto::SubscribeRequest {
+            channel_ids: vec!["y".repeat(5 << 20)],
+            ..Default::default()
+        },
+    )
+    .await;
+    check(
+        &server,
+        "5 MiB Subscribe",
+        Code::ResourceExhausted,
+        &[],
+        &s,
+        before,
+    )
+    .await;
+
+    let bearer = chat_service::cli::Bearer::new(&token("alice")).expect("bearer");
+    let mut files = AttachmentServiceClient::with_interceptor(server.channel().await, bearer);
+    let meta = proto::AttachmentMetadata {
+        channel_id: ch.clone(),
+        file_name: "big.bin".into(),
+        content_type: "application/octet-stream".into(),
+        size_bytes: 2 << 20,
+        sha256: String::new(),
+    };
+    let upload_id = files
+        .create_upload(proto::CreateUploadRequest {
+            metadata: Some(meta.clone()),
+        })
+        .await
+        .expect("create upload")
+        .into_inner()
+        .upload_id;
+    let chunk = vec![1u8; 1200 * 1024];
+    expect(
+        &server,
+        "1.2 MiB UploadChunk",
+        Code::ResourceExhausted,
+        &[],
+        files.upload_chunk(proto::UploadChunkRequest {
+            upload_id,
+            offset: 0,
+            chunk: chunk.clone().into(),
+        }),
+    )
+    .await;
+    let frames = vec![
+        proto::UploadAttachmentRequest {
+            data: Some(Data::Metadata(meta)),
+        },
+        proto::UploadAttachmentRequest {
+            data: Some(Data::Chunk(chunk.into())),
+        },
+    ];
+    let before = server.db.count("attachments").await;
+    let s = files
+        .upload_attachment(futures::stream::iter(frames))
+        .await
+        .expect_err("a 1.2 MiB upload frame");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert_eq!(
+        server.db.count("attachments").await,
+        before,
+        "nothing stored"
+    );
+    server.stop().await;
+}
+
 /// The process's resident set, in KiB (Linux).
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -1470,5 +1604,7 @@ on_every_backend!(
     subscribe_rules,
     errors_are_bounded,
     subscribe_is_bounded,
+    storage_failures_are_unavailable,
+    oversize_messages_are_resource_exhausted,
     text_round_trips,
 );

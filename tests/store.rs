@@ -1182,3 +1182,93 @@ async fn sqlite_in_memory_database_serves_history() {
     assert_encoded_page(&s, ("t1", "u2"), &ch, None, None, 3).await;
     assert_encoded_page(&s, ("t1", "u1"), &ch, Some(&root.id), None, 10).await;
 }
+
+/// Storage trouble is `StoreError::Unavailable` (answered UNAVAILABLE, retryable), never
+/// `Internal` (a bug), from real errors of each database: SQLite's full database
+/// (SQLITE_FULL, 13; `max_page_count` stands in for a full disk) and its extended I/O codes
+/// (778 = SQLITE_IOERR_WRITE); PostgreSQL's too many connections (53300, a role with a
+/// connection limit of 0), a connection terminated under a session (57P01), a read-only
+/// transaction (25006).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_errors_are_unavailable() {
+    let unavailable = |e: sqlx::Error, what: &str| match StoreError::from(e) {
+        StoreError::Unavailable(_) => {}
+        other => panic!("{what}: {other:?}"),
+    };
+    // SQLite: a database that cannot grow.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.path().join("full.db"))
+        .create_if_missing(true)
+        .pragma("max_page_count", "8");
+    let pool = sqlx::SqlitePool::connect_with(opts).await.expect("sqlite");
+    sqlx::query("CREATE TABLE t (b BLOB)")
+        .execute(&pool)
+        .await
+        .expect("create");
+    let full = sqlx::query("INSERT INTO t VALUES (zeroblob(1000000))")
+        .execute(&pool)
+        .await
+        .expect_err("the database is full");
+    unavailable(full, "SQLITE_FULL");
+    for code in [5, 6, 8, 10, 13, 14, 778, 266, 522, 1034] {
+        assert!(store::sqlite_unavailable(code), "SQLite code {code}");
+    }
+    for code in [1, 11, 19, 2067, 787] {
+        assert!(
+            !store::sqlite_unavailable(code),
+            "SQLite code {code} is a bug"
+        );
+    }
+    // PostgreSQL.
+    let url = postgres_url();
+    let admin = sqlx::PgPool::connect(&url).await.expect("postgres");
+    let role = format!("r_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"))
+        .execute(&admin)
+        .await
+        .expect("create role");
+    let base = url.rsplit_once('@').map(|(_, host)| host).expect("url");
+    // One connection, not a pool (which would retry until its acquire timeout).
+    let refused =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&format!("postgres://{role}@{base}"))
+            .await;
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&admin)
+        .await
+        .expect("drop role");
+    unavailable(refused.expect_err("connection limit 0"), "53300");
+
+    let mut conn = admin.acquire().await.expect("conn");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("pid");
+    sqlx::query("SET default_transaction_read_only = on")
+        .execute(&mut *conn)
+        .await
+        .expect("read only");
+    let ro = sqlx::query("CREATE TEMP TABLE t (i int)")
+        .execute(&mut *conn)
+        .await
+        .expect_err("read-only transaction");
+    unavailable(ro, "25006");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&admin)
+        .await
+        .expect("terminate");
+    let gone = sqlx::query("SELECT 1")
+        .execute(&mut *conn)
+        .await
+        .expect_err("terminated");
+    unavailable(gone, "terminated connection");
+    for s in [
+        "08006", "53100", "53300", "58030", "57P01", "57P03", "25006", "40001", "40P01",
+    ] {
+        assert!(store::postgres_unavailable(s), "SQLSTATE {s}");
+    }
+    for s in ["23505", "42P01", "22001", "XX000"] {
+        assert!(!store::postgres_unavailable(s), "SQLSTATE {s} is a bug");
+    }
+}

@@ -38,7 +38,11 @@ impl AttachmentService for AttachmentApi {
     ) -> Result<Response<UploadAttachmentResponse>, Status> {
         let caller = super::caller(&req)?;
         let mut frames = req.into_inner();
-        let meta = match frames.message().await? {
+        let meta = match frames
+            .message()
+            .await
+            .map_err(|s| super::oversize(&s).unwrap_or(s))?
+        {
             Some(UploadAttachmentRequest {
                 data: Some(Data::Metadata(m)),
             }) => m,
@@ -57,6 +61,10 @@ impl AttachmentService for AttachmentApi {
                     "chunk",
                     "only the first frame holds metadata; later frames hold chunks",
                 )),
+                Err(s) if super::oversize(&s).is_some() => Err(Error::ResourceExhausted(format!(
+                    "a frame is over the limit of {} bytes",
+                    crate::server::MAX_FRAME_BYTES
+                ))),
                 Err(s) => Err(Error::invalid(
                     "chunk",
                     format!("the upload stream broke: {}", s.message()),

@@ -19,6 +19,42 @@ pub(crate) fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
     }
 }
 
+/// Start of tonic's message when a received message is over the service's decoding limit
+/// (`tonic::codec::decode`), which it answers with `OUT_OF_RANGE`.
+const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
+
+/// `RESOURCE_EXHAUSTED` for a status tonic made because a received message was over the
+/// decoding limit (4 MiB; 1 MiB + 64 KiB on AttachmentService); `None` for any other status.
+///
+/// The README promises `RESOURCE_EXHAUSTED` for anything over a size limit, as gRPC's own
+/// status code guide does for message size; tonic answers `OUT_OF_RANGE`, which on Subscribe
+/// already means "cursor beyond the end".
+pub fn oversize(status: &Status) -> Option<Status> {
+    (status.code() == tonic::Code::OutOfRange && status.message().starts_with(TONIC_TOO_LARGE))
+        .then(|| {
+            let detail = status.message()[TONIC_TOO_LARGE.len()..].trim_start_matches(':');
+            Status::resource_exhausted(format!("request message too large:{detail}"))
+        })
+}
+
+/// Rewrites a trailers-only response that tonic answered with its oversize `OUT_OF_RANGE`
+/// (a unary or server-streaming request over the limit, refused before any handler runs) into
+/// [`oversize`]'s `RESOURCE_EXHAUSTED`. Other responses pass untouched.
+pub fn oversize_response<B>(mut res: http::Response<B>) -> http::Response<B> {
+    let Some(status) = tonic::Status::from_header_map(res.headers()) else {
+        return res;
+    };
+    if let Some(replacement) = oversize(&status) {
+        let headers = res.headers_mut();
+        headers.remove("grpc-message");
+        headers.remove("grpc-status-details-bin");
+        if let Err(e) = replacement.add_header(headers) {
+            tracing::warn!(error = %e, "cannot rewrite an oversize status");
+        }
+    }
+    res
+}
+
 /// Runs a unary domain call: caller out of the request, error mapped.
 ///
 /// The call runs in a task of its own: if the client goes away mid-call, tonic drops the

@@ -51,7 +51,7 @@ impl From<sqlx::Error> for StoreError {
                 StoreError::Unavailable(e.to_string())
             }
             sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
-            sqlx::Error::Database(d) if is_retryable(d.code().as_deref()) => {
+            sqlx::Error::Database(d) if is_unavailable(d.as_ref()) => {
                 StoreError::Unavailable(e.to_string())
             }
             sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
@@ -62,22 +62,36 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// Database error codes that mean "try again": PostgreSQL SQLSTATE classes 08 (connection),
-/// 53 (insufficient resources), 57P0x (shutting down), 40001 / 40P01 (serialization failure,
-/// deadlock); SQLite 5 / 6 (busy, locked).
-fn is_retryable(code: Option<&str>) -> bool {
-    match code {
-        Some(c) => {
-            c.starts_with("08")
-                || c.starts_with("53")
-                || c.starts_with("57P0")
-                || c == "40001"
-                || c == "40P01"
-                || c == "5"
-                || c == "6"
-        }
-        None => false,
+/// Whether a database error means "storage is not usable right now, try again" (answered
+/// `UNAVAILABLE`) rather than a bug (`INTERNAL`), by the backend's own error codes.
+fn is_unavailable(d: &dyn sqlx::error::DatabaseError) -> bool {
+    let code = d.code();
+    let code = code.as_deref().unwrap_or_default();
+    if d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        code.parse().is_ok_and(sqlite_unavailable)
+    } else {
+        postgres_unavailable(code)
     }
+}
+
+/// SQLite result codes (sqlx reports the extended code, such as 778 = SQLITE_IOERR_WRITE; the
+/// primary code is its low byte, <https://sqlite.org/rescode.html>) that mean storage trouble:
+/// 5 BUSY, 6 LOCKED, 7 NOMEM, 8 READONLY, 10 IOERR, 13 FULL (a full disk), 14 CANTOPEN.
+pub fn sqlite_unavailable(code: i64) -> bool {
+    matches!(code & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14)
+}
+
+/// PostgreSQL SQLSTATEs (<https://www.postgresql.org/docs/current/errcodes-appendix.html>)
+/// that mean storage trouble: class 08 (connection exception), 53 (insufficient resources:
+/// disk full 53100, out of memory 53200, too many connections 53300), 58 (system error: I/O
+/// 58030), 57P0x (shutting down, cannot connect now), 57014 (statement cancelled),
+/// 25006 (read-only transaction: a standby, or a primary turned read-only), 40001 / 40P01
+/// (serialization failure, deadlock).
+pub fn postgres_unavailable(sqlstate: &str) -> bool {
+    ["08", "53", "58", "57P0"]
+        .iter()
+        .any(|class| sqlstate.starts_with(class))
+        || matches!(sqlstate, "57014" | "25006" | "40001" | "40P01")
 }
 
 /// Result of the storage layer.

@@ -21,7 +21,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::Semaphore;
 
-use super::{is_retryable, StoreError, StoreResult};
+use super::{sqlite_unavailable, StoreError, StoreResult};
 use crate::page::MessageColumns;
 
 /// The columns of `messages` in [`super::MessageRow`]'s field order, for queries read by
@@ -188,14 +188,11 @@ impl Inner {
     }
 }
 
-/// The store's rule for what is retryable ([`is_retryable`], on SQLite's primary result
-/// code), plus a file that cannot be opened; anything else is a bug or a broken file.
+/// The store's rule for storage trouble ([`sqlite_unavailable`], on SQLite's result code);
+/// anything else is a bug or a broken file.
 fn store_error(e: rusqlite::Error) -> StoreError {
-    let primary = e
-        .sqlite_error()
-        .map(|f| (f.extended_code & 0xff).to_string());
-    if is_retryable(primary.as_deref())
-        || e.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen)
+    if e.sqlite_error()
+        .is_some_and(|f| sqlite_unavailable(i64::from(f.extended_code)))
     {
         StoreError::Unavailable(e.to_string())
     } else {

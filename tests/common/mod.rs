@@ -178,8 +178,10 @@ pub struct Options {
     pub key: Option<KeySource>,
     pub storage: Option<chat_service::blob::Blobs>,
     pub max_upload_bytes: i64,
-    /// Transport options (CORS origins).
+    /// Transport options (CORS origins, drain period).
     pub serve: chat_service::server::ServeOptions,
+    /// Appended to the database URL (say `?mode=ro`); when set, migrations are not run.
+    pub url_params: Option<String>,
 }
 
 impl Default for Options {
@@ -193,6 +195,7 @@ impl Default for Options {
             storage: None,
             max_upload_bytes: chat_service::domain::DEFAULT_MAX_UPLOAD_BYTES,
             serve: Default::default(),
+            url_params: None,
         }
     }
 }
@@ -230,9 +233,15 @@ impl TestServer {
     }
 
     pub async fn start_on(db: TestDb, opts: Options) -> TestServer {
-        let store = chat_service::store::connect(&db.url, db.schema.as_deref(), true)
-            .await
-            .expect("connect store");
+        let url = format!(
+            "{}{}",
+            db.url,
+            opts.url_params.as_deref().unwrap_or_default()
+        );
+        let store =
+            chat_service::store::connect(&url, db.schema.as_deref(), opts.url_params.is_none())
+                .await
+                .expect("connect store");
         let blobs = opts.storage.clone().unwrap_or_else(|| {
             chat_service::blob::Blobs::from_url(&format!("file://{}", db.blob_dir().display()))
                 .expect("blobs")
