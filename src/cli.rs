@@ -157,6 +157,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         heartbeat: Duration::from_secs(args.heartbeat_seconds),
         max_upload_bytes: args.max_upload_bytes,
         unlinked_ttl: Duration::from_secs(args.attachment_unlinked_ttl),
+        limits: args.limits.limits(),
     };
     let chat = Arc::new(Chat::new(
         store.clone(),
@@ -165,6 +166,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         settings,
     ));
     tokio::spawn(sweep_forever(chat.clone()));
+    let limits = chat.clone();
+    tokio::spawn(async move {
+        // Rate-limit state follows active users only.
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            limits.limits().forget_idle();
+        }
+    });
     let listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .map_err(|e| format!("GRPC_ADDR: cannot listen on {}: {e}", args.grpc_addr))?;
@@ -195,6 +205,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     let options = crate::server::ServeOptions {
         cors_allowed_origins: args.cors_allowed_origins.clone(),
         drain_period: Duration::from_secs(args.shutdown_drain_seconds),
+        max_concurrent_streams: args.limits.max_concurrent_streams,
+        unary_timeout: Duration::from_secs(args.limits.unary_timeout_seconds),
     };
     crate::server::serve(listener, chat, verifier, options, shutdown_signal())
         .await

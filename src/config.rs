@@ -142,6 +142,55 @@ pub struct AuthArgs {
     pub auth_enforce_permissions: bool,
 }
 
+/// Per-user limits and transport limits (see [`crate::limits`]).
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// SendMessage and ForwardMessage per second per user, sustained (0: no limit).
+    #[arg(long, env = "RATE_LIMIT_SENDS_PER_SECOND", default_value_t = crate::limits::DEFAULT_SENDS_PER_SECOND)]
+    pub rate_limit_sends_per_second: u32,
+    /// Sends a user may make at once after a quiet spell.
+    #[arg(long, env = "RATE_LIMIT_SENDS_BURST", default_value_t = crate::limits::DEFAULT_SENDS_BURST)]
+    pub rate_limit_sends_burst: u32,
+    /// Other changes (edits, deletes, read markers, groups, uploads and chunks) per second per
+    /// user (0: no limit).
+    #[arg(long, env = "RATE_LIMIT_WRITES_PER_SECOND", default_value_t = crate::limits::DEFAULT_WRITES_PER_SECOND)]
+    pub rate_limit_writes_per_second: u32,
+    /// Other changes a user may make at once.
+    #[arg(long, env = "RATE_LIMIT_WRITES_BURST", default_value_t = crate::limits::DEFAULT_WRITES_BURST)]
+    pub rate_limit_writes_burst: u32,
+    /// Subscribe streams one user may hold open on this node.
+    #[arg(long, env = "MAX_FEEDS_PER_USER", default_value_t = crate::limits::DEFAULT_FEEDS_PER_USER, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_feeds_per_user: u32,
+    /// Unfinished uploads per user: resumable ones not completed, and streamed ones in flight.
+    #[arg(long, env = "MAX_UNFINISHED_UPLOADS_PER_USER", default_value_t = crate::limits::DEFAULT_UNFINISHED_UPLOADS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_unfinished_uploads_per_user: u32,
+    /// Bytes a user's unfinished uploads may declare in all (default 1 GiB).
+    #[arg(long, env = "MAX_UNFINISHED_UPLOAD_BYTES_PER_USER", default_value_t = crate::limits::DEFAULT_UNFINISHED_UPLOAD_BYTES, value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_unfinished_upload_bytes_per_user: i64,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = crate::server::DEFAULT_MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+    /// Seconds a unary call may take before it is answered DEADLINE_EXCEEDED (a client's own
+    /// shorter `grpc-timeout` wins).
+    #[arg(long, env = "UNARY_TIMEOUT_SECONDS", default_value_t = crate::server::DEFAULT_UNARY_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub unary_timeout_seconds: u64,
+}
+
+impl LimitArgs {
+    /// The per-user limits these settings name.
+    pub fn limits(&self) -> crate::limits::LimitSettings {
+        crate::limits::LimitSettings {
+            sends_per_second: self.rate_limit_sends_per_second,
+            sends_burst: self.rate_limit_sends_burst,
+            writes_per_second: self.rate_limit_writes_per_second,
+            writes_burst: self.rate_limit_writes_burst,
+            feeds_per_user: self.max_feeds_per_user,
+            unfinished_uploads: self.max_unfinished_uploads_per_user,
+            unfinished_upload_bytes: self.max_unfinished_upload_bytes_per_user,
+        }
+    }
+}
+
 /// `serve` settings.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -151,6 +200,9 @@ pub struct ServeArgs {
     /// Tokens.
     #[command(flatten)]
     pub auth: AuthArgs,
+    /// Limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Address to listen on (gRPC).
     #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,

@@ -35,6 +35,13 @@ pub enum Error {
     /// Over a size limit (`MAX_UPLOAD_BYTES`): `RESOURCE_EXHAUSTED`.
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
+    /// A per-user rate limit: `RESOURCE_EXHAUSTED` with `google.rpc.RetryInfo` saying how long
+    /// until the call would pass ([`crate::limits`]).
+    #[error("rate limited: {message}")]
+    RateLimited {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     /// A resumable upload's chunk did not start at the committed size: `FAILED_PRECONDITION`
     /// with a `google.rpc.ErrorInfo` (reason `OFFSET_MISMATCH`, metadata `committed_bytes`).
     #[error("offset {offset} is not the committed size {committed}")]
@@ -190,6 +197,14 @@ impl From<Error> for Status {
             Error::FailedPrecondition(s) => Status::failed_precondition(m(s)),
             Error::Aborted(s) => Status::aborted(m(s)),
             Error::ResourceExhausted(s) => Status::resource_exhausted(m(s)),
+            Error::RateLimited {
+                message,
+                retry_after,
+            } => Status::with_error_details(
+                Code::ResourceExhausted,
+                m(message),
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
             Error::OffsetMismatch { offset, committed } => {
                 let details = ErrorDetails::with_error_info(
                     "OFFSET_MISMATCH",

@@ -31,6 +31,7 @@
 //! - [`domain`]: the rules: validation, policy, use cases, the live feed session.
 //! - [`store`]: repository traits and their SQLite / PostgreSQL implementation.
 //! - [`fanout`]: in-process delivery of committed events to live feeds.
+//! - [`limits`]: per-user rate limits, open feeds and unfinished uploads.
 //! - [`blob`]: attachment bytes on local disk or S3, through `object_store`.
 //! - [`api`]: the thin tonic services.
 //! - [`server`]: assembles services, auth, health and reflection on one listener that speaks
@@ -51,6 +52,7 @@ pub mod domain;
 pub mod error;
 pub mod event;
 pub mod fanout;
+pub mod limits;
 pub mod page;
 pub mod server;
 pub mod shutdown;

@@ -168,13 +168,28 @@ pub struct ServeOptions {
     /// How long calls still open at shutdown may go on before they end with `UNAVAILABLE`
     /// (`SHUTDOWN_DRAIN_SECONDS`; see [`crate::shutdown`]).
     pub drain_period: Duration,
+    /// HTTP/2 streams one connection may have open at once (`MAX_CONCURRENT_STREAMS`).
+    pub max_concurrent_streams: u32,
+    /// How long a unary call may take before it is answered `DEADLINE_EXCEEDED`
+    /// (`UNARY_TIMEOUT_SECONDS`).
+    pub unary_timeout: Duration,
 }
+
+/// Default `MAX_CONCURRENT_STREAMS`: calls one HTTP/2 connection may have open at once. A
+/// client past it waits for a stream to end (HTTP/2 flow control), it is not refused.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// Default `UNARY_TIMEOUT_SECONDS`: 30 s. A unary call still running then is answered
+/// `DEADLINE_EXCEEDED`; a change already committing still commits (see [`crate::api`]).
+pub const DEFAULT_UNARY_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             cors_allowed_origins: AllowedOrigins::None,
             drain_period: crate::shutdown::DEFAULT_DRAIN,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            unary_timeout: DEFAULT_UNARY_TIMEOUT,
         }
     }
 }
@@ -230,6 +245,7 @@ pub async fn serve(
     });
     let mut router = Server::builder()
         .max_frame_size(H2_MAX_FRAME_BYTES)
+        .max_concurrent_streams(options.max_concurrent_streams)
         // grpc-web from browsers arrives over HTTP/1.1 as often as HTTP/2.
         .accept_http1(true)
         // Outermost first: CORS answers preflight before grpc-web translation sees it.
@@ -245,16 +261,16 @@ pub async fn serve(
         ))
         .add_service(health_service)
         .add_service(ChatServiceServer::with_interceptor(
-            ChatApi::new(chat.clone()),
+            ChatApi::new(chat.clone(), options.unary_timeout),
             auth.clone(),
         ))
         .add_service(GroupServiceServer::with_interceptor(
-            GroupApi::new(chat.clone()),
+            GroupApi::new(chat.clone(), options.unary_timeout),
             auth.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             // Frames carry at most 1 MiB of data; allow that plus protobuf framing, no more.
-            AttachmentServiceServer::new(AttachmentApi::new(chat))
+            AttachmentServiceServer::new(AttachmentApi::new(chat, options.unary_timeout))
                 .max_decoding_message_size(MAX_FRAME_BYTES)
                 .max_encoding_message_size(MAX_FRAME_BYTES),
             auth,

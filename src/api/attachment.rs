@@ -19,12 +19,18 @@ use super::unary;
 #[derive(Debug, Clone)]
 pub struct AttachmentApi {
     chat: Arc<Chat>,
+    /// How long a unary call may run (`UNARY_TIMEOUT_SECONDS`).
+    unary_timeout: std::time::Duration,
 }
 
 impl AttachmentApi {
-    /// Serves the given use cases.
-    pub fn new(chat: Arc<Chat>) -> AttachmentApi {
-        AttachmentApi { chat }
+    /// Serves the given use cases; unary calls answer `DEADLINE_EXCEEDED` after
+    /// `unary_timeout`.
+    pub fn new(chat: Arc<Chat>, unary_timeout: std::time::Duration) -> AttachmentApi {
+        AttachmentApi {
+            chat,
+            unary_timeout,
+        }
     }
 }
 

@@ -16,12 +16,18 @@ use super::unary;
 #[derive(Debug, Clone)]
 pub struct ChatApi {
     chat: Arc<Chat>,
+    /// How long a unary call may run (`UNARY_TIMEOUT_SECONDS`).
+    unary_timeout: std::time::Duration,
 }
 
 impl ChatApi {
-    /// Serves the given use cases.
-    pub fn new(chat: Arc<Chat>) -> ChatApi {
-        ChatApi { chat }
+    /// Serves the given use cases; unary calls answer `DEADLINE_EXCEEDED` after
+    /// `unary_timeout`.
+    pub fn new(chat: Arc<Chat>, unary_timeout: std::time::Duration) -> ChatApi {
+        ChatApi {
+            chat,
+            unary_timeout,
+        }
     }
 }
 

@@ -14,12 +14,18 @@ use super::unary;
 #[derive(Debug, Clone)]
 pub struct GroupApi {
     chat: Arc<Chat>,
+    /// How long a unary call may run (`UNARY_TIMEOUT_SECONDS`).
+    unary_timeout: std::time::Duration,
 }
 
 impl GroupApi {
-    /// Serves the given use cases.
-    pub fn new(chat: Arc<Chat>) -> GroupApi {
-        GroupApi { chat }
+    /// Serves the given use cases; unary calls answer `DEADLINE_EXCEEDED` after
+    /// `unary_timeout`.
+    pub fn new(chat: Arc<Chat>, unary_timeout: std::time::Duration) -> GroupApi {
+        GroupApi {
+            chat,
+            unary_timeout,
+        }
     }
 }
 

@@ -167,11 +167,13 @@ impl Chat {
         mut chunks: BoxStream<'static, Result<Bytes>>,
     ) -> Result<proto::UploadAttachmentResponse> {
         caller.require(Permission::CreateAttachmentFile)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         let content_type = self.check_metadata(&mut c, "metadata", &meta);
         c.done()?;
         self.check_size(meta.size_bytes)?;
         self.membership(caller, &meta.channel_id).await?;
+        let _in_flight = self.limits.start_streamed_upload(caller, meta.size_bytes)?;
         let id = Uuid::now_v7().to_string();
         let key = blob_key(&id);
         let mut sink = Sink {
@@ -254,6 +256,7 @@ impl Chat {
         req: proto::CreateUploadRequest,
     ) -> Result<proto::CreateUploadResponse> {
         caller.require(Permission::CreateAttachmentFile)?;
+        self.limits.write(caller)?;
         let meta = req.metadata.unwrap_or_default();
         let mut c = Check::new();
         let content_type = self.check_metadata(&mut c, "metadata", &meta);
@@ -272,7 +275,25 @@ impl Chat {
             committed_bytes: 0,
             create_time: now_micros(),
         };
-        self.store.create_upload(row.clone()).await?;
+        let limits = *self.limits.settings();
+        let declared = row.size_bytes;
+        if let Some((open, bytes)) = self
+            .store
+            .create_upload(
+                row.clone(),
+                i64::from(limits.unfinished_uploads),
+                limits.unfinished_upload_bytes,
+            )
+            .await?
+        {
+            self.limits.check_uploads(open, bytes, declared)?;
+            // The store refused for a state that has passed since; refuse all the same.
+            return Err(crate::limits::refuse(
+                crate::limits::Limit::Uploads,
+                "too many unfinished uploads; retry".into(),
+                None,
+            ));
+        }
         Ok(proto::CreateUploadResponse { upload_id: row.id })
     }
 
@@ -297,6 +318,7 @@ impl Chat {
         req: proto::UploadChunkRequest,
     ) -> Result<proto::UploadChunkResponse> {
         caller.require(Permission::CreateAttachmentFile)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("upload_id", &req.upload_id);
         if req.chunk.is_empty() {
@@ -309,6 +331,9 @@ impl Chat {
         }
         c.done()?;
         let up = self.own_upload(caller, &req.upload_id).await?;
+        // Only members write into a channel's storage: a member removed since CreateUpload
+        // stops here, not only at CompleteUpload.
+        self.membership(caller, &up.channel_id).await?;
         if req.offset != up.committed_bytes {
             return Err(Error::OffsetMismatch {
                 offset: req.offset,
@@ -399,6 +424,7 @@ impl Chat {
         req: proto::CompleteUploadRequest,
     ) -> Result<proto::CompleteUploadResponse> {
         caller.require(Permission::CreateAttachmentFile)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("upload_id", &req.upload_id);
         c.done()?;
@@ -613,6 +639,7 @@ impl Chat {
         req: proto::DeleteAttachmentRequest,
     ) -> Result<proto::DeleteAttachmentResponse> {
         caller.require(Permission::DeleteAttachmentFile)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("attachment_id", &req.attachment_id);
         c.done()?;

@@ -96,8 +96,10 @@ impl Chat {
     /// Subscribe: validates, registers with the hub, checks cursors, then returns the feed as
     /// the response stream (no task of its own: see [`FeedStream`]).
     ///
-    /// Errors: `INVALID_ARGUMENT` (bad ids or cursors), `NOT_FOUND` (a listed channel the caller
-    /// is not in), `OUT_OF_RANGE` (a cursor beyond its channel's last sequence).
+    /// Errors: `INVALID_ARGUMENT` (bad ids or cursors, over [`MAX_SUBSCRIBE_CHANNELS`]),
+    /// `NOT_FOUND` (a listed channel the caller is not in), `OUT_OF_RANGE` (a cursor beyond its
+    /// channel's last sequence), `RESOURCE_EXHAUSTED` (the caller holds `MAX_FEEDS_PER_USER`
+    /// feeds open already).
     pub async fn subscribe(
         self: &Arc<Self>,
         caller: Caller,
@@ -105,6 +107,7 @@ impl Chat {
     ) -> Result<FeedStream> {
         caller.require(Permission::ViewMessage)?;
         let req = checked_request(req)?;
+        let open = self.limits.open_feed(&caller)?;
         let all = req.channel_ids.is_empty();
         let deadline = tokio::time::Instant::now() + caller.time_left();
         let (feed, rx) = self
@@ -189,6 +192,7 @@ impl Chat {
             run: Some(Box::pin(session.run(rx, replay))),
             outbox,
             current: Vec::new().into_iter(),
+            _open: open,
         })
     }
 }
@@ -210,6 +214,8 @@ pub struct FeedStream {
     outbox: Outbox,
     /// The batch being yielded.
     current: std::vec::IntoIter<FeedItem>,
+    /// Counts this feed against its user's open feeds until the stream is dropped.
+    _open: crate::limits::FeedGuard,
 }
 
 impl Stream for FeedStream {

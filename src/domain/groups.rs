@@ -34,6 +34,7 @@ impl Chat {
         req: proto::CreateGroupRequest,
     ) -> Result<proto::CreateGroupResponse> {
         caller.require(Permission::CreateGroup)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.text("name", &req.name, validate::MAX_NAME_CHARS, true);
         c.text(
@@ -136,6 +137,7 @@ impl Chat {
         req: proto::UpdateGroupRequest,
     ) -> Result<proto::UpdateGroupResponse> {
         caller.require(Permission::UpdateGroup)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
         let paths = req
@@ -200,6 +202,7 @@ impl Chat {
         req: proto::DeleteGroupRequest,
     ) -> Result<proto::DeleteGroupResponse> {
         caller.require(Permission::DeleteGroup)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
         c.done()?;
@@ -221,6 +224,7 @@ impl Chat {
         req: proto::AddMembersRequest,
     ) -> Result<proto::AddMembersResponse> {
         caller.require(Permission::UpdateGroup)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
         if req.user_ids.is_empty() {
@@ -266,6 +270,7 @@ impl Chat {
         req: proto::RemoveMemberRequest,
     ) -> Result<proto::RemoveMemberResponse> {
         caller.require(Permission::UpdateGroup)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
         c.user_id("user_id", &req.user_id);
@@ -350,6 +355,7 @@ impl Chat {
         req: proto::UpdateMemberRoleRequest,
     ) -> Result<proto::UpdateMemberRoleResponse> {
         caller.require(Permission::UpdateGroup)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
         c.user_id("user_id", &req.user_id);

@@ -106,6 +106,7 @@ impl Chat {
         req: proto::SendMessageRequest,
     ) -> Result<proto::SendMessageResponse> {
         caller.require(Permission::CreateMessage)?;
+        self.limits.send(caller)?;
         let mut c = Check::new();
         Self::check_target(&mut c, caller, &req.channel_id, &req.recipient_id);
         c.body("body", &req.body, !req.attachment_ids.is_empty());
@@ -256,6 +257,7 @@ impl Chat {
         req: proto::UpdateMessageRequest,
     ) -> Result<proto::UpdateMessageResponse> {
         caller.require(Permission::UpdateMessage)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("message_id", &req.message_id);
         let paths = req
@@ -327,6 +329,7 @@ impl Chat {
         req: proto::DeleteMessageRequest,
     ) -> Result<proto::DeleteMessageResponse> {
         caller.require(Permission::DeleteMessage)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("message_id", &req.message_id);
         c.done()?;
@@ -360,6 +363,7 @@ impl Chat {
         req: proto::ForwardMessageRequest,
     ) -> Result<proto::ForwardMessageResponse> {
         caller.require(Permission::CreateMessage)?;
+        self.limits.send(caller)?;
         let mut c = Check::new();
         c.id("message_id", &req.message_id);
         Self::check_target(&mut c, caller, &req.channel_id, &req.recipient_id);
@@ -402,6 +406,7 @@ impl Chat {
         req: proto::MarkReadRequest,
     ) -> Result<proto::MarkReadResponse> {
         caller.require(Permission::UpdateMessageRecipient)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
         if req.sequence < 1 {
@@ -480,6 +485,7 @@ impl Chat {
         req: proto::SetFavoriteRequest,
     ) -> Result<proto::SetFavoriteResponse> {
         caller.require(Permission::UpdateMessageRecipient)?;
+        self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("message_id", &req.message_id);
         c.done()?;

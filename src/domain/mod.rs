@@ -37,6 +37,8 @@ pub struct Settings {
     /// Unlinked attachments and unfinished uploads older than this are swept
     /// (`ATTACHMENT_UNLINKED_TTL`).
     pub unlinked_ttl: Duration,
+    /// Per-user limits (rates, open feeds, unfinished uploads).
+    pub limits: crate::limits::LimitSettings,
 }
 
 /// Default `MAX_UPLOAD_BYTES`: 100 MiB.
@@ -48,6 +50,7 @@ impl Default for Settings {
             heartbeat: Duration::from_secs(15),
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             unlinked_ttl: Duration::from_secs(24 * 3600),
+            limits: crate::limits::LimitSettings::default(),
         }
     }
 }
@@ -61,6 +64,8 @@ pub struct Chat {
     settings: Settings,
     /// Group commit of sends, started on first use (it spawns tasks).
     sends: std::sync::OnceLock<commit::GroupCommit>,
+    /// Per-user limits of this node.
+    limits: crate::limits::Limits,
 }
 
 impl std::fmt::Debug for Chat {
@@ -130,9 +135,15 @@ impl Chat {
             publisher: hub.clone(),
             hub,
             blobs,
+            limits: crate::limits::Limits::new(settings.limits),
             settings,
             sends: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The per-user limits (for the periodic clean-up of idle users' buckets).
+    pub fn limits(&self) -> &crate::limits::Limits {
+        &self.limits
     }
 
     /// The settings.

@@ -582,8 +582,17 @@ pub trait AttachmentStore: Send + Sync {
     async fn unlinked_before(&self, before: i64, limit: i64) -> StoreResult<Vec<AttachmentRow>>;
     /// Deletes an unlinked attachment row for the sweep; false when it was linked meanwhile.
     async fn sweep_attachment(&self, id: &str) -> StoreResult<bool>;
-    /// Records a resumable upload.
-    async fn create_upload(&self, row: UploadRow) -> StoreResult<()>;
+    /// Records a resumable upload unless its uploader would then have more than `max_open`
+    /// unfinished uploads or more than `max_open_bytes` declared by them, checked and written
+    /// in one transaction (PostgreSQL takes a transaction-level advisory lock on the uploader,
+    /// SQLite has one writer), so concurrent calls cannot pass the limit together.
+    /// Returns `None` when recorded, else the uploader's unfinished `(count, declared bytes)`.
+    async fn create_upload(
+        &self,
+        row: UploadRow,
+        max_open: i64,
+        max_open_bytes: i64,
+    ) -> StoreResult<Option<(i64, i64)>>;
     /// One upload of the tenant.
     async fn upload(&self, tenant: &str, id: &str) -> StoreResult<UploadRow>;
     /// Commits the chunk stored at `key` for bytes `from..to`: moves `committed_bytes` from

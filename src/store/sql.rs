@@ -1890,7 +1890,30 @@ macro_rules! impl_store {
                 Ok(true)
             }
 
-            async fn create_upload(&self, row: UploadRow) -> StoreResult<()> {
+            async fn create_upload(
+                &self,
+                row: UploadRow,
+                max_open: i64,
+                max_open_bytes: i64,
+            ) -> StoreResult<Option<(i64, i64)>> {
+                let mut tx = self.write.begin().await?;
+                if let Some(lock) = Self::LOCK_UPLOADER {
+                    sqlx::query(lock)
+                        .bind(format!("{}\n{}", row.tenant_id, row.uploader_id))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let (open, bytes): (i64, i64) = sqlx::query_as(
+                    "SELECT COUNT(*), CAST(COALESCE(SUM(size_bytes), 0) AS BIGINT) FROM uploads \
+                     WHERE tenant_id = $1 AND uploader_id = $2",
+                )
+                .bind(&row.tenant_id)
+                .bind(&row.uploader_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                if open >= max_open || bytes.saturating_add(row.size_bytes) > max_open_bytes {
+                    return Ok(Some((open, bytes)));
+                }
                 sqlx::query(
                     "INSERT INTO uploads (id, tenant_id, channel_id, uploader_id, file_name, \
                      content_type, size_bytes, sha256, committed_bytes, create_time) \
@@ -1905,9 +1928,10 @@ macro_rules! impl_store {
                 .bind(row.size_bytes)
                 .bind(&row.sha256)
                 .bind(row.create_time)
-                .execute(&self.write)
+                .execute(&mut *tx)
                 .await?;
-                Ok(())
+                tx.commit().await?;
+                Ok(None)
             }
 
             async fn upload(&self, tenant: &str, id: &str) -> StoreResult<UploadRow> {
@@ -2055,6 +2079,8 @@ impl SqliteStore {
     /// sqlx runs every statement of a query text on SQLite (binding `?` in order across
     /// them), in one trip to the connection's worker thread.
     const STATEMENTS_IN_ONE_COMMAND: bool = true;
+    /// One writer: an upload quota's check and insert cannot interleave with another's.
+    const LOCK_UPLOADER: Option<&'static str> = None;
 }
 
 impl SqliteStore {
@@ -2334,6 +2360,10 @@ impl PostgresStore {
     const POWER_OF_TWO_INSERTS: bool = true;
     /// The extended query protocol takes one statement per prepared query.
     const STATEMENTS_IN_ONE_COMMAND: bool = false;
+    /// Serializes one uploader's CreateUpload calls for the quota check (`$1`: tenant and
+    /// user), until the transaction ends.
+    const LOCK_UPLOADER: Option<&'static str> =
+        Some("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))");
 }
 
 impl_store!(SqliteStore, Sqlite);

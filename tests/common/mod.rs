@@ -180,6 +180,8 @@ pub struct Options {
     pub max_upload_bytes: i64,
     /// Transport options (CORS origins, drain period).
     pub serve: chat_service::server::ServeOptions,
+    /// Per-user limits; none by default (tests that test a limit set it).
+    pub limits: chat_service::limits::LimitSettings,
     /// Appended to the database URL (say `?mode=ro`); when set, migrations are not run.
     pub url_params: Option<String>,
 }
@@ -196,6 +198,7 @@ impl Default for Options {
             max_upload_bytes: chat_service::domain::DEFAULT_MAX_UPLOAD_BYTES,
             serve: Default::default(),
             url_params: None,
+            limits: chat_service::limits::LimitSettings::unlimited(),
         }
     }
 }
@@ -253,6 +256,7 @@ impl TestServer {
             Settings {
                 heartbeat: opts.heartbeat,
                 max_upload_bytes: opts.max_upload_bytes,
+                limits: opts.limits,
                 ..Settings::default()
             },
         ));
