@@ -785,6 +785,64 @@ async fn sweep_removes_unlinked_and_unfinished(storage: Storage) {
     settle(&server, 1).await;
 }
 
+/// A deleted group's attachments, linked or not, are swept at once (rows, with an audit row,
+/// and bytes): nobody can reach or delete them any more. Another group's stay.
+async fn sweep_removes_a_deleted_groups_attachments(storage: Storage) {
+    let server = start(storage, None).await;
+    let doomed = group(&server, "alice", &["bob"]).await;
+    let kept = group(&server, "alice", &[]).await;
+    let mut alice = client(&server, "alice").await;
+    let linked = upload(
+        &mut alice,
+        meta(&doomed, "linked.bin", b"linked"),
+        b"linked",
+    )
+    .await
+    .expect("upload");
+    link(&server, "alice", &doomed, vec![linked.id.clone()]).await;
+    upload(&mut alice, meta(&doomed, "loose.bin", b"loose"), b"loose")
+        .await
+        .expect("upload");
+    let other = upload(&mut alice, meta(&kept, "other.bin", b"other"), b"other")
+        .await
+        .expect("upload");
+    link(&server, "alice", &kept, vec![other.id.clone()]).await;
+    settle(&server, 3).await;
+    server
+        .groups(&token("alice"))
+        .await
+        .delete_group(proto::DeleteGroupRequest {
+            channel_id: doomed.clone(),
+        })
+        .await
+        .expect("delete group");
+    let audits = server.db.count("audit_logs").await;
+    // Nothing unlinked is old enough: only the deleted group's two go.
+    let now = chat_service::store::now_micros();
+    assert_eq!(
+        server.chat.sweep(now - 3_600_000_000).await.expect("sweep"),
+        (2, 0)
+    );
+    assert_eq!(server.db.count("attachments").await, 1);
+    assert_eq!(
+        server.db.count("audit_logs").await,
+        audits + 2,
+        "each audited"
+    );
+    settle(&server, 1).await;
+    let mut bytes = Vec::new();
+    let (_, got) = download(&mut alice, &other.id, 0)
+        .await
+        .expect("the other group's");
+    bytes.extend(got);
+    assert_eq!(bytes, b"other");
+    assert_eq!(
+        server.chat.sweep(now - 3_600_000_000).await.expect("sweep"),
+        (0, 0),
+        "nothing more"
+    );
+}
+
 /// Real files of several types from the machine, linked to one message; another member
 /// downloads each and gets the same bytes.
 async fn real_files_from_the_machine(storage: Storage) {
@@ -1076,6 +1134,7 @@ on_every_storage!(
     resumable_upload_survives_a_restart,
     access_rules_and_download_records,
     sweep_removes_unlinked_and_unfinished,
+    sweep_removes_a_deleted_groups_attachments,
     real_files_from_the_machine,
     resumable_edge_cases,
     list_shows_only_what_the_caller_may_see,

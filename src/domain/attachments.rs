@@ -792,33 +792,17 @@ impl Chat {
     }
 
     /// Deletes unlinked attachments and unfinished uploads created before `before`
-    /// (microseconds since the epoch), in batches until none is left, then on local disk the
-    /// staging files of writes interrupted before then (a killed server's). One item that fails is
-    /// logged and skipped, so it cannot stall the rest. Returns how many of each were removed.
+    /// (microseconds since the epoch), and every attachment of a deleted group whatever its age,
+    /// in batches until none is left, then on local disk the staging files of writes
+    /// interrupted before then (a killed server's). One item that fails is logged and skipped,
+    /// so it cannot stall the rest. Returns how many attachments and uploads were removed.
     pub async fn sweep(&self, before: i64) -> Result<(usize, usize)> {
         const BATCH: i64 = 500;
         let mut attachments = 0;
-        loop {
-            let batch = self.store.unlinked_before(before, BATCH).await?;
-            let mut progressed = false;
-            for a in &batch {
-                match self.store.sweep_attachment(&a.id).await {
-                    Ok(true) => {
-                        progressed = true;
-                        attachments += 1;
-                        if let Err(e) = self.blobs.delete(&a.storage_key).await {
-                            tracing::warn!(error = %e, key = a.storage_key, "sweep: could not delete a blob");
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, id = a.id, "sweep: could not delete an attachment")
-                    }
-                }
-            }
-            if (batch.len() as i64) < BATCH || !progressed {
-                break;
-            }
+        for of_deleted_groups in [true, false] {
+            attachments += self
+                .sweep_attachments(before, of_deleted_groups, BATCH)
+                .await?;
         }
         let mut uploads = 0;
         loop {
@@ -848,5 +832,44 @@ impl Chat {
             );
         }
         Ok((attachments, uploads))
+    }
+
+    /// One kind of the sweep's attachments (unlinked ones created before `before`, or those of
+    /// deleted groups), rows first (audited), then bytes, in batches. Returns how many went.
+    async fn sweep_attachments(
+        &self,
+        before: i64,
+        of_deleted_groups: bool,
+        batch_size: i64,
+    ) -> Result<usize> {
+        let mut swept = 0;
+        loop {
+            let batch = if of_deleted_groups {
+                self.store
+                    .attachments_of_deleted_channels(batch_size)
+                    .await?
+            } else {
+                self.store.unlinked_before(before, batch_size).await?
+            };
+            let mut progressed = false;
+            for a in &batch {
+                match self.store.sweep_attachment(&a.id).await {
+                    Ok(true) => {
+                        progressed = true;
+                        swept += 1;
+                        if let Err(e) = self.blobs.delete(&a.storage_key).await {
+                            tracing::warn!(error = %e, key = a.storage_key, "sweep: could not delete a blob");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, id = a.id, "sweep: could not delete an attachment")
+                    }
+                }
+            }
+            if (batch.len() as i64) < batch_size || !progressed {
+                return Ok(swept);
+            }
+        }
     }
 }

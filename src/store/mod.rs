@@ -580,7 +580,11 @@ pub trait AttachmentStore: Send + Sync {
     async fn delete_attachment(&self, actor: Actor<'_>, id: &str) -> StoreResult<AttachmentRow>;
     /// Unlinked attachments created before `before` (for the sweep).
     async fn unlinked_before(&self, before: i64, limit: i64) -> StoreResult<Vec<AttachmentRow>>;
-    /// Deletes an unlinked attachment row for the sweep; false when it was linked meanwhile.
+    /// Attachments of deleted groups, linked or not (for the sweep): nobody can reach or
+    /// delete them any more.
+    async fn attachments_of_deleted_channels(&self, limit: i64) -> StoreResult<Vec<AttachmentRow>>;
+    /// Deletes an attachment row for the sweep (with an audit row by `system:sweep`) if it is
+    /// still unlinked or its channel is deleted; false otherwise (linked meanwhile).
     async fn sweep_attachment(&self, id: &str) -> StoreResult<bool>;
     /// Records a resumable upload unless its uploader would then have more than `max_open`
     /// unfinished uploads or more than `max_open_bytes` declared by them, checked and written

@@ -1873,10 +1873,22 @@ macro_rules! impl_store {
                 .await?)
             }
 
+            async fn attachments_of_deleted_channels(&self, limit: i64) -> StoreResult<Vec<AttachmentRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT a.* FROM channels c JOIN attachments a ON a.channel_id = c.id \
+                     WHERE c.delete_time IS NOT NULL LIMIT $1",
+                )
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?)
+            }
+
             async fn sweep_attachment(&self, id: &str) -> StoreResult<bool> {
                 let mut tx = self.write.begin().await?;
                 let row: Option<AttachmentRow> = sqlx::query_as(
-                    "DELETE FROM attachments WHERE id = $1 AND message_id IS NULL RETURNING *",
+                    "DELETE FROM attachments WHERE id = $1 AND (message_id IS NULL \
+                     OR channel_id IN (SELECT id FROM channels WHERE delete_time IS NOT NULL)) \
+                     RETURNING *",
                 )
                 .bind(id)
                 .fetch_optional(&mut *tx)
