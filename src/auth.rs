@@ -11,11 +11,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::Value;
 
@@ -189,18 +189,15 @@ struct Keys {
     match_kid: bool,
 }
 
-struct JwksCache {
-    path: PathBuf,
-    checked: Instant,
-    modified: Option<SystemTime>,
-    keys: Arc<Keys>,
-}
+/// The keys of a JWKS file, swapped in whole by a watcher thread when the file changes, so a
+/// request only ever loads the current set (no file I/O, no lock held across a read).
+type JwksKeys = Arc<arc_swap::ArcSwap<Keys>>;
 
 /// Verifies bearer tokens. Cheap to share (`Arc`).
 pub struct Verifier {
     settings: AuthSettings,
     fixed: Option<Arc<Keys>>,
-    jwks: Option<Mutex<JwksCache>>,
+    jwks: Option<JwksKeys>,
     /// Tokens that passed [`Verifier::verify`] lately, by their exact text (see [`Verified`]).
     verified: quick_cache::sync::Cache<String, Arc<Verified>>,
 }
@@ -261,31 +258,38 @@ fn pem_key(path: &PathBuf) -> Result<(DecodingKey, Algorithm), String> {
     ))
 }
 
+/// Reads a JWKS file: every usable verification key, by `kid`.
+///
+/// A key is skipped (and logged) when it cannot be used: not valid JSON for a JWK, an unknown
+/// key type or curve, a shared secret (`kty: oct`: anyone who reads the file could mint
+/// tokens), bad key material, or one not meant for verifying signatures (`use` other than
+/// `sig`, or `key_ops` without `verify`; RFC 7517 §4.2-4.3). One bad key must not take the
+/// others down with it, at start-up or on rotation.
+///
+/// Errors: an unreadable file, text that is not a JWKS (`{"keys": [...]}`), or a set without
+/// any usable key.
 fn load_jwks(path: &PathBuf) -> Result<Keys, String> {
+    #[derive(serde::Deserialize)]
+    struct RawSet {
+        keys: Vec<Value>,
+    }
     let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let set: JwkSet = serde_json::from_slice(&text)
+    let set: RawSet = serde_json::from_slice(&text)
         .map_err(|e| format!("{}: not a JWKS: {e}", path.display()))?;
     let mut by_kid = HashMap::new();
-    for jwk in &set.keys {
-        let alg = match &jwk.algorithm {
-            AlgorithmParameters::RSA(_) => Algorithm::RS256,
-            AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P384 => {
-                Algorithm::ES384
+    for (i, raw) in set.keys.into_iter().enumerate() {
+        let kid = raw.get("kid").and_then(Value::as_str).map(str::to_owned);
+        match jwk_key(raw) {
+            Ok((key, alg)) => {
+                by_kid.insert(kid.unwrap_or_default(), (key, alg));
             }
-            AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
-            AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
-            // Shared secrets in a JWKS file would let anyone who reads it mint tokens.
-            AlgorithmParameters::OctetKey(_) => continue,
-        };
-        let alg = jwk
-            .common
-            .key_algorithm
-            .and_then(|ka| serde_json::to_value(ka).ok())
-            .and_then(|v| v.as_str().and_then(|s| s.parse::<Algorithm>().ok()))
-            .unwrap_or(alg);
-        let key =
-            DecodingKey::from_jwk(jwk).map_err(|e| format!("{}: bad key: {e}", path.display()))?;
-        by_kid.insert(jwk.common.key_id.clone().unwrap_or_default(), (key, alg));
+            Err(why) => tracing::warn!(
+                path = %path.display(),
+                index = i,
+                kid = kid.as_deref().unwrap_or(""),
+                "JWKS: skipping a key: {why}"
+            ),
+        }
     }
     if by_kid.is_empty() {
         return Err(format!(
@@ -297,6 +301,71 @@ fn load_jwks(path: &PathBuf) -> Result<Keys, String> {
         by_kid,
         match_kid: true,
     })
+}
+
+/// One JWK as a verification key and its algorithm, or why it cannot be used.
+fn jwk_key(raw: Value) -> Result<(DecodingKey, Algorithm), String> {
+    use jsonwebtoken::jwk::{Jwk, KeyOperations, PublicKeyUse};
+    let jwk: Jwk = serde_json::from_value(raw).map_err(|e| format!("not a usable JWK: {e}"))?;
+    match &jwk.common.public_key_use {
+        None | Some(PublicKeyUse::Signature) => {}
+        Some(other) => return Err(format!("use is {other:?}, not sig")),
+    }
+    if let Some(ops) = &jwk.common.key_operations {
+        if !ops.contains(&KeyOperations::Verify) {
+            return Err("key_ops does not include verify".into());
+        }
+    }
+    let alg = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Algorithm::RS256,
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P384 => Algorithm::ES384,
+        AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+        AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
+        // Shared secrets in a JWKS file would let anyone who reads it mint tokens.
+        AlgorithmParameters::OctetKey(_) => return Err("a shared secret (kty oct)".into()),
+    };
+    let alg = jwk
+        .common
+        .key_algorithm
+        .and_then(|ka| serde_json::to_value(ka).ok())
+        .and_then(|v| v.as_str().and_then(|s| s.parse::<Algorithm>().ok()))
+        .unwrap_or(alg);
+    let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("bad key material: {e}"))?;
+    Ok((key, alg))
+}
+
+/// Watches a JWKS file from a thread of its own: every [`JWKS_CHECK_INTERVAL`] it compares the
+/// file's modification time with the last one loaded and, when it changed, loads the file and
+/// swaps the new set in (a half-written or broken file keeps the old keys, and is tried again at
+/// the next change). The thread ends once the verifier holding `keys` is dropped.
+fn watch_jwks(
+    path: PathBuf,
+    mut loaded: Option<SystemTime>,
+    keys: std::sync::Weak<arc_swap::ArcSwap<Keys>>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("jwks-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(JWKS_CHECK_INTERVAL);
+            let Some(keys) = keys.upgrade() else {
+                return;
+            };
+            let now = modified(&path);
+            if now == loaded {
+                continue;
+            }
+            loaded = now;
+            match load_jwks(&path) {
+                Ok(new) => {
+                    keys.store(Arc::new(new));
+                    tracing::info!(path = %path.display(), "JWKS reloaded");
+                }
+                Err(e) => tracing::warn!(error = %e, "JWKS reload failed; keeping the old keys"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the JWKS watcher; keys will not rotate");
+    }
 }
 
 fn modified(path: &PathBuf) -> Option<SystemTime> {
@@ -338,14 +407,9 @@ impl Verifier {
                 )
             }
             KeySource::Jwks(p) => {
-                let keys = load_jwks(p)?;
-                let cache = JwksCache {
-                    path: p.clone(),
-                    checked: Instant::now(),
-                    modified: modified(p),
-                    keys: Arc::new(keys),
-                };
-                (None, Some(Mutex::new(cache)))
+                let keys: JwksKeys = Arc::new(arc_swap::ArcSwap::from_pointee(load_jwks(p)?));
+                watch_jwks(p.clone(), modified(p), Arc::downgrade(&keys));
+                (None, Some(keys))
             }
         };
         Ok(Verifier {
@@ -360,31 +424,13 @@ impl Verifier {
         if let Some(k) = &self.fixed {
             return k.clone();
         }
-        let Some(m) = &self.jwks else {
-            return Arc::new(Keys {
+        match &self.jwks {
+            Some(keys) => keys.load_full(),
+            None => Arc::new(Keys {
                 by_kid: HashMap::new(),
                 match_kid: true,
-            });
-        };
-        let mut cache = m.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.checked.elapsed() >= JWKS_CHECK_INTERVAL {
-            cache.checked = Instant::now();
-            let now = modified(&cache.path);
-            if now != cache.modified {
-                // Keep the old keys when the new file is half-written or broken.
-                match load_jwks(&cache.path) {
-                    Ok(keys) => {
-                        cache.keys = Arc::new(keys);
-                        cache.modified = now;
-                        tracing::info!(path = %cache.path.display(), "JWKS reloaded");
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "JWKS reload failed; keeping the old keys")
-                    }
-                }
-            }
+            }),
         }
-        cache.keys.clone()
     }
 
     /// Verifies `Authorization` header text (`Bearer <jwt>`).

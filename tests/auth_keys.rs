@@ -511,8 +511,56 @@ async fn jwks_rotates_without_restart() {
     let after = std::fs::metadata(&path).unwrap().modified().unwrap();
     assert_ne!(before, after, "the rewritten JWKS must have a new mtime");
 
-    accepted(&server, &k2, "k2 after rotation").await;
+    // The file is watched off the request path, once a second: wait for the swap.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while call(&server, &k2).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("k2 accepted after rotation");
     unauth(&server, &k1, &[], &[], "k1 after rotation").await;
+    server.stop().await;
+}
+
+/// One unusable key does not take the set down: a JWKS with a key of bad material, one of an
+/// unknown type, a shared secret, one for encryption (`use: enc`) and one whose `key_ops` lack
+/// `verify` still starts the server with its one good key; tokens of the skipped keys are
+/// refused. The same set swapped in by rotation keeps working too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_skips_unusable_keys() {
+    let k1: Value = serde_json::from_slice(&read_fixture("jwks_k1.json")).expect("k1");
+    let k2: Value = serde_json::from_slice(&read_fixture("jwks_k2.json")).expect("k2");
+    let key = |set: &Value, kid: &str, extra: Value| {
+        let mut k = set["keys"][0].clone();
+        k["kid"] = Value::from(kid);
+        for (name, v) in extra.as_object().expect("object") {
+            k[name] = v.clone();
+        }
+        k
+    };
+    let set = json!({"keys": [
+        {"kty": "RSA", "kid": "bad", "n": "!!!", "e": "AQAB"},
+        {"kty": "XYZ", "kid": "weird"},
+        {"kty": "oct", "kid": "secret", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQ"},
+        key(&k1, "enc", json!({"use": "enc"})),
+        key(&k1, "signonly", json!({"use": null, "key_ops": ["sign"]})),
+        key(&k2, "good", json!({})),
+    ]});
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, serde_json::to_vec(&set).expect("json")).expect("write");
+    let server = jwks_server(&path).await;
+    let token =
+        |kid: &str, private: &str| sign(Algorithm::RS256, Some(kid), private, &claims("alice"));
+    accepted(&server, &token("good", "rsa2_private.pem"), "the good key").await;
+    for (kid, why) in [
+        ("enc", "use enc"),
+        ("signonly", "key_ops without verify"),
+        ("bad", "bad material"),
+    ] {
+        unauth(&server, &token(kid, "rsa_private.pem"), &["kid"], &[], why).await;
+    }
     server.stop().await;
 }
 
