@@ -1280,6 +1280,14 @@ async fn subscribe_is_bounded(backend: Backend) {
                 ..Default::default()
             },
         ),
+        (
+            "100,000 cursors",
+            "cursors",
+            proto::SubscribeRequest {
+                cursors: (0..100_000).map(|i| (format!("c{i}"), i)).collect(),
+                ..Default::default()
+            },
+        ),
     ] {
         let before = server.db.counts().await;
         let s = subscribe_status(&mut alice, req).await;
