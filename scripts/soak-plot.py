@@ -59,11 +59,13 @@ def main(csv_path, png_path):
     # Log scale: p50 (about a millisecond) and p99 (tens to hundreds) both readable.
     lat.set_yscale("log")
     lat.set_ylabel("latency in the interval (ms, log)")
-    lat.set_xlabel("minutes")
-    lat.legend(fontsize=8, ncol=2, loc="upper left")
     errors = sum(col("errors"))
-    lat.text(0.99, 0.95, f"errors: {errors:.0f}", transform=lat.transAxes, ha="right", va="top",
-             fontsize=9, color="tab:red" if errors else "black")
+    lat.set_xlabel(f"minutes (errors in the run: {errors:.0f})",
+                   color="tab:red" if errors else "black")
+    # Room above the curves (a factor of 5 on the log scale) for the legend.
+    top = max([r["send_p99_ms"] for r in rows] + [r["page_p99_ms"] for r in rows] + [1.0])
+    lat.set_ylim(top=top * 5)
+    lat.legend(fontsize=8, ncol=4, loc="upper left")
 
     warmup = plan.get("warmup_seconds", 0) / 60
     for ax in (rss, fds):
