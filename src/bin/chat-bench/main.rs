@@ -8,12 +8,15 @@
 //! scripts/bench                      # everything, SQLite and PostgreSQL (~7.5 min after the build)
 //! chat-bench --quick                 # a smoke run of every scenario in seconds (CI)
 //! chat-bench --backends sqlite --scenarios 1,2
+//! chat-bench soak --minutes 30       # mixed load for leaks and drift (scripts/soak; see soak.rs)
+//! chat-bench soak --quick            # its 20-second smoke run (CI)
 //! ```
 
 mod baselines;
 mod proc;
 mod report;
 mod scenarios;
+mod soak;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +35,10 @@ pub type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmarks chat-service against the machine's own limits and writes a report")]
+#[command(args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Tiny sizes and durations: every scenario in a few seconds (the CI smoke run).
     #[arg(long)]
     quick: bool,
@@ -42,16 +48,8 @@ struct Args {
     /// Scenarios to run (1 sends, 2 latency, 3 fan-out, 4 idle streams, 5 history, 6 uploads).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
     scenarios: Vec<u8>,
-    /// The server binary (default: `chat-service` beside this program).
-    #[arg(long)]
-    server_bin: Option<PathBuf>,
-    /// PostgreSQL for the server and pgbench.
-    #[arg(
-        long,
-        env = "CHAT_BENCH_POSTGRES_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/test"
-    )]
-    postgres_url: String,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Where the report, the JSON and scratch files go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -68,6 +66,55 @@ struct Args {
     /// Internal: serve only gRPC health on 127.0.0.1:0 (the bare-tonic baseline).
     #[arg(long, hide = true)]
     echo_server: bool,
+}
+
+/// The server under test, for the scenarios and the soak alike.
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// The server binary (default: `chat-service` beside this program).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// PostgreSQL for the server on `postgres`, and for pgbench.
+    #[arg(
+        long,
+        env = "CHAT_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres_url: String,
+}
+
+impl ServerArgs {
+    /// A run with these servers, whose scratch files go to `dir` (made if missing, and
+    /// canonicalised: the server runs with its own working directory).
+    pub fn bench(self, plan: Plan, quick: bool, dir: &std::path::Path) -> BenchResult<Bench> {
+        let server_bin = match self.server_bin {
+            Some(p) => p,
+            None => std::env::current_exe()?
+                .parent()
+                .ok_or("no folder")?
+                .join("chat-service"),
+        };
+        if !server_bin.exists() {
+            return Err(format!("no server binary at {}", server_bin.display()).into());
+        }
+        std::fs::create_dir_all(dir)?;
+        Ok(Bench {
+            plan,
+            quick,
+            server_bin,
+            pg_url: self.postgres_url,
+            dir: std::fs::canonicalize(dir)?,
+            secret: "bench-secret-0123456789abcdef".into(),
+            ids: AtomicU64::new(0),
+        })
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Mixed load at a steady, moderate rate for minutes, recording the server's RSS, open fds
+    /// and latency every interval (leaks and drift, not peak throughput).
+    Soak(soak::SoakArgs),
 }
 
 /// A database backend of the server.
@@ -194,14 +241,14 @@ impl Bench {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    if args.echo_server {
-        if let Err(e) = baselines::echo_server().await {
-            eprintln!("error: {e}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    if let Err(e) = run(args).await {
+    let outcome = if args.echo_server {
+        baselines::echo_server().await
+    } else if let Some(Command::Soak(soak)) = args.command {
+        soak::run(soak).await
+    } else {
+        run(args).await
+    };
+    if let Err(e) = outcome {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
@@ -209,20 +256,9 @@ async fn main() {
 
 async fn run(args: Args) -> BenchResult<()> {
     let started = std::time::Instant::now();
-    let server_bin = match args.server_bin {
-        Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .ok_or("no folder")?
-            .join("chat-service"),
-    };
-    if !server_bin.exists() {
-        return Err(format!("no server binary at {}", server_bin.display()).into());
-    }
     std::fs::create_dir_all(&args.out)?;
     let dir = args.out.join("scratch");
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
     let mut plan = if args.quick {
         Plan::quick()
     } else {
@@ -234,15 +270,7 @@ async fn run(args: Args) -> BenchResult<()> {
     if let Some(secs) = args.open_loop_seconds {
         plan.open_loop_seconds = secs;
     }
-    let bench = Bench {
-        plan,
-        quick: args.quick,
-        server_bin,
-        pg_url: args.postgres_url,
-        dir: std::fs::canonicalize(&dir)?,
-        secret: "bench-secret-0123456789abcdef".into(),
-        ids: AtomicU64::new(0),
-    };
+    let bench = args.server.bench(plan, args.quick, &dir)?;
     // Scenario 2's load levels are fractions of scenario 1's best rate, so 2 brings 1 along
     // unless --full-load gives the rate.
     let wants = |n: u8| {

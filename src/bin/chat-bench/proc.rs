@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::{Backend, Bench, BenchResult};
@@ -28,6 +28,17 @@ impl Server {
         bench: &Bench,
         backend: Backend,
         env: &[(&str, String)],
+    ) -> BenchResult<Server> {
+        Self::start_logged(bench, backend, env, None).await
+    }
+
+    /// [`Server::start`], with every line the server logs after it is listening appended to
+    /// `log` (a soak's warnings are worth keeping; a scenario's are not).
+    pub async fn start_logged(
+        bench: &Bench,
+        backend: Backend,
+        env: &[(&str, String)],
+        log: Option<&Path>,
     ) -> BenchResult<Server> {
         let n = bench.next_id();
         let mut vars: Vec<(String, String)> = vec![
@@ -71,7 +82,7 @@ impl Server {
             vars.retain(|(name, _)| name != k);
             vars.push(((*k).into(), v.clone()));
         }
-        let mut server = Self::spawn(&bench.server_bin, &["serve"], &vars).await?;
+        let mut server = Self::spawn_logged(&bench.server_bin, &["serve"], &vars, log).await?;
         server.schema = schema;
         server.pg_url = bench.pg_url.clone();
         server.database_url = vars
@@ -88,6 +99,27 @@ impl Server {
         args: &[&str],
         vars: &[(String, String)],
     ) -> BenchResult<Server> {
+        Self::spawn_logged(bin, args, vars, None).await
+    }
+
+    /// [`Server::spawn`], appending the log lines that follow `listening` to `log`.
+    async fn spawn_logged(
+        bin: &Path,
+        args: &[&str],
+        vars: &[(String, String)],
+        log: Option<&Path>,
+    ) -> BenchResult<Server> {
+        let mut log_file = match log {
+            Some(path) => Some(
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
         let mut child = Command::new(bin)
             .args(args)
             .envs(vars.iter().map(|(k, v)| (k, v)))
@@ -115,6 +147,8 @@ impl Server {
                 } else if tx.is_some() {
                     log.push_str(&line);
                     log.push('\n');
+                } else if let Some(file) = log_file.as_mut() {
+                    let _ = file.write_all(format!("{line}\n").as_bytes()).await;
                 }
             }
             if let Some(tx) = tx {
@@ -143,12 +177,25 @@ impl Server {
 
     /// Resident memory now, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        status_kib(self.pid, "VmRSS:")
+        status_number(self.pid, "VmRSS:")
+    }
+
+    /// Threads now (`Threads:` of /proc/PID/status).
+    pub fn threads(&self) -> u64 {
+        status_number(self.pid, "Threads:")
+    }
+
+    /// Open file descriptors now: the entries of /proc/PID/fd (sockets, database files, blobs
+    /// being written, the epoll and event fds of the runtime).
+    pub fn open_fds(&self) -> u64 {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|dir| dir.count() as u64)
+            .unwrap_or(0)
     }
 
     /// Peak resident memory since start or the last [`Server::reset_peak`], in KiB.
     pub fn peak_kib(&self) -> u64 {
-        status_kib(self.pid, "VmHWM:")
+        status_number(self.pid, "VmHWM:")
     }
 
     /// Resets the peak RSS (`/proc/PID/clear_refs` = 5); false where the kernel refuses.
@@ -180,7 +227,9 @@ impl Server {
     }
 }
 
-fn status_kib(pid: u32, key: &str) -> u64 {
+/// The number after `key` in /proc/PID/status (KiB for the `Vm*` keys; a trailing `kB` is
+/// dropped), 0 when unreadable.
+fn status_number(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -312,7 +361,7 @@ impl RssSampler {
         let task = tokio::spawn(async move {
             loop {
                 m.fetch_max(
-                    status_kib(pid, "VmRSS:"),
+                    status_number(pid, "VmRSS:"),
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -31,7 +31,7 @@ pub async fn connect_many(url: &str, n: usize) -> BenchResult<Vec<Channel>> {
     Ok(out)
 }
 
-fn chat(ch: &Channel, token: &str) -> BenchResult<ChatClient> {
+pub fn chat(ch: &Channel, token: &str) -> BenchResult<ChatClient> {
     Ok(ChatServiceClient::with_interceptor(
         ch.clone(),
         Bearer::new(token)?,
@@ -114,7 +114,7 @@ async fn list_lean(
     Ok(grpc.unary(request, path, codec).await?.into_inner())
 }
 
-fn groups(ch: &Channel, token: &str) -> BenchResult<GroupClient> {
+pub fn groups(ch: &Channel, token: &str) -> BenchResult<GroupClient> {
     Ok(GroupServiceClient::with_interceptor(
         ch.clone(),
         Bearer::new(token)?,
@@ -158,7 +158,7 @@ async fn make_groups_at(
     Ok(ids)
 }
 
-fn send_req(channel_id: &str, body: String) -> proto::SendMessageRequest {
+pub fn send_req(channel_id: &str, body: String) -> proto::SendMessageRequest {
     proto::SendMessageRequest {
         channel_id: channel_id.to_owned(),
         body,
