@@ -330,9 +330,25 @@ pub async fn run(args: SoakArgs) -> BenchResult<()> {
     let bench = args.server.bench(Plan::quick(), args.quick, &scratch)?;
     let log = args.out.join("server.log");
     let _ = std::fs::remove_file(&log);
+    let limits = chat_service::limits::LimitSettings::default();
     let mut env: Vec<(&str, String)> = vec![
         // Unfinished uploads are swept after a minute, every 15 s: the sweep runs in the soak.
         ("ATTACHMENT_UNLINKED_TTL", "60".into()),
+        // The service's own per-user limits, which the benchmark's scenarios switch off: the
+        // soak runs as a deployment would, and its users stay under them.
+        (
+            "RATE_LIMIT_SENDS_PER_SECOND",
+            limits.sends_per_second.to_string(),
+        ),
+        (
+            "RATE_LIMIT_WRITES_PER_SECOND",
+            limits.writes_per_second.to_string(),
+        ),
+        ("MAX_FEEDS_PER_USER", limits.feeds_per_user.to_string()),
+        (
+            "MAX_UNFINISHED_UPLOADS_PER_USER",
+            limits.unfinished_uploads.to_string(),
+        ),
     ];
     for (k, v) in &plan.server_env {
         env.retain(|(name, _)| name != k);
