@@ -350,16 +350,19 @@ fn watch_jwks(
             let Some(keys) = keys.upgrade() else {
                 return;
             };
+            // The time before the read: a rewrite during the read is seen at the next check.
             let now = modified(&path);
             if now == loaded {
                 continue;
             }
-            loaded = now;
             match load_jwks(&path) {
                 Ok(new) => {
                     keys.store(Arc::new(new));
+                    loaded = now;
                     tracing::info!(path = %path.display(), "JWKS reloaded");
                 }
+                // Tried again every interval until it loads (a half-written file whose writer
+                // finishes within the same mtime tick must still be picked up).
                 Err(e) => tracing::warn!(error = %e, "JWKS reload failed; keeping the old keys"),
             }
         });
@@ -407,8 +410,9 @@ impl Verifier {
                 )
             }
             KeySource::Jwks(p) => {
+                let loaded = modified(p);
                 let keys: JwksKeys = Arc::new(arc_swap::ArcSwap::from_pointee(load_jwks(p)?));
-                watch_jwks(p.clone(), modified(p), Arc::downgrade(&keys));
+                watch_jwks(p.clone(), loaded, Arc::downgrade(&keys));
                 (None, Some(keys))
             }
         };
@@ -542,8 +546,11 @@ impl Verifier {
                 K::InvalidClaimFormat(c) => {
                     format!("malformed token: the {c} claim has the wrong type")
                 }
-                // The signature verified (jsonwebtoken checks it before reading the claims).
-                K::Json(_) => return self.explain_claims(token),
+                // A JSON error after jsonwebtoken read the header means the signature verified
+                // (it checks it before reading the claims): the claims are worth explaining.
+                K::Json(_) if jsonwebtoken::decode_header(token).is_ok() => {
+                    return self.explain_claims(token)
+                }
                 _ => "malformed token".to_owned(),
             })
         })?;

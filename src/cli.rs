@@ -146,6 +146,13 @@ fn owner_only(path: &str) -> std::io::Result<()> {
 /// Errors: a bad setting (one line naming the variable) or a failure to start.
 pub async fn serve(args: ServeArgs) -> Result<(), String> {
     let url = args.db.url()?;
+    if args.limits.max_unfinished_upload_bytes_per_user < args.max_upload_bytes {
+        return Err(format!(
+            "MAX_UNFINISHED_UPLOAD_BYTES_PER_USER: {} is less than MAX_UPLOAD_BYTES ({}), so the \
+             largest uploads could never start",
+            args.limits.max_unfinished_upload_bytes_per_user, args.max_upload_bytes
+        ));
+    }
     let (settings, dev_secret) = verifier_settings(&args.auth)?;
     let verifier = Arc::new(Verifier::new(settings).map_err(|e| format!("JWT key: {e}"))?);
     let store = crate::store::connect(&url, args.db.db_schema.as_deref(), !args.no_migrate)
@@ -166,15 +173,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         settings,
     ));
     tokio::spawn(sweep_forever(chat.clone()));
-    let limits = chat.clone();
-    tokio::spawn(async move {
-        // Rate-limit state follows active users only.
-        let mut every = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            every.tick().await;
-            limits.limits().forget_idle();
-        }
-    });
+
     let listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .map_err(|e| format!("GRPC_ADDR: cannot listen on {}: {e}", args.grpc_addr))?;

@@ -146,15 +146,15 @@ pub struct AuthArgs {
 #[derive(Debug, Clone, Args)]
 pub struct LimitArgs {
     /// SendMessage and ForwardMessage per second per user, sustained (0: no limit).
-    #[arg(long, env = "RATE_LIMIT_SENDS_PER_SECOND", default_value_t = crate::limits::DEFAULT_SENDS_PER_SECOND)]
-    pub rate_limit_sends_per_second: u32,
+    #[arg(long, env = "RATE_LIMIT_SENDS_PER_SECOND", default_value_t = crate::limits::DEFAULT_SENDS_PER_SECOND, value_parser = non_negative_rate)]
+    pub rate_limit_sends_per_second: f64,
     /// Sends a user may make at once after a quiet spell.
     #[arg(long, env = "RATE_LIMIT_SENDS_BURST", default_value_t = crate::limits::DEFAULT_SENDS_BURST)]
     pub rate_limit_sends_burst: u32,
     /// Other changes (edits, deletes, read markers, groups, uploads and chunks) per second per
     /// user (0: no limit).
-    #[arg(long, env = "RATE_LIMIT_WRITES_PER_SECOND", default_value_t = crate::limits::DEFAULT_WRITES_PER_SECOND)]
-    pub rate_limit_writes_per_second: u32,
+    #[arg(long, env = "RATE_LIMIT_WRITES_PER_SECOND", default_value_t = crate::limits::DEFAULT_WRITES_PER_SECOND, value_parser = non_negative_rate)]
+    pub rate_limit_writes_per_second: f64,
     /// Other changes a user may make at once.
     #[arg(long, env = "RATE_LIMIT_WRITES_BURST", default_value_t = crate::limits::DEFAULT_WRITES_BURST)]
     pub rate_limit_writes_burst: u32,
@@ -174,6 +174,14 @@ pub struct LimitArgs {
     /// shorter `grpc-timeout` wins).
     #[arg(long, env = "UNARY_TIMEOUT_SECONDS", default_value_t = crate::server::DEFAULT_UNARY_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub unary_timeout_seconds: u64,
+}
+
+/// A rate per second: a finite number, 0 or more (0 switches the limit off).
+fn non_negative_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a rate: a number of 0 or more")),
+    }
 }
 
 impl LimitArgs {

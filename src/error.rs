@@ -107,9 +107,10 @@ impl From<StoreError> for Error {
 }
 
 /// Most field violations an `INVALID_ARGUMENT` lists; past them one more entry says how many
-/// were left out. Common gRPC clients refuse response metadata over 16 KiB (and report
-/// `RESOURCE_EXHAUSTED` instead of the real status): 1,000 bad member ids once made 33 KB.
-pub const MAX_VIOLATIONS: usize = 20;
+/// were left out. gRPC clients refuse response metadata past a limit and report
+/// `RESOURCE_EXHAUSTED` instead of the real status (grpc-java at 8 KiB, grpc-core and Go from
+/// 8 or 16 KiB): 1,000 bad member ids once made 33 KB.
+pub const MAX_VIOLATIONS: usize = 10;
 
 /// Longest field path echoed in a violation, in bytes (a path can hold client input, such as a
 /// cursor's channel id); longer ones are cut and end with `…`.
@@ -119,14 +120,16 @@ pub const MAX_FIELD_BYTES: usize = 100;
 pub const MAX_DESCRIPTION_BYTES: usize = 200;
 
 /// Longest status message, in bytes. With the limits above, an `INVALID_ARGUMENT`'s metadata
-/// (message and `google.rpc.BadRequest` details, base64) stays under about 12 KiB.
-pub const MAX_MESSAGE_BYTES: usize = 1024;
+/// (the message, percent-encoded, and the `google.rpc.BadRequest` details, base64) stays under
+/// about 6.5 KiB in the worst case.
+pub const MAX_MESSAGE_BYTES: usize = 512;
 
 /// Violations the summary message spells out; the details carry up to [`MAX_VIOLATIONS`].
 const SUMMARY_VIOLATIONS: usize = 3;
 
 /// `s` cut to at most `max` bytes on a character boundary, ending with `…` when cut.
 pub fn clip(s: &str, max: usize) -> String {
+    debug_assert!(max >= 3, "room for the ellipsis");
     if s.len() <= max {
         return s.to_owned();
     }

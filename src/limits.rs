@@ -22,7 +22,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::auth::Caller;
@@ -30,11 +30,11 @@ use crate::error::Error;
 
 /// Default `RATE_LIMIT_SENDS_PER_SECOND`: a person types far slower; a bot sending for many
 /// users should use many users (or raise it).
-pub const DEFAULT_SENDS_PER_SECOND: u32 = 20;
+pub const DEFAULT_SENDS_PER_SECOND: f64 = 20.0;
 /// Default `RATE_LIMIT_SENDS_BURST`: sends a user may make at once after a quiet spell.
 pub const DEFAULT_SENDS_BURST: u32 = 100;
 /// Default `RATE_LIMIT_WRITES_PER_SECOND` (every other change).
-pub const DEFAULT_WRITES_PER_SECOND: u32 = 20;
+pub const DEFAULT_WRITES_PER_SECOND: f64 = 20.0;
 /// Default `RATE_LIMIT_WRITES_BURST`.
 pub const DEFAULT_WRITES_BURST: u32 = 100;
 /// Default `MAX_FEEDS_PER_USER`: Subscribe streams one user may hold open on a node (a few
@@ -47,14 +47,15 @@ pub const DEFAULT_UNFINISHED_UPLOADS: u32 = 16;
 pub const DEFAULT_UNFINISHED_UPLOAD_BYTES: i64 = 1 << 30;
 
 /// The limits' settings. A rate of 0 switches that bucket off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LimitSettings {
-    /// Sends per second per user, sustained (0: no limit).
-    pub sends_per_second: u32,
+    /// Sends per second per user, sustained (0: no limit; fractions allowed, 0.5 is one send
+    /// every 2 s).
+    pub sends_per_second: f64,
     /// Sends per user at once.
     pub sends_burst: u32,
-    /// Other writes per second per user (0: no limit).
-    pub writes_per_second: u32,
+    /// Other writes per second per user (0: no limit; fractions allowed).
+    pub writes_per_second: f64,
     /// Other writes per user at once.
     pub writes_burst: u32,
     /// Open Subscribe streams per user.
@@ -83,9 +84,9 @@ impl LimitSettings {
     /// Settings with every limit lifted (tools and benchmarks that drive one user hard).
     pub fn unlimited() -> LimitSettings {
         LimitSettings {
-            sends_per_second: 0,
+            sends_per_second: 0.0,
             sends_burst: 0,
-            writes_per_second: 0,
+            writes_per_second: 0.0,
             writes_burst: 0,
             feeds_per_user: u32::MAX,
             unfinished_uploads: u32::MAX,
@@ -150,18 +151,23 @@ fn refused_hook(limit: Limit) {
 /// One token bucket per user.
 struct Bucket {
     limiter: DefaultKeyedRateLimiter<UserKey>,
-    clock: DefaultClock,
     limit: Limit,
-    per_second: u32,
+    per_second: f64,
 }
 
 impl Bucket {
-    fn new(limit: Limit, per_second: u32, burst: u32) -> Option<Bucket> {
-        let rate = NonZeroU32::new(per_second)?;
-        let burst = NonZeroU32::new(burst.max(1)).unwrap_or(rate);
+    /// `None` (no limit) for a rate of 0 or one that is not a finite positive number.
+    fn new(limit: Limit, per_second: f64, burst: u32) -> Option<Bucket> {
+        if !(per_second.is_finite() && per_second > 0.0) {
+            return None;
+        }
+        // One token every 1/rate seconds; governor's period has nanosecond resolution.
+        let period = Duration::try_from_secs_f64(1.0 / per_second)
+            .ok()
+            .filter(|p| !p.is_zero())?;
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         Some(Bucket {
-            limiter: DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
-            clock: DefaultClock::default(),
+            limiter: DefaultKeyedRateLimiter::keyed(Quota::with_period(period)?.allow_burst(burst)),
             limit,
             per_second,
         })
@@ -169,7 +175,7 @@ impl Bucket {
 
     fn take(&self, caller: &Caller) -> Result<(), Error> {
         self.limiter.check_key(&key(caller)).map_err(|not_until| {
-            let wait = not_until.wait_time_from(self.clock.now());
+            let wait = not_until.wait_time_from(self.limiter.clock().now());
             refuse(
                 self.limit,
                 format!(
@@ -250,8 +256,8 @@ impl Limits {
     pub fn open_feed(&self, caller: &Caller) -> Result<FeedGuard, Error> {
         let key = key(caller);
         let mut feeds = lock(&self.feeds);
-        let open = feeds.entry(key.clone()).or_insert(0);
-        if *open >= self.settings.feeds_per_user {
+        // Checked before any entry is made: a refused user leaves nothing behind.
+        if feeds.get(&key).copied().unwrap_or(0) >= self.settings.feeds_per_user {
             return Err(refuse(
                 Limit::Feeds,
                 format!(
@@ -261,7 +267,7 @@ impl Limits {
                 None,
             ));
         }
-        *open += 1;
+        *feeds.entry(key.clone()).or_insert(0) += 1;
         Ok(FeedGuard {
             feeds: self.feeds.clone(),
             key,
@@ -279,10 +285,11 @@ impl Limits {
     ) -> Result<UploadGuard, Error> {
         let key = key(caller);
         let mut streamed = lock(&self.streamed);
-        let (count, bytes) = streamed.entry(key.clone()).or_insert((0, 0));
-        self.check_uploads(i64::from(*count), *bytes, declared)?;
-        *count += 1;
-        *bytes += declared;
+        let (count, bytes) = streamed.get(&key).copied().unwrap_or((0, 0));
+        self.check_uploads(i64::from(count), bytes, declared)?;
+        let entry = streamed.entry(key.clone()).or_insert((0, 0));
+        entry.0 += 1;
+        entry.1 += declared;
         Ok(UploadGuard {
             streamed: self.streamed.clone(),
             key,
@@ -391,7 +398,7 @@ mod tests {
     #[test]
     fn a_bucket_refuses_past_its_burst_with_a_wait_and_spares_other_users() {
         let limits = Limits::new(LimitSettings {
-            sends_per_second: 1,
+            sends_per_second: 1.0,
             sends_burst: 3,
             ..LimitSettings::default()
         });

@@ -194,6 +194,15 @@ impl Default for ServeOptions {
     }
 }
 
+/// Aborts a background task of [`serve`] when `serve` returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How long [`serve`] waits for connections to close once the drain period is over (their
 /// calls have ended by then; this covers the last frames on the wire).
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -270,7 +279,7 @@ pub async fn serve(
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             // Frames carry at most 1 MiB of data; allow that plus protobuf framing, no more.
-            AttachmentServiceServer::new(AttachmentApi::new(chat, options.unary_timeout))
+            AttachmentServiceServer::new(AttachmentApi::new(chat.clone(), options.unary_timeout))
                 .max_decoding_message_size(MAX_FRAME_BYTES)
                 .max_encoding_message_size(MAX_FRAME_BYTES),
             auth,
@@ -299,6 +308,16 @@ pub async fn serve(
         hub.shutdown();
         tokio::spawn(async move { draining.run(period).await });
     });
+    // Rate-limit state follows active users only.
+    let limits = chat.clone();
+    let forget = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            limits.limits().forget_idle();
+        }
+    });
+    let _forget = AbortOnDrop(forget);
     tokio::pin!(serving);
     tokio::select! {
         r = &mut serving => return r,
@@ -309,7 +328,9 @@ pub async fn serve(
     match tokio::time::timeout(CLOSE_GRACE, serving).await {
         Ok(r) => r,
         Err(_) => {
-            tracing::warn!("connections still open after the drain period; closing them");
+            tracing::warn!(
+                "connections still open after the drain period (clients not reading); they close when the process exits"
+            );
             Ok(())
         }
     }

@@ -13,6 +13,11 @@
 //!   retries elsewhere; a response not started yet is answered with that status instead.
 //!
 //! The process then exits 0. Calls that finish within the period are not disturbed.
+//!
+//! One thing a body cannot end: a stream whose client stopped reading. hyper does not poll a
+//! response body while its last chunk waits for the client's flow-control window, so the
+//! `UNAVAILABLE` trailers cannot be sent either; [`crate::server::serve`] returns anyway a
+//! moment after the period, and such connections close when the process exits.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -526,7 +526,7 @@ async fn jwks_rotates_without_restart() {
 /// One unusable key does not take the set down: a JWKS with a key of bad material, one of an
 /// unknown type, a shared secret, one for encryption (`use: enc`) and one whose `key_ops` lack
 /// `verify` still starts the server with its one good key; tokens of the skipped keys are
-/// refused. The same set swapped in by rotation keeps working too.
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_skips_unusable_keys() {
     let k1: Value = serde_json::from_slice(&read_fixture("jwks_k1.json")).expect("k1");

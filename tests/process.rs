@@ -15,43 +15,58 @@ use tonic_health::pb::HealthCheckRequest;
 /// Guards against a hang, not a speed assertion.
 const WAIT: Duration = Duration::from_secs(30);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// Starts `chat-service serve` in `dir` with embedded defaults and no JWT key.
-fn spawn(dir: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_chat-service"))
+/// Starts `chat-service serve` in `dir` with embedded defaults, no JWT key and port 0; returns
+/// the process and the address it printed in its `listening … addr=` log line.
+fn spawn(dir: &Path) -> (Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chat-service"))
         .arg("serve")
         .current_dir(dir)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("GRPC_ADDR", format!("127.0.0.1:{port}"))
+        .env("GRPC_ADDR", "127.0.0.1:0")
         .env("SHUTDOWN_DRAIN_SECONDS", "2")
-        .env("LOG_LEVEL", "warn")
+        .env("LOG_LEVEL", "info")
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn chat-service")
+        .expect("spawn chat-service");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reads every line (so the server never blocks on a full pipe), sends the address once.
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line
+                .split("addr=")
+                .nth(1)
+                .filter(|_| line.contains("listening"))
+            {
+                let addr = addr
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr);
+                }
+            }
+        }
+    });
+    let addr = rx.recv_timeout(WAIT).expect("the server's listening line");
+    (child, addr)
 }
 
-async fn connect(port: u16) -> tonic::transport::Channel {
-    let started = Instant::now();
-    loop {
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-            .expect("endpoint");
-        match ep.connect().await {
-            Ok(c) => return c,
-            Err(e) if started.elapsed() < WAIT => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("server did not come up: {e}"),
-        }
-    }
+async fn connect(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect")
 }
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
@@ -79,9 +94,8 @@ fn mode(path: &Path) -> u32 {
 /// Runs the server once in `dir`: waits for it, holds a health Watch open, sends SIGTERM and
 /// checks the watch hears NOT_SERVING and the process exits 0.
 async fn run_and_terminate(dir: &Path) {
-    let port = free_port();
-    let mut child = spawn(dir, port);
-    let channel = connect(port).await;
+    let (mut child, addr) = spawn(dir);
+    let channel = connect(&addr).await;
     let mut health = HealthClient::new(channel);
     let mut watch = health
         .watch(HealthCheckRequest {

@@ -100,7 +100,7 @@ impl AttachmentService for AttachmentApi {
         &self,
         req: Request<CompleteUploadRequest>,
     ) -> Result<Response<CompleteUploadResponse>, Status> {
-        unary!(self, req, complete_upload)
+        unary!(self, req, complete_upload, no_deadline)
     }
 
     type DownloadAttachmentStream = Download;

@@ -41,6 +41,16 @@ pub fn oversize(status: &Status) -> Option<Status> {
 /// (a unary or server-streaming request over the limit, refused before any handler runs) into
 /// [`oversize`]'s `RESOURCE_EXHAUSTED`. Other responses pass untouched.
 pub fn oversize_response<B>(mut res: http::Response<B>) -> http::Response<B> {
+    // Cheap test first: every trailers-only response passes here.
+    let headers = res.headers();
+    if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"11")
+        || !headers.get("grpc-message").is_some_and(|m| {
+            m.as_bytes()
+                .starts_with(b"Error,%20decoded%20message%20length")
+        })
+    {
+        return res;
+    }
     let Some(status) = tonic::Status::from_header_map(res.headers()) else {
         return res;
     };
@@ -64,6 +74,17 @@ pub fn oversize_response<B>(mut res: http::Response<B>) -> http::Response<B> {
 /// `DEADLINE_EXCEEDED` while its task runs on: like a client's own deadline, the answer does
 /// not say whether the change happened.
 macro_rules! unary {
+    // Without the service's deadline: a call whose work grows with its data (CompleteUpload
+    // copies a whole upload) and that a client should not retry while it still runs.
+    ($self:ident, $req:ident, $method:ident, no_deadline) => {{
+        let caller = crate::api::caller(&$req)?;
+        let chat = $self.chat.clone();
+        let req = $req.into_inner();
+        let out = tokio::spawn(async move { chat.$method(&caller, req).await })
+            .await
+            .map_err(|e| tonic::Status::from(crate::error::Error::Internal(e.to_string())))??;
+        Ok(tonic::Response::new(out))
+    }};
     ($self:ident, $req:ident, $method:ident) => {{
         let caller = crate::api::caller(&$req)?;
         let chat = $self.chat.clone();

@@ -160,10 +160,13 @@ impl Chat {
             // One read for every listed channel, whatever their number.
             let mut mine: HashMap<String, i64> = self
                 .store
-                .memberships(&session.caller.tenant_id, &session.caller.user_id)
+                .channel_heads(
+                    &session.caller.tenant_id,
+                    &session.caller.user_id,
+                    &req.channel_ids,
+                )
                 .await?
                 .into_iter()
-                .map(|(ch, _)| (ch.id, ch.last_sequence))
                 .collect();
             for id in &req.channel_ids {
                 let last = mine

@@ -350,6 +350,14 @@ pub trait ChannelStore: Send + Sync {
         channel_id: &str,
         user: &str,
     ) -> StoreResult<Option<MemberRow>>;
+    /// Of `channel_ids`, the live channels `user` is a member of, with each one's last
+    /// sequence, in one query whatever their number (Subscribe lists up to 1,000).
+    async fn channel_heads(
+        &self,
+        tenant: &str,
+        user: &str,
+        channel_ids: &[String],
+    ) -> StoreResult<Vec<(String, i64)>>;
     /// Channel rows and membership rows of all the user's channels.
     async fn memberships(
         &self,
@@ -589,7 +597,8 @@ pub trait AttachmentStore: Send + Sync {
     /// Records a resumable upload unless its uploader would then have more than `max_open`
     /// unfinished uploads or more than `max_open_bytes` declared by them, checked and written
     /// in one transaction (PostgreSQL takes a transaction-level advisory lock on the uploader,
-    /// SQLite has one writer), so concurrent calls cannot pass the limit together.
+    /// SQLite the database's write lock from the start), so concurrent calls cannot pass the
+    /// limit together.
     /// Returns `None` when recorded, else the uploader's unfinished `(count, declared bytes)`.
     async fn create_upload(
         &self,

@@ -1011,6 +1011,30 @@ macro_rules! impl_store {
                 .await?)
             }
 
+            async fn channel_heads(
+                &self,
+                tenant: &str,
+                user: &str,
+                channel_ids: &[String],
+            ) -> StoreResult<Vec<(String, i64)>> {
+                // The ids travel as one JSON array, so the statement text is the same for any
+                // number of them.
+                let ids = serde_json::to_string(channel_ids)
+                    .map_err(|e| StoreError::Internal(e.to_string()))?;
+                Ok(sqlx::query_as(&format!(
+                    "SELECT c.id, c.last_sequence FROM channels c \
+                     JOIN members m ON m.channel_id = c.id \
+                     WHERE m.tenant_id = $1 AND m.user_id = $2 AND c.delete_time IS NULL \
+                     AND c.id IN ({})",
+                    Self::IDS_OF_JSON_ARRAY
+                ))
+                .bind(tenant)
+                .bind(user)
+                .bind(ids)
+                .fetch_all(&self.read)
+                .await?)
+            }
+
             async fn memberships(
                 &self,
                 tenant: &str,
@@ -1908,7 +1932,7 @@ macro_rules! impl_store {
                 max_open: i64,
                 max_open_bytes: i64,
             ) -> StoreResult<Option<(i64, i64)>> {
-                let mut tx = self.write.begin().await?;
+                let mut tx = self.write.begin_with(Self::BEGIN_WRITE).await?;
                 if let Some(lock) = Self::LOCK_UPLOADER {
                     sqlx::query(lock)
                         .bind(format!("{}\n{}", row.tenant_id, row.uploader_id))
@@ -1924,6 +1948,9 @@ macro_rules! impl_store {
                 .fetch_one(&mut *tx)
                 .await?;
                 if open >= max_open || bytes.saturating_add(row.size_bytes) > max_open_bytes {
+                    // At once, so the uploader's lock is released now, not when the pool
+                    // next touches the connection.
+                    tx.rollback().await?;
                     return Ok(Some((open, bytes)));
                 }
                 sqlx::query(
@@ -2091,8 +2118,13 @@ impl SqliteStore {
     /// sqlx runs every statement of a query text on SQLite (binding `?` in order across
     /// them), in one trip to the connection's worker thread.
     const STATEMENTS_IN_ONE_COMMAND: bool = true;
-    /// One writer: an upload quota's check and insert cannot interleave with another's.
+    /// The quota's check and insert take the database's write lock at once (`IMMEDIATE`), so
+    /// they cannot interleave with another writer's, in this process or another.
     const LOCK_UPLOADER: Option<&'static str> = None;
+    /// How a transaction that reads before it writes starts.
+    const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+    /// The text values of the JSON array bound to `$3`, as a subquery.
+    const IDS_OF_JSON_ARRAY: &'static str = "SELECT value FROM json_each($3)";
 }
 
 impl SqliteStore {
@@ -2376,6 +2408,10 @@ impl PostgresStore {
     /// user), until the transaction ends.
     const LOCK_UPLOADER: Option<&'static str> =
         Some("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))");
+    /// How a transaction that reads before it writes starts (the lock above serializes it).
+    const BEGIN_WRITE: &'static str = "BEGIN";
+    /// The text values of the JSON array bound to `$3`, as a subquery.
+    const IDS_OF_JSON_ARRAY: &'static str = "SELECT jsonb_array_elements_text(CAST($3 AS jsonb))";
 }
 
 impl_store!(SqliteStore, Sqlite);

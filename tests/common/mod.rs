@@ -440,3 +440,16 @@ macro_rules! on_every_backend {
         }
     };
 }
+
+/// This test process's resident set, in KiB (Linux), for "memory stays bounded" checks (the
+/// server runs in the test's process).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
