@@ -117,6 +117,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     let url = args.db.url()?;
     let (settings, dev_secret) = verifier_settings(&args.auth)?;
     let verifier = Arc::new(Verifier::new(settings).map_err(|e| format!("JWT key: {e}"))?);
+    // Before the store connects, so its pools are sampled too.
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr).await?;
+    }
     let store = crate::store::connect(&url, args.db.db_schema.as_deref(), !args.no_migrate)
         .await
         .map_err(|e| format!("DATABASE_URL: {e}"))?;
@@ -169,6 +173,24 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("server: {e}"))?;
     store.close().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Installs the metrics recorder and serves `GET /metrics` on `addr` for the life of the
+/// process. Errors: `METRICS_ADDR` cannot be bound, or another recorder is installed.
+async fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), String> {
+    crate::metrics::install().map_err(|e| format!("METRICS_ADDR: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("METRICS_ADDR: cannot listen on {addr}: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    // Not "listening": scripts find the gRPC address by that word.
+    tracing::info!(metrics_addr = %bound, "serving Prometheus metrics at /metrics");
+    tokio::spawn(async move {
+        if let Err(e) = crate::metrics::serve(listener, std::future::pending()).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
     Ok(())
 }
 

@@ -39,6 +39,10 @@
 //! - [`page`]: `ListMessagesResponse` by hand, so history pages can be sent pre-encoded.
 //! - [`event`]: `SubscribeResponse` by hand, so feeds send each stored event as stored.
 //! - [`cli`]: the `chat-service` command line, including a small client.
+//! - [`telemetry`]: per-request id, span and gRPC metrics (a tower layer); log output
+//!   (`LOG_FORMAT` text or JSON).
+//! - [`metrics`]: the Prometheus recorder, its `GET /metrics` endpoint (`METRICS_ADDR`) and
+//!   the functions the code records through.
 
 pub mod api;
 pub mod auth;
@@ -50,9 +54,11 @@ pub mod domain;
 pub mod error;
 pub mod event;
 pub mod fanout;
+pub mod metrics;
 pub mod page;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 
 /// Generated protobuf types and tonic clients/servers of package `chat.v1`.
 pub mod proto {

@@ -24,15 +24,17 @@ pub(crate) fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
 /// The call runs in a task of its own: if the client goes away mid-call, tonic drops the
 /// handler, but a change that is committing still commits *and is published* to live feeds
 /// (a committed event that was never published would reach feeds only when a later event
-/// exposed the hole).
+/// exposed the hole). The task keeps the request's span and id ([`crate::telemetry::in_request`]).
 macro_rules! unary {
     ($self:ident, $req:ident, $method:ident) => {{
         let caller = crate::api::caller(&$req)?;
         let chat = $self.chat.clone();
         let req = $req.into_inner();
-        let out = tokio::spawn(async move { chat.$method(&caller, req).await })
-            .await
-            .map_err(|e| tonic::Status::from(crate::error::Error::Internal(e.to_string())))??;
+        let out = tokio::spawn(crate::telemetry::in_request(async move {
+            chat.$method(&caller, req).await
+        }))
+        .await
+        .map_err(|e| tonic::Status::from(crate::error::Error::Internal(e.to_string())))??;
         Ok(tonic::Response::new(out))
     }};
 }
