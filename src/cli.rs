@@ -155,6 +155,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let (settings, dev_secret) = verifier_settings(&args.auth)?;
     let verifier = Arc::new(Verifier::new(settings).map_err(|e| format!("JWT key: {e}"))?);
+    // Before the store connects, so its pools are sampled too.
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr).await?;
+    }
     let store = crate::store::connect(&url, args.db.db_schema.as_deref(), !args.no_migrate)
         .await
         .map_err(|e| format!("DATABASE_URL: {e}"))?;
@@ -174,6 +178,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     ));
     tokio::spawn(sweep_forever(chat.clone()));
 
+    // Before the listener exists, so no client can ask for a shutdown the process would not
+    // handle.
+    let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .map_err(|e| format!("GRPC_ADDR: cannot listen on {}: {e}", args.grpc_addr))?;
@@ -207,11 +214,29 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         max_concurrent_streams: args.limits.max_concurrent_streams,
         unary_timeout: Duration::from_secs(args.limits.unary_timeout_seconds),
     };
-    crate::server::serve(listener, chat, verifier, options, shutdown_signal())
+    crate::server::serve(listener, chat, verifier, options, shutdown)
         .await
         .map_err(|e| format!("server: {e}"))?;
     store.close().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Installs the metrics recorder and serves `GET /metrics` on `addr` for the life of the
+/// process. Errors: `METRICS_ADDR` cannot be bound, or another recorder is installed.
+async fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), String> {
+    crate::metrics::install().map_err(|e| format!("METRICS_ADDR: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("METRICS_ADDR: cannot listen on {addr}: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    // Not "listening": scripts find the gRPC address by that word.
+    tracing::info!(metrics_addr = %bound, "serving Prometheus metrics at /metrics");
+    tokio::spawn(async move {
+        if let Err(e) = crate::metrics::serve(listener, std::future::pending()).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
     Ok(())
 }
 
@@ -240,24 +265,31 @@ fn redact(url: &str) -> String {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM or Ctrl-C. The SIGTERM handler is installed here, at once, not when the returned
+/// future is first polled: a SIGTERM that came before would otherwise kill the process with
+/// the default action (no drain, no exit status 0).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let term = async {
+            match term {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }
 

@@ -221,6 +221,13 @@ pub struct ServeArgs {
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or tracing directives).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log lines as `text` (for people) or `json` (one object per line, for pipelines).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
+    /// Where to serve Prometheus metrics (`GET /metrics`, HTTP/1.1), e.g. `127.0.0.1:9090`.
+    /// Unset: no metrics endpoint, and nothing is recorded.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Seconds between heartbeats on live feeds (1 to 3600).
     #[arg(long, env = "HEARTBEAT_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub heartbeat_seconds: u64,

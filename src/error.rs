@@ -222,12 +222,12 @@ impl From<Error> for Status {
             }
             Error::OutOfRange(s) => Status::out_of_range(m(s)),
             Error::Unavailable(m) => {
-                let id = uuid::Uuid::new_v4();
+                let id = crate::telemetry::request_id_or_new();
                 tracing::warn!(request_id = %id, error = %m, "storage unavailable");
                 Status::unavailable(format!("storage unavailable, retry (request id {id})"))
             }
             Error::Internal(m) => {
-                let id = uuid::Uuid::new_v4();
+                let id = crate::telemetry::request_id_or_new();
                 tracing::error!(request_id = %id, error = %m, "internal error");
                 Status::internal(format!("internal error (request id {id})"))
             }

@@ -41,6 +41,10 @@
 //! - [`page`]: `ListMessagesResponse` by hand, so history pages can be sent pre-encoded.
 //! - [`event`]: `SubscribeResponse` by hand, so feeds send each stored event as stored.
 //! - [`cli`]: the `chat-service` command line, including a small client.
+//! - [`telemetry`]: per-request id, span and gRPC metrics (a tower layer); log output
+//!   (`LOG_FORMAT` text or JSON).
+//! - [`metrics`]: the Prometheus recorder, its `GET /metrics` endpoint (`METRICS_ADDR`) and
+//!   the functions the code records through.
 
 pub mod api;
 pub mod auth;
@@ -53,10 +57,12 @@ pub mod error;
 pub mod event;
 pub mod fanout;
 pub mod limits;
+pub mod metrics;
 pub mod page;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod telemetry;
 
 /// Generated protobuf types and tonic clients/servers of package `chat.v1`.
 pub mod proto {

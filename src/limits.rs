@@ -143,8 +143,9 @@ pub fn refuse(limit: Limit, message: String, retry_after: Option<Duration>) -> E
     }
 }
 
-/// Where a refusal is counted.
+/// Counts a refusal in `chat_limit_refusals_total{limit}` ([`crate::metrics`]).
 fn refused_hook(limit: Limit) {
+    crate::metrics::limit_refused(limit.name());
     tracing::debug!(limit = limit.name(), "limit reached");
 }
 

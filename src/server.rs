@@ -120,7 +120,7 @@ fn mark_http_version(
 }
 
 /// Request headers a grpc-web client may send cross-origin (answered in preflight).
-const CORS_ALLOW_HEADERS: [&str; 8] = [
+const CORS_ALLOW_HEADERS: [&str; 10] = [
     "authorization",
     "content-type",
     "x-grpc-web",
@@ -129,15 +129,19 @@ const CORS_ALLOW_HEADERS: [&str; 8] = [
     "grpc-accept-encoding",
     "grpc-encoding",
     "connect-protocol-version",
+    // Request ids and W3C trace context (crate::telemetry).
+    "x-request-id",
+    "traceparent",
 ];
 
 /// Response headers a page may read: without them a browser reports every error of a
 /// trailers-only response (such as `UNAUTHENTICATED`) as `UNKNOWN`.
-const CORS_EXPOSE_HEADERS: [&str; 4] = [
+const CORS_EXPOSE_HEADERS: [&str; 5] = [
     "grpc-status",
     "grpc-message",
     "grpc-status-details-bin",
     "grpc-encoding",
+    "x-request-id",
 ];
 
 /// The CORS layer for `origins`: POST only, the grpc-web headers, preflight cached 2 h (the
@@ -262,6 +266,9 @@ pub async fn serve(
         // Before tonic-web, which presents every request to the services as HTTP/2.
         .layer(tower::util::MapRequestLayer::new(mark_http_version))
         .layer(tonic_web::GrpcWebLayer::new())
+        // Inside tonic-web, so it sees grpc-web calls as native gRPC: request id, span,
+        // metrics by method and status (crate::telemetry).
+        .layer(crate::telemetry::RequestLayer)
         // Inside grpc-web, so a cut call's UNAVAILABLE trailers are translated for browsers.
         .layer(crate::shutdown::DrainLayer(drain.clone()))
         // A request over the message limit: RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE.

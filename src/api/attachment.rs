@@ -43,6 +43,7 @@ impl AttachmentService for AttachmentApi {
         req: Request<Streaming<UploadAttachmentRequest>>,
     ) -> Result<Response<UploadAttachmentResponse>, Status> {
         let caller = super::caller(&req)?;
+        let open = crate::metrics::stream_open(crate::metrics::StreamKind::Upload);
         let mut frames = req.into_inner();
         let meta = match frames
             .message()
@@ -79,9 +80,12 @@ impl AttachmentService for AttachmentApi {
             .boxed();
         // In a task of its own, so a cancelled call still aborts its multipart upload.
         let chat = self.chat.clone();
-        let out = tokio::spawn(async move { chat.upload_attachment(&caller, meta, chunks).await })
-            .await
-            .map_err(|e| Status::from(Error::Internal(e.to_string())))??;
+        let out = tokio::spawn(crate::telemetry::in_request(async move {
+            let _open = open;
+            chat.upload_attachment(&caller, meta, chunks).await
+        }))
+        .await
+        .map_err(|e| Status::from(Error::Internal(e.to_string())))??;
         Ok(Response::new(out))
     }
     async fn create_upload(

@@ -70,7 +70,8 @@ pub fn oversize_response<B>(mut res: http::Response<B>) -> http::Response<B> {
 /// The call runs in a task of its own: if the client goes away mid-call, tonic drops the
 /// handler, but a change that is committing still commits *and is published* to live feeds
 /// (a committed event that was never published would reach feeds only when a later event
-/// exposed the hole). For the same reason a call past the service's unary timeout is answered
+/// exposed the hole). The task keeps the request's span and id ([`crate::telemetry::in_request`]).
+/// For the same reason a call past the service's unary timeout is answered
 /// `DEADLINE_EXCEEDED` while its task runs on: like a client's own deadline, the answer does
 /// not say whether the change happened.
 macro_rules! unary {
@@ -80,16 +81,20 @@ macro_rules! unary {
         let caller = crate::api::caller(&$req)?;
         let chat = $self.chat.clone();
         let req = $req.into_inner();
-        let out = tokio::spawn(async move { chat.$method(&caller, req).await })
-            .await
-            .map_err(|e| tonic::Status::from(crate::error::Error::Internal(e.to_string())))??;
+        let out = tokio::spawn(crate::telemetry::in_request(async move {
+            chat.$method(&caller, req).await
+        }))
+        .await
+        .map_err(|e| tonic::Status::from(crate::error::Error::Internal(e.to_string())))??;
         Ok(tonic::Response::new(out))
     }};
     ($self:ident, $req:ident, $method:ident) => {{
         let caller = crate::api::caller(&$req)?;
         let chat = $self.chat.clone();
         let req = $req.into_inner();
-        let task = tokio::spawn(async move { chat.$method(&caller, req).await });
+        let task = tokio::spawn(crate::telemetry::in_request(async move {
+            chat.$method(&caller, req).await
+        }));
         let out = tokio::time::timeout($self.unary_timeout, task)
             .await
             .map_err(|_| {

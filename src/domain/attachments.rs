@@ -197,7 +197,9 @@ impl Chat {
                         format!("declared {} bytes, received more", meta.size_bytes),
                     ));
                 }
+                let n = chunk.len();
                 sink.write(chunk).await?;
+                crate::metrics::upload_bytes(n);
             }
             Ok(())
         }
@@ -372,6 +374,7 @@ impl Chat {
                 committed: now.committed_bytes,
             });
         }
+        crate::metrics::upload_bytes((end - req.offset) as usize);
         Ok(proto::UploadChunkResponse {
             committed_bytes: end,
         })
@@ -738,7 +741,8 @@ impl Chat {
         // One frame of slack: "bytes sent" then lags what the client took by little.
         let (tx, rx) = mpsc::channel(1);
         let chat = self.clone();
-        tokio::spawn(async move {
+        tokio::spawn(crate::telemetry::in_request(async move {
+            let _open = crate::metrics::stream_open(crate::metrics::StreamKind::Download);
             let mut sent: i64 = 0;
             let head = proto::DownloadAttachmentResponse {
                 data: Some(Data::Attachment(attachment(&a))),
@@ -766,6 +770,7 @@ impl Chat {
                             .is_ok();
                         if ok {
                             sent += n;
+                            crate::metrics::download_bytes(n as usize);
                         }
                     }
                     match next {
@@ -786,7 +791,7 @@ impl Chat {
             {
                 tracing::error!(error = %e, download = %record.id, "could not finish the download record");
             }
-        });
+        }));
         Ok(rx)
     }
 

@@ -89,7 +89,10 @@ async fn worker(
         let enc = |row: &crate::store::MessageRow, seq| {
             encode_message_event(MessageEvent::Created, row, seq)
         };
-        match store.insert_messages(messages, &enc).await {
+        let (size, start) = (messages.len(), std::time::Instant::now());
+        let stored = store.insert_messages(messages, &enc).await;
+        crate::metrics::commit_batch(size, start.elapsed());
+        match stored {
             Ok(outcomes) => {
                 for (outcome, reply) in outcomes.into_iter().zip(replies) {
                     if let Ok(Inserted::New(row, payload)) = &outcome {

@@ -350,6 +350,7 @@ impl Session {
                             return Err(expired());
                         }
                         self.send(heartbeat_event());
+                        crate::metrics::feed_heartbeat();
                         // A feed is not polled while its client does not read: one heartbeat
                         // after, not a burst.
                         next_heartbeat = now + heartbeat_every;
@@ -372,6 +373,7 @@ impl Session {
             }
             // The error ends the stream, after whatever was sent before it.
             Err(e) => {
+                crate::metrics::feed_events(self.batch.len());
                 self.batch.push(Err(e));
                 let batch = std::mem::take(&mut self.batch).into_boxed_slice();
                 lock(&self.outbox).push_back(batch);
@@ -469,6 +471,7 @@ impl Session {
             return Err(expired());
         }
         let batch = std::mem::take(&mut self.batch).into_boxed_slice();
+        crate::metrics::feed_events(batch.len());
         lock(&self.outbox).push_back(batch);
         Ok(true)
     }
@@ -611,6 +614,7 @@ impl Session {
 
     /// The hub could not queue some events: read them from storage.
     async fn catch_up(&mut self) -> Go {
+        crate::metrics::feed_caught_up();
         let lag = self.feed.take_lag();
         for id in lag.channels {
             if !self.fill(&id, i64::MAX).await? {

@@ -93,6 +93,14 @@ pub struct Feed {
     expires: tokio::time::Instant,
 }
 
+/// A feed counts as open (`chat_feeds_open`) from [`Hub::register`] until its last reference
+/// goes, which is when its Subscribe stream ends.
+impl Drop for Feed {
+    fn drop(&mut self) {
+        crate::metrics::feed_closed();
+    }
+}
+
 impl Feed {
     /// Takes what the feed missed so far.
     pub fn take_lag(&self) -> Lag {
@@ -191,6 +199,7 @@ impl Hub {
         expires: tokio::time::Instant,
     ) -> (Arc<Feed>, mpsc::Receiver<Item>) {
         let (tx, rx) = mpsc::channel(self.buffer);
+        crate::metrics::feed_opened();
         let user_key = all_channels.then(|| (tenant.to_owned(), user.to_owned()));
         let feed = Arc::new(Feed {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),

@@ -356,11 +356,15 @@ pub async fn connect(
                     SQLITE_BUSY_TIMEOUT,
                 )
             });
-            Ok(Arc::new(SqliteStore {
+            let store = Arc::new(SqliteStore {
                 write,
                 read,
                 history,
-            }))
+            });
+            watch_pools(&store, |s| {
+                [pool_sample("write", &s.write), pool_sample("read", &s.read)]
+            });
+            Ok(store)
         }
         Some(Database::Postgres) => {
             let mut opts = PgConnectOptions::from_str(url)?;
@@ -384,18 +388,45 @@ pub async fn connect(
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(opts)
                 .await?;
-            Ok(Arc::new(PostgresStore {
+            let store = Arc::new(PostgresStore {
                 write,
                 read,
                 known_sequences: Default::default(),
                 one_call: Default::default(),
                 general: Default::default(),
-            }))
+            });
+            watch_pools(&store, |s| {
+                [pool_sample("write", &s.write), pool_sample("read", &s.read)]
+            });
+            Ok(store)
         }
         None => Err(StoreError::Internal(format!(
             "unsupported database URL scheme in {:?} (use sqlite: or postgres:)",
             url.split(':').next().unwrap_or_default()
         ))),
+    }
+}
+
+/// Has each metrics scrape sample `store`'s pools, for as long as the store lives.
+fn watch_pools<S: Send + Sync + 'static>(
+    store: &Arc<S>,
+    pools: fn(&S) -> [crate::metrics::PoolSample; 2],
+) {
+    let weak = Arc::downgrade(store);
+    crate::metrics::watch_pools(move || weak.upgrade().map(|s| pools(&s).to_vec()));
+}
+
+/// A pool's state for `chat_db_pool_*` (sampled at each scrape). SQLite history pages read
+/// through their own readers (`SqliteReaders`), outside these pools.
+fn pool_sample<DB: sqlx::Database>(
+    name: &'static str,
+    pool: &sqlx::Pool<DB>,
+) -> crate::metrics::PoolSample {
+    crate::metrics::PoolSample {
+        pool: name,
+        size: pool.size(),
+        idle: pool.num_idle(),
+        max: pool.options().get_max_connections(),
     }
 }
 
@@ -1324,12 +1355,15 @@ macro_rules! impl_store {
                 // advancing UPDATE and the membership SELECT, and COMMIT with the INSERTs: two
                 // trips to the connection's thread for a batch, where a sqlx transaction with
                 // a statement per trip took five.
+                let waited = std::time::Instant::now();
                 let (mut tx, begin) = if Self::STATEMENTS_IN_ONE_COMMAND {
                     let conn = self.write.acquire().await?;
                     (WriteTransaction::Manual(ManualTransaction::new(conn)), "BEGIN IMMEDIATE; ")
                 } else {
                     (WriteTransaction::Sqlx(self.write.begin().await?), "")
                 };
+                // PostgreSQL's includes the BEGIN's round trip (sqlx sends it on acquiring).
+                crate::metrics::write_acquired(waited.elapsed());
                 // Four statements whatever the batch holds: lock, advance, members, keys. Each
                 // list is padded to a power of two with rows that match nothing (ids are never
                 // empty), so a few statement texts cover every batch and stay prepared.
@@ -2307,6 +2341,10 @@ impl PostgresStore {
             }
         }
         unknown.dedup();
+        // One connection for both statements, its wait measured (chat_db_acquire_seconds).
+        let waited = std::time::Instant::now();
+        let mut conn = self.write.acquire().await?;
+        crate::metrics::write_acquired(waited.elapsed());
         let read: Vec<(String, String, i64)> = if unknown.is_empty() {
             Vec::new()
         } else {
@@ -2315,7 +2353,7 @@ impl PostgresStore {
                  WHERE id = ANY($1) AND delete_time IS NULL",
             )
             .bind(&unknown)
-            .fetch_all(&self.write)
+            .fetch_all(&mut *conn)
             .await?
         };
         for (c, t, last) in &read {
@@ -2334,7 +2372,7 @@ impl PostgresStore {
             ))
             .bind(plan.channels.iter().map(|c| c.1).collect::<Vec<&str>>())
             .bind(plan.channels.iter().map(|c| c.2).collect::<Vec<i64>>())
-            .fetch_one(&self.write)
+            .fetch_one(&mut *conn)
             .await
             .map_err(StoreError::from);
         match status {

@@ -184,6 +184,8 @@ pub struct Options {
     pub limits: chat_service::limits::LimitSettings,
     /// Appended to the database URL (say `?mode=ro`); when set, migrations are not run.
     pub url_params: Option<String>,
+    /// Serve Prometheus metrics on a port of its own (see [`TestServer::metrics_addr`]).
+    pub metrics: bool,
 }
 
 impl Default for Options {
@@ -199,6 +201,7 @@ impl Default for Options {
             serve: Default::default(),
             url_params: None,
             limits: chat_service::limits::LimitSettings::unlimited(),
+            metrics: false,
         }
     }
 }
@@ -209,8 +212,11 @@ pub struct TestServer {
     pub db: TestDb,
     pub opts: Options,
     pub chat: Arc<Chat>,
+    /// Where `GET /metrics` answers, with [`Options::metrics`].
+    pub metrics_addr: Option<std::net::SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl TestServer {
@@ -224,6 +230,9 @@ impl TestServer {
 
     /// Stops the server and starts a new one on the same database and storage.
     pub async fn restart(mut self) -> TestServer {
+        if let Some(t) = self.metrics_task.take() {
+            t.abort();
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -236,6 +245,22 @@ impl TestServer {
     }
 
     pub async fn start_on(db: TestDb, opts: Options) -> TestServer {
+        // Before the store connects, so its pools are watched.
+        let (metrics_addr, metrics_task) = if opts.metrics {
+            chat_service::metrics::install().expect("metrics recorder");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind metrics");
+            let addr = listener.local_addr().expect("metrics addr");
+            let task = tokio::spawn(async move {
+                chat_service::metrics::serve(listener, std::future::pending())
+                    .await
+                    .expect("metrics endpoint");
+            });
+            (Some(addr), Some(task))
+        } else {
+            (None, None)
+        };
         let url = format!(
             "{}{}",
             db.url,
@@ -294,13 +319,18 @@ impl TestServer {
             db,
             opts,
             chat,
+            metrics_addr,
             shutdown: Some(tx),
             task: Some(task),
+            metrics_task,
         }
     }
 
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
+        if let Some(t) = self.metrics_task.take() {
+            t.abort();
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
