@@ -101,7 +101,9 @@ class AttachmentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateUpload(self, request, context):
-        """Starts a resumable upload (for grpc-web and flaky networks). Key: CreateAttachmentFile.
+        """Starts a resumable upload (for grpc-web and flaky networks). A user with the service's limit
+        of unfinished uploads (default 16, declaring at most 1 GiB in all) → RESOURCE_EXHAUSTED;
+        streamed uploads in flight are limited the same way. Key: CreateAttachmentFile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,7 +111,8 @@ class AttachmentServiceServicer:
 
     def UploadChunk(self, request, context):
         """Appends one chunk to a resumable upload. An offset other than the committed size answers
-        FAILED_PRECONDITION with the committed size. Key: CreateAttachmentFile.
+        FAILED_PRECONDITION with the committed size; an uploader no longer a member of the channel
+        → NOT_FOUND. Key: CreateAttachmentFile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

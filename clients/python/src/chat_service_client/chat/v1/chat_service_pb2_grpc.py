@@ -28,7 +28,10 @@ if _version_not_supported:
 class ChatServiceStub:
     """Messages and live feeds. Every RPC needs a bearer token; the permission key each RPC needs is
     named on it. A channel or message the caller cannot see answers NOT_FOUND, never
-    PERMISSION_DENIED, so ids do not leak.
+    PERMISSION_DENIED, so ids do not leak. Per-user limits: SendMessage and ForwardMessage share
+    one rate, every other change another; past either → RESOURCE_EXHAUSTED with
+    google.rpc.RetryInfo (the wait). A unary call past the service's time limit (default 30 s) →
+    DEADLINE_EXCEEDED. A request message over 4 MiB → RESOURCE_EXHAUSTED.
     """
 
     def __init__(self, channel):
@@ -102,7 +105,10 @@ class ChatServiceStub:
 class ChatServiceServicer:
     """Messages and live feeds. Every RPC needs a bearer token; the permission key each RPC needs is
     named on it. A channel or message the caller cannot see answers NOT_FOUND, never
-    PERMISSION_DENIED, so ids do not leak.
+    PERMISSION_DENIED, so ids do not leak. Per-user limits: SendMessage and ForwardMessage share
+    one rate, every other change another; past either → RESOURCE_EXHAUSTED with
+    google.rpc.RetryInfo (the wait). A unary call past the service's time limit (default 30 s) →
+    DEADLINE_EXCEEDED. A request message over 4 MiB → RESOURCE_EXHAUSTED.
     """
 
     def SendMessage(self, request, context):
@@ -153,8 +159,8 @@ class ChatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MarkRead(self, request, context):
-        """Moves the caller's read marker in a channel forward; never back.
-        Key: UpdateMessageRecipient.
+        """Moves the caller's read marker in a channel forward; never back. Only a real move is
+        published to the channel's feeds (ReadMarkerUpdated). Key: UpdateMessageRecipient.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,7 +199,9 @@ class ChatServiceServicer:
     def Subscribe(self, request, context):
         """The live feed: replays stored events after the given cursors, then continues live, with no
         gap and no duplicate at the seam. Ends with UNAUTHENTICATED when the token expires.
-        Key: ViewMessage.
+        At most 1,000 `channel_ids` and 1,000 `cursors` (INVALID_ARGUMENT past that; a repeated id
+        counts once); a user holding the service's limit of open feeds (default 32) →
+        RESOURCE_EXHAUSTED. Key: ViewMessage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -273,7 +281,10 @@ def add_ChatServiceServicer_to_server(servicer, server):
 class ChatService:
     """Messages and live feeds. Every RPC needs a bearer token; the permission key each RPC needs is
     named on it. A channel or message the caller cannot see answers NOT_FOUND, never
-    PERMISSION_DENIED, so ids do not leak.
+    PERMISSION_DENIED, so ids do not leak. Per-user limits: SendMessage and ForwardMessage share
+    one rate, every other change another; past either → RESOURCE_EXHAUSTED with
+    google.rpc.RetryInfo (the wait). A unary call past the service's time limit (default 30 s) →
+    DEADLINE_EXCEEDED. A request message over 4 MiB → RESOURCE_EXHAUSTED.
     """
 
     @staticmethod

@@ -537,7 +537,9 @@ export declare const AttachmentService: GenService<{
     output: typeof UploadAttachmentResponseSchema;
   },
   /**
-   * Starts a resumable upload (for grpc-web and flaky networks). Key: CreateAttachmentFile.
+   * Starts a resumable upload (for grpc-web and flaky networks). A user with the service's limit
+   * of unfinished uploads (default 16, declaring at most 1 GiB in all) → RESOURCE_EXHAUSTED;
+   * streamed uploads in flight are limited the same way. Key: CreateAttachmentFile.
    *
    * @generated from rpc chat.v1.AttachmentService.CreateUpload
    */
@@ -548,7 +550,8 @@ export declare const AttachmentService: GenService<{
   },
   /**
    * Appends one chunk to a resumable upload. An offset other than the committed size answers
-   * FAILED_PRECONDITION with the committed size. Key: CreateAttachmentFile.
+   * FAILED_PRECONDITION with the committed size; an uploader no longer a member of the channel
+   * → NOT_FOUND. Key: CreateAttachmentFile.
    *
    * @generated from rpc chat.v1.AttachmentService.UploadChunk
    */

@@ -906,7 +906,10 @@ export declare const HeartbeatSchema: GenMessage<Heartbeat>;
 /**
  * Messages and live feeds. Every RPC needs a bearer token; the permission key each RPC needs is
  * named on it. A channel or message the caller cannot see answers NOT_FOUND, never
- * PERMISSION_DENIED, so ids do not leak.
+ * PERMISSION_DENIED, so ids do not leak. Per-user limits: SendMessage and ForwardMessage share
+ * one rate, every other change another; past either → RESOURCE_EXHAUSTED with
+ * google.rpc.RetryInfo (the wait). A unary call past the service's time limit (default 30 s) →
+ * DEADLINE_EXCEEDED. A request message over 4 MiB → RESOURCE_EXHAUSTED.
  *
  * @generated from service chat.v1.ChatService
  */
@@ -977,8 +980,8 @@ export declare const ChatService: GenService<{
     output: typeof ForwardMessageResponseSchema;
   },
   /**
-   * Moves the caller's read marker in a channel forward; never back.
-   * Key: UpdateMessageRecipient.
+   * Moves the caller's read marker in a channel forward; never back. Only a real move is
+   * published to the channel's feeds (ReadMarkerUpdated). Key: UpdateMessageRecipient.
    *
    * @generated from rpc chat.v1.ChatService.MarkRead
    */
@@ -1032,7 +1035,9 @@ export declare const ChatService: GenService<{
   /**
    * The live feed: replays stored events after the given cursors, then continues live, with no
    * gap and no duplicate at the seam. Ends with UNAUTHENTICATED when the token expires.
-   * Key: ViewMessage.
+   * At most 1,000 `channel_ids` and 1,000 `cursors` (INVALID_ARGUMENT past that; a repeated id
+   * counts once); a user holding the service's limit of open feeds (default 32) →
+   * RESOURCE_EXHAUSTED. Key: ViewMessage.
    *
    * @generated from rpc chat.v1.ChatService.Subscribe
    */

@@ -246,7 +246,10 @@ export const HeartbeatSchema = /*@__PURE__*/
 /**
  * Messages and live feeds. Every RPC needs a bearer token; the permission key each RPC needs is
  * named on it. A channel or message the caller cannot see answers NOT_FOUND, never
- * PERMISSION_DENIED, so ids do not leak.
+ * PERMISSION_DENIED, so ids do not leak. Per-user limits: SendMessage and ForwardMessage share
+ * one rate, every other change another; past either → RESOURCE_EXHAUSTED with
+ * google.rpc.RetryInfo (the wait). A unary call past the service's time limit (default 30 s) →
+ * DEADLINE_EXCEEDED. A request message over 4 MiB → RESOURCE_EXHAUSTED.
  *
  * @generated from service chat.v1.ChatService
  */
