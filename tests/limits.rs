@@ -254,6 +254,42 @@ async fn unfinished_uploads_per_user(backend: Backend) {
         .await
         .expect("complete");
     create(&mut alice, meta(&ch, 1)).await.expect("room again");
+    // Cancelling one makes room too, and deletes its row and chunks.
+    let s = create(&mut alice, meta(&ch, 1))
+        .await
+        .expect_err("at the limit again");
+    exhausted(&s, "at the limit again");
+    let uploads = server.db.count("uploads").await;
+    alice
+        .upload_chunk(proto::UploadChunkRequest {
+            upload_id: ok[1].clone(),
+            offset: 0,
+            chunk: vec![1u8].into(),
+        })
+        .await
+        .expect("chunk");
+    alice
+        .cancel_upload(proto::CancelUploadRequest {
+            upload_id: ok[1].clone(),
+        })
+        .await
+        .expect("cancel");
+    assert_eq!(server.db.count("uploads").await, uploads - 1);
+    assert_eq!(
+        server.db.count("upload_chunks").await,
+        0,
+        "its chunk record went too"
+    );
+    let s = bob
+        .cancel_upload(proto::CancelUploadRequest {
+            upload_id: ok[2].clone(),
+        })
+        .await
+        .expect_err("another user's upload");
+    assert_eq!(s.code(), Code::NotFound);
+    create(&mut alice, meta(&ch, 1))
+        .await
+        .expect("room after cancelling");
 
     // Streamed uploads in flight count too: carol holds three open, the fourth is refused.
     let mut carol = files(&server, "carol").await;

@@ -107,6 +107,13 @@ impl AttachmentService for AttachmentApi {
         unary!(self, req, complete_upload, no_deadline)
     }
 
+    async fn cancel_upload(
+        &self,
+        req: Request<CancelUploadRequest>,
+    ) -> Result<Response<CancelUploadResponse>, Status> {
+        unary!(self, req, cancel_upload)
+    }
+
     type DownloadAttachmentStream = Download;
 
     async fn download_attachment(

@@ -379,6 +379,25 @@ impl Chat {
             committed_bytes: end,
         })
     }
+    /// CancelUpload: the caller's own upload, row and chunks, deleted; it stops counting
+    /// against the caller's unfinished uploads. Key: CreateAttachmentFile.
+    ///
+    /// Errors: `INVALID_ARGUMENT` (a malformed id), `NOT_FOUND` (unknown, or another user's).
+    pub async fn cancel_upload(
+        &self,
+        caller: &Caller,
+        req: proto::CancelUploadRequest,
+    ) -> Result<proto::CancelUploadResponse> {
+        caller.require(Permission::CreateAttachmentFile)?;
+        self.limits.write(caller)?;
+        let mut c = Check::new();
+        c.id("upload_id", &req.upload_id);
+        c.done()?;
+        let up = self.own_upload(caller, &req.upload_id).await?;
+        self.discard_upload(&up).await?;
+        Ok(proto::CancelUploadResponse {})
+    }
+
     /// Deletes an upload: the row first (so no chunk can commit after), then every object
     /// under its prefix (committed chunks and stray attempts alike).
     async fn discard_upload(&self, up: &UploadRow) -> Result<()> {

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from chat_service_client.chat.v1 import types_pb2 as chat_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n chat/v1/attachment_service.proto\x12\x07\x63hat.v1\x1a\x13\x63hat/v1/types.proto\"u\n\x12\x41ttachmentMetadata\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"c\n\x17UploadAttachmentRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.chat.v1.AttachmentMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"C\n\x18UploadAttachmentResponse\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.chat.v1.Attachment\"D\n\x13\x43reateUploadRequest\x12-\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.chat.v1.AttachmentMetadata\")\n\x14\x43reateUploadResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\"F\n\x12UploadChunkRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05\x63hunk\x18\x03 \x01(\x0c\".\n\x13UploadChunkResponse\x12\x17\n\x0f\x63ommitted_bytes\x18\x01 \x01(\x03\"*\n\x15\x43ompleteUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"A\n\x16\x43ompleteUploadResponse\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.chat.v1.Attachment\"B\n\x19\x44ownloadAttachmentRequest\x12\x15\n\rattachment_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"`\n\x1a\x44ownloadAttachmentResponse\x12)\n\nattachment\x18\x01 \x01(\x0b\x32\x13.chat.v1.AttachmentH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"-\n\x14GetAttachmentRequest\x12\x15\n\rattachment_id\x18\x01 \x01(\t\"@\n\x15GetAttachmentResponse\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.chat.v1.Attachment\"g\n\x16ListAttachmentsRequest\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\\\n\x17ListAttachmentsResponse\x12(\n\x0b\x61ttachments\x18\x01 \x03(\x0b\x32\x13.chat.v1.Attachment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x17\x44\x65leteAttachmentRequest\x12\x15\n\rattachment_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteAttachmentResponse\"^\n\x1eListAttachmentDownloadsRequest\x12\x15\n\rattachment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x1fListAttachmentDownloadsResponse\x12*\n\tdownloads\x18\x01 \x03(\x0b\x32\x17.chat.v1.DownloadRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa6\x06\n\x11\x41ttachmentService\x12Y\n\x10UploadAttachment\x12 .chat.v1.UploadAttachmentRequest\x1a!.chat.v1.UploadAttachmentResponse(\x01\x12K\n\x0c\x43reateUpload\x12\x1c.chat.v1.CreateUploadRequest\x1a\x1d.chat.v1.CreateUploadResponse\x12H\n\x0bUploadChunk\x12\x1b.chat.v1.UploadChunkRequest\x1a\x1c.chat.v1.UploadChunkResponse\x12Q\n\x0e\x43ompleteUpload\x12\x1e.chat.v1.CompleteUploadRequest\x1a\x1f.chat.v1.CompleteUploadResponse\x12_\n\x12\x44ownloadAttachment\x12\".chat.v1.DownloadAttachmentRequest\x1a#.chat.v1.DownloadAttachmentResponse0\x01\x12N\n\rGetAttachment\x12\x1d.chat.v1.GetAttachmentRequest\x1a\x1e.chat.v1.GetAttachmentResponse\x12T\n\x0fListAttachments\x12\x1f.chat.v1.ListAttachmentsRequest\x1a .chat.v1.ListAttachmentsResponse\x12W\n\x10\x44\x65leteAttachment\x12 .chat.v1.DeleteAttachmentRequest\x1a!.chat.v1.DeleteAttachmentResponse\x12l\n\x17ListAttachmentDownloads\x12\'.chat.v1.ListAttachmentDownloadsRequest\x1a(.chat.v1.ListAttachmentDownloadsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n chat/v1/attachment_service.proto\x12\x07\x63hat.v1\x1a\x13\x63hat/v1/types.proto\"u\n\x12\x41ttachmentMetadata\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"c\n\x17UploadAttachmentRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.chat.v1.AttachmentMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"C\n\x18UploadAttachmentResponse\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.chat.v1.Attachment\"D\n\x13\x43reateUploadRequest\x12-\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.chat.v1.AttachmentMetadata\")\n\x14\x43reateUploadResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\"F\n\x12UploadChunkRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05\x63hunk\x18\x03 \x01(\x0c\".\n\x13UploadChunkResponse\x12\x17\n\x0f\x63ommitted_bytes\x18\x01 \x01(\x03\"*\n\x15\x43ompleteUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"A\n\x16\x43ompleteUploadResponse\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.chat.v1.Attachment\"(\n\x13\x43\x61ncelUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x16\n\x14\x43\x61ncelUploadResponse\"B\n\x19\x44ownloadAttachmentRequest\x12\x15\n\rattachment_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"`\n\x1a\x44ownloadAttachmentResponse\x12)\n\nattachment\x18\x01 \x01(\x0b\x32\x13.chat.v1.AttachmentH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"-\n\x14GetAttachmentRequest\x12\x15\n\rattachment_id\x18\x01 \x01(\t\"@\n\x15GetAttachmentResponse\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.chat.v1.Attachment\"g\n\x16ListAttachmentsRequest\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\\\n\x17ListAttachmentsResponse\x12(\n\x0b\x61ttachments\x18\x01 \x03(\x0b\x32\x13.chat.v1.Attachment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x17\x44\x65leteAttachmentRequest\x12\x15\n\rattachment_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteAttachmentResponse\"^\n\x1eListAttachmentDownloadsRequest\x12\x15\n\rattachment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x1fListAttachmentDownloadsResponse\x12*\n\tdownloads\x18\x01 \x03(\x0b\x32\x17.chat.v1.DownloadRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf3\x06\n\x11\x41ttachmentService\x12Y\n\x10UploadAttachment\x12 .chat.v1.UploadAttachmentRequest\x1a!.chat.v1.UploadAttachmentResponse(\x01\x12K\n\x0c\x43reateUpload\x12\x1c.chat.v1.CreateUploadRequest\x1a\x1d.chat.v1.CreateUploadResponse\x12H\n\x0bUploadChunk\x12\x1b.chat.v1.UploadChunkRequest\x1a\x1c.chat.v1.UploadChunkResponse\x12Q\n\x0e\x43ompleteUpload\x12\x1e.chat.v1.CompleteUploadRequest\x1a\x1f.chat.v1.CompleteUploadResponse\x12K\n\x0c\x43\x61ncelUpload\x12\x1c.chat.v1.CancelUploadRequest\x1a\x1d.chat.v1.CancelUploadResponse\x12_\n\x12\x44ownloadAttachment\x12\".chat.v1.DownloadAttachmentRequest\x1a#.chat.v1.DownloadAttachmentResponse0\x01\x12N\n\rGetAttachment\x12\x1d.chat.v1.GetAttachmentRequest\x1a\x1e.chat.v1.GetAttachmentResponse\x12T\n\x0fListAttachments\x12\x1f.chat.v1.ListAttachmentsRequest\x1a .chat.v1.ListAttachmentsResponse\x12W\n\x10\x44\x65leteAttachment\x12 .chat.v1.DeleteAttachmentRequest\x1a!.chat.v1.DeleteAttachmentResponse\x12l\n\x17ListAttachmentDownloads\x12\'.chat.v1.ListAttachmentDownloadsRequest\x1a(.chat.v1.ListAttachmentDownloadsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,26 +50,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETEUPLOADREQUEST']._serialized_end=630
   _globals['_COMPLETEUPLOADRESPONSE']._serialized_start=632
   _globals['_COMPLETEUPLOADRESPONSE']._serialized_end=697
-  _globals['_DOWNLOADATTACHMENTREQUEST']._serialized_start=699
-  _globals['_DOWNLOADATTACHMENTREQUEST']._serialized_end=765
-  _globals['_DOWNLOADATTACHMENTRESPONSE']._serialized_start=767
-  _globals['_DOWNLOADATTACHMENTRESPONSE']._serialized_end=863
-  _globals['_GETATTACHMENTREQUEST']._serialized_start=865
-  _globals['_GETATTACHMENTREQUEST']._serialized_end=910
-  _globals['_GETATTACHMENTRESPONSE']._serialized_start=912
-  _globals['_GETATTACHMENTRESPONSE']._serialized_end=976
-  _globals['_LISTATTACHMENTSREQUEST']._serialized_start=978
-  _globals['_LISTATTACHMENTSREQUEST']._serialized_end=1081
-  _globals['_LISTATTACHMENTSRESPONSE']._serialized_start=1083
-  _globals['_LISTATTACHMENTSRESPONSE']._serialized_end=1175
-  _globals['_DELETEATTACHMENTREQUEST']._serialized_start=1177
-  _globals['_DELETEATTACHMENTREQUEST']._serialized_end=1225
-  _globals['_DELETEATTACHMENTRESPONSE']._serialized_start=1227
-  _globals['_DELETEATTACHMENTRESPONSE']._serialized_end=1253
-  _globals['_LISTATTACHMENTDOWNLOADSREQUEST']._serialized_start=1255
-  _globals['_LISTATTACHMENTDOWNLOADSREQUEST']._serialized_end=1349
-  _globals['_LISTATTACHMENTDOWNLOADSRESPONSE']._serialized_start=1351
-  _globals['_LISTATTACHMENTDOWNLOADSRESPONSE']._serialized_end=1453
-  _globals['_ATTACHMENTSERVICE']._serialized_start=1456
-  _globals['_ATTACHMENTSERVICE']._serialized_end=2262
+  _globals['_CANCELUPLOADREQUEST']._serialized_start=699
+  _globals['_CANCELUPLOADREQUEST']._serialized_end=739
+  _globals['_CANCELUPLOADRESPONSE']._serialized_start=741
+  _globals['_CANCELUPLOADRESPONSE']._serialized_end=763
+  _globals['_DOWNLOADATTACHMENTREQUEST']._serialized_start=765
+  _globals['_DOWNLOADATTACHMENTREQUEST']._serialized_end=831
+  _globals['_DOWNLOADATTACHMENTRESPONSE']._serialized_start=833
+  _globals['_DOWNLOADATTACHMENTRESPONSE']._serialized_end=929
+  _globals['_GETATTACHMENTREQUEST']._serialized_start=931
+  _globals['_GETATTACHMENTREQUEST']._serialized_end=976
+  _globals['_GETATTACHMENTRESPONSE']._serialized_start=978
+  _globals['_GETATTACHMENTRESPONSE']._serialized_end=1042
+  _globals['_LISTATTACHMENTSREQUEST']._serialized_start=1044
+  _globals['_LISTATTACHMENTSREQUEST']._serialized_end=1147
+  _globals['_LISTATTACHMENTSRESPONSE']._serialized_start=1149
+  _globals['_LISTATTACHMENTSRESPONSE']._serialized_end=1241
+  _globals['_DELETEATTACHMENTREQUEST']._serialized_start=1243
+  _globals['_DELETEATTACHMENTREQUEST']._serialized_end=1291
+  _globals['_DELETEATTACHMENTRESPONSE']._serialized_start=1293
+  _globals['_DELETEATTACHMENTRESPONSE']._serialized_end=1319
+  _globals['_LISTATTACHMENTDOWNLOADSREQUEST']._serialized_start=1321
+  _globals['_LISTATTACHMENTDOWNLOADSREQUEST']._serialized_end=1415
+  _globals['_LISTATTACHMENTDOWNLOADSRESPONSE']._serialized_start=1417
+  _globals['_LISTATTACHMENTDOWNLOADSRESPONSE']._serialized_end=1519
+  _globals['_ATTACHMENTSERVICE']._serialized_start=1522
+  _globals['_ATTACHMENTSERVICE']._serialized_end=2405
 # @@protoc_insertion_point(module_scope)

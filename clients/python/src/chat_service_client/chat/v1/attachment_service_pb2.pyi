@@ -75,6 +75,16 @@ class CompleteUploadResponse(_message.Message):
     attachment: _types_pb2.Attachment
     def __init__(self, attachment: _Optional[_Union[_types_pb2.Attachment, _Mapping]] = ...) -> None: ...
 
+class CancelUploadRequest(_message.Message):
+    __slots__ = ("upload_id",)
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    def __init__(self, upload_id: _Optional[str] = ...) -> None: ...
+
+class CancelUploadResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class DownloadAttachmentRequest(_message.Message):
     __slots__ = ("attachment_id", "offset")
     ATTACHMENT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -57,6 +57,11 @@ class AttachmentServiceStub:
                 request_serializer=chat_dot_v1_dot_attachment__service__pb2.CompleteUploadRequest.SerializeToString,
                 response_deserializer=chat_dot_v1_dot_attachment__service__pb2.CompleteUploadResponse.FromString,
                 _registered_method=True)
+        self.CancelUpload = channel.unary_unary(
+                '/chat.v1.AttachmentService/CancelUpload',
+                request_serializer=chat_dot_v1_dot_attachment__service__pb2.CancelUploadRequest.SerializeToString,
+                response_deserializer=chat_dot_v1_dot_attachment__service__pb2.CancelUploadResponse.FromString,
+                _registered_method=True)
         self.DownloadAttachment = channel.unary_stream(
                 '/chat.v1.AttachmentService/DownloadAttachment',
                 request_serializer=chat_dot_v1_dot_attachment__service__pb2.DownloadAttachmentRequest.SerializeToString,
@@ -126,6 +131,16 @@ class AttachmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelUpload(self, request, context):
+        """Abandons a resumable upload: its record and every chunk stored so far are deleted, and it no
+        longer counts against the caller's unfinished uploads (a browser that reloads mid-upload
+        should cancel the old one). The uploader only; others, and an unknown id, get NOT_FOUND.
+        Key: CreateAttachmentFile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DownloadAttachment(self, request, context):
         """Streams a file: first an `attachment` frame, then `chunk` frames. Every call writes a
         download record. Key: ViewAttachmentFile.
@@ -186,6 +201,11 @@ def add_AttachmentServiceServicer_to_server(servicer, server):
                     servicer.CompleteUpload,
                     request_deserializer=chat_dot_v1_dot_attachment__service__pb2.CompleteUploadRequest.FromString,
                     response_serializer=chat_dot_v1_dot_attachment__service__pb2.CompleteUploadResponse.SerializeToString,
+            ),
+            'CancelUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelUpload,
+                    request_deserializer=chat_dot_v1_dot_attachment__service__pb2.CancelUploadRequest.FromString,
+                    response_serializer=chat_dot_v1_dot_attachment__service__pb2.CancelUploadResponse.SerializeToString,
             ),
             'DownloadAttachment': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadAttachment,
@@ -324,6 +344,33 @@ class AttachmentService:
             '/chat.v1.AttachmentService/CompleteUpload',
             chat_dot_v1_dot_attachment__service__pb2.CompleteUploadRequest.SerializeToString,
             chat_dot_v1_dot_attachment__service__pb2.CompleteUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.v1.AttachmentService/CancelUpload',
+            chat_dot_v1_dot_attachment__service__pb2.CancelUploadRequest.SerializeToString,
+            chat_dot_v1_dot_attachment__service__pb2.CancelUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -250,6 +250,40 @@ export declare type CompleteUploadResponse = Message<"chat.v1.CompleteUploadResp
 export declare const CompleteUploadResponseSchema: GenMessage<CompleteUploadResponse>;
 
 /**
+ * Request of CancelUpload.
+ *
+ * @generated from message chat.v1.CancelUploadRequest
+ */
+export declare type CancelUploadRequest = Message<"chat.v1.CancelUploadRequest"> & {
+  /**
+   * The upload.
+   *
+   * @generated from field: string upload_id = 1;
+   */
+  uploadId: string;
+};
+
+/**
+ * Describes the message chat.v1.CancelUploadRequest.
+ * Use `create(CancelUploadRequestSchema)` to create a new message.
+ */
+export declare const CancelUploadRequestSchema: GenMessage<CancelUploadRequest>;
+
+/**
+ * Response of CancelUpload: empty.
+ *
+ * @generated from message chat.v1.CancelUploadResponse
+ */
+export declare type CancelUploadResponse = Message<"chat.v1.CancelUploadResponse"> & {
+};
+
+/**
+ * Describes the message chat.v1.CancelUploadResponse.
+ * Use `create(CancelUploadResponseSchema)` to create a new message.
+ */
+export declare const CancelUploadResponseSchema: GenMessage<CancelUploadResponse>;
+
+/**
  * Request of DownloadAttachment.
  *
  * @generated from message chat.v1.DownloadAttachmentRequest
@@ -570,6 +604,19 @@ export declare const AttachmentService: GenService<{
     methodKind: "unary";
     input: typeof CompleteUploadRequestSchema;
     output: typeof CompleteUploadResponseSchema;
+  },
+  /**
+   * Abandons a resumable upload: its record and every chunk stored so far are deleted, and it no
+   * longer counts against the caller's unfinished uploads (a browser that reloads mid-upload
+   * should cancel the old one). The uploader only; others, and an unknown id, get NOT_FOUND.
+   * Key: CreateAttachmentFile.
+   *
+   * @generated from rpc chat.v1.AttachmentService.CancelUpload
+   */
+  cancelUpload: {
+    methodKind: "unary";
+    input: typeof CancelUploadRequestSchema;
+    output: typeof CancelUploadResponseSchema;
   },
   /**
    * Streams a file: first an `attachment` frame, then `chunk` frames. Every call writes a
