@@ -521,7 +521,9 @@ impl Verifier {
                     .fold(0, |acc, p| acc | p.bit())
             })
             .unwrap_or(0);
-        let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        // A NumericDate may have a fraction (RFC 7519 §2), which jsonwebtoken accepts and
+        // truncates; so do we, or a feed would take such a token as already expired.
+        let expires_at = claims.get("exp").and_then(numeric_date).unwrap_or(0);
         // When the time checks start to pass, for the cache of verified tokens: a token whose
         // `exp` or `nbf` is not a whole number of seconds is not remembered at all.
         let valid_from = match claims.get("nbf") {
@@ -538,6 +540,16 @@ impl Verifier {
         };
         Ok((caller, valid_from))
     }
+}
+
+/// A NumericDate claim in whole seconds: an integer, or a finite non-negative number with a
+/// fraction, truncated (as jsonwebtoken reads `exp` and `nbf`).
+fn numeric_date(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    })
 }
 
 fn unix_now() -> u64 {
@@ -600,4 +612,46 @@ pub fn mint_hs256(
         &claims,
         &EncodingKey::from_secret(secret),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `jwt_claims` fuzz target: a token whose `exp` has a fraction passed
+    /// verification (jsonwebtoken truncates it) but gave `expires_at` 0, so a live feed of
+    /// that caller ended at once as if the token had expired.
+    #[test]
+    fn fractional_exp_is_truncated_not_zero() {
+        let secret = b"s";
+        let v = Verifier::new(AuthSettings {
+            key: KeySource::Secret(secret.to_vec()),
+            issuer: None,
+            audience: None,
+            enforce_permissions: true,
+        })
+        .unwrap();
+        let exp = unix_now() + 3600;
+        let claims = serde_json::json!({ "sub": "alice", "exp": exp as f64 + 0.5 });
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap();
+        let caller = v.verify(&token).unwrap();
+        assert_eq!(caller.expires_at, exp);
+        assert!(caller.time_left() > Duration::from_secs(3000));
+    }
+
+    #[test]
+    fn numeric_date_reads_whole_and_fractional_seconds_only() {
+        use serde_json::json;
+        assert_eq!(numeric_date(&json!(5)), Some(5));
+        assert_eq!(numeric_date(&json!(5.9)), Some(5));
+        assert_eq!(numeric_date(&json!(-1)), None);
+        assert_eq!(numeric_date(&json!(-0.5)), None);
+        assert_eq!(numeric_date(&json!(1e300)), None);
+        assert_eq!(numeric_date(&json!("5")), None);
+    }
 }
