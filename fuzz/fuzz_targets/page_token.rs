@@ -90,8 +90,12 @@ fuzz_target!(|data: &[u8]| {
     refused(&member);
     if let Ok(Some((t, u))) = &member {
         assert!(!u.is_empty() && u.len() <= 255 && !u.chars().any(char::is_control));
-        let k = plain.as_ref().ok().cloned().flatten().expect("decoded key");
-        assert_eq!(k, format!("{t}/{u}"));
+        // Not always the same text (`01/x` and `+1/x` read as `1/x`), but the same key.
+        let again = encode_page_token(scope, &format!("{t}/{u}"));
+        assert_eq!(
+            decode_member_page_token(&again, scope).ok(),
+            Some(Some((*t, u.clone())))
+        );
     }
 
     // What the server encodes decodes to the same key in its scope, and nowhere else.
