@@ -264,21 +264,24 @@ pub fn attachment_metadata(c: &mut Check, field: &str, m: &proto::AttachmentMeta
     }
 }
 
+/// The paths of an `update_mask`; none at all is a violation that lists `fields`, the fields
+/// that can change.
+fn mask_paths(c: &mut Check, mask: Option<&prost_types::FieldMask>, fields: &str) -> Vec<String> {
+    let paths = mask.map(|m| m.paths.clone()).unwrap_or_default();
+    if paths.is_empty() {
+        c.fail(
+            "update_mask",
+            format!("required: list the fields to change ({fields})"),
+        );
+    }
+    paths
+}
+
 /// Reads UpdateMessage's `update_mask` (paths `body`, `subject`; at least one) and `etag` (a
 /// message version, decimal) into `c`: the patch they ask for. The subject is checked here;
 /// the body is checked later, against the message (it may be empty only with attachments).
 pub fn message_patch(c: &mut Check, req: &proto::UpdateMessageRequest) -> MessagePatch {
-    let paths = req
-        .update_mask
-        .as_ref()
-        .map(|m| m.paths.clone())
-        .unwrap_or_default();
-    if paths.is_empty() {
-        c.fail(
-            "update_mask",
-            "required: list the fields to change (body, subject)",
-        );
-    }
+    let paths = mask_paths(c, req.update_mask.as_ref(), "body, subject");
     let mut patch = MessagePatch::default();
     for p in &paths {
         match p.as_str() {
@@ -305,17 +308,11 @@ pub fn message_patch(c: &mut Check, req: &proto::UpdateMessageRequest) -> Messag
 /// Reads UpdateGroup's `update_mask` (paths `name`, `description`, `channel_type`; at least
 /// one) into `c`, checking each named field: the patch it asks for.
 pub fn group_patch(c: &mut Check, req: &proto::UpdateGroupRequest) -> GroupPatch {
-    let paths = req
-        .update_mask
-        .as_ref()
-        .map(|m| m.paths.clone())
-        .unwrap_or_default();
-    if paths.is_empty() {
-        c.fail(
-            "update_mask",
-            "required: list the fields to change (name, description, channel_type)",
-        );
-    }
+    let paths = mask_paths(
+        c,
+        req.update_mask.as_ref(),
+        "name, description, channel_type",
+    );
     let mut patch = GroupPatch::default();
     for p in &paths {
         match p.as_str() {
