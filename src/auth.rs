@@ -724,3 +724,47 @@ pub fn mint_hs256(
         &EncodingKey::from_secret(secret),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `jwt_claims` fuzz target: a token whose `exp` has a fraction passed
+    /// verification (jsonwebtoken rounds it) but gave `expires_at` 0, so a live feed of
+    /// that caller ended at once as if the token had expired.
+    #[test]
+    fn fractional_exp_is_rounded_not_zero() {
+        let secret = b"s";
+        let v = Verifier::new(AuthSettings {
+            key: KeySource::Secret(secret.to_vec()),
+            issuer: None,
+            audience: None,
+            enforce_permissions: true,
+        })
+        .unwrap();
+        let exp = unix_now() + 3600;
+        let claims = serde_json::json!({ "sub": "alice", "exp": exp as f64 + 0.5 });
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap();
+        let caller = v.verify(&token).unwrap();
+        // Rounded, as jsonwebtoken's own check reads it (`f64::round`, half away from zero).
+        assert_eq!(caller.expires_at, exp + 1);
+        assert!(caller.time_left() > Duration::from_secs(3000));
+    }
+
+    #[test]
+    fn numeric_date_reads_whole_and_fractional_seconds_only() {
+        use serde_json::json;
+        assert_eq!(numeric_date(&json!(5)), Some(5));
+        assert_eq!(numeric_date(&json!(5.9)), Some(6));
+        assert_eq!(numeric_date(&json!(5.4)), Some(5));
+        assert_eq!(numeric_date(&json!(-1)), None);
+        assert_eq!(numeric_date(&json!(-0.5)), None);
+        assert_eq!(numeric_date(&json!(1e300)), None);
+        assert_eq!(numeric_date(&json!("5")), None);
+    }
+}

@@ -28,10 +28,6 @@ use super::{policy, Chat};
 pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
 /// Largest chunk in a download frame.
 const DOWNLOAD_CHUNK_BYTES: usize = 256 * 1024;
-/// Longest file name, in Unicode scalar values.
-pub const MAX_FILE_NAME_CHARS: usize = 255;
-/// Longest content type, in bytes.
-const MAX_CONTENT_TYPE_BYTES: usize = 255;
 
 impl From<BlobError> for Error {
     fn from(e: BlobError) -> Self {
@@ -81,46 +77,6 @@ impl Sink {
 }
 
 impl Chat {
-    /// Checks upload metadata; returns the normalised content type.
-    fn check_metadata(&self, c: &mut Check, field: &str, m: &proto::AttachmentMetadata) -> String {
-        c.id(&format!("{field}.channel_id"), &m.channel_id);
-        let name_field = format!("{field}.file_name");
-        if m.file_name.is_empty() {
-            c.fail(&name_field, "required");
-        } else if m.file_name.chars().count() > MAX_FILE_NAME_CHARS {
-            c.fail(
-                &name_field,
-                format!("at most {MAX_FILE_NAME_CHARS} characters"),
-            );
-        } else if m.file_name.chars().any(char::is_control) {
-            c.fail(
-                &name_field,
-                "must not contain control characters (NUL included)",
-            );
-        }
-        if m.content_type.len() > MAX_CONTENT_TYPE_BYTES
-            || m.content_type.chars().any(char::is_control)
-        {
-            c.fail(
-                format!("{field}.content_type"),
-                "at most 255 bytes, no control characters",
-            );
-        }
-        if m.size_bytes < 0 {
-            c.fail(format!("{field}.size_bytes"), "must not be negative");
-        }
-        if !m.sha256.is_empty()
-            && (m.sha256.len() != 64 || !m.sha256.chars().all(|c| c.is_ascii_hexdigit()))
-        {
-            c.fail(format!("{field}.sha256"), "64 hex characters, or empty");
-        }
-        if m.content_type.is_empty() {
-            "application/octet-stream".to_owned()
-        } else {
-            m.content_type.clone()
-        }
-    }
-
     fn check_size(&self, size: i64) -> Result<()> {
         if size > self.settings.max_upload_bytes {
             return Err(Error::ResourceExhausted(format!(
@@ -169,7 +125,7 @@ impl Chat {
         caller.require(Permission::CreateAttachmentFile)?;
         self.limits.write(caller)?;
         let mut c = Check::new();
-        let content_type = self.check_metadata(&mut c, "metadata", &meta);
+        let content_type = validate::attachment_metadata(&mut c, "metadata", &meta);
         c.done()?;
         self.check_size(meta.size_bytes)?;
         self.membership(caller, &meta.channel_id).await?;
@@ -261,7 +217,7 @@ impl Chat {
         self.limits.write(caller)?;
         let meta = req.metadata.unwrap_or_default();
         let mut c = Check::new();
-        let content_type = self.check_metadata(&mut c, "metadata", &meta);
+        let content_type = validate::attachment_metadata(&mut c, "metadata", &meta);
         c.done()?;
         self.check_size(meta.size_bytes)?;
         self.membership(caller, &meta.channel_id).await?;

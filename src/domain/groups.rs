@@ -5,7 +5,7 @@ use uuid::Uuid;
 use crate::auth::{Caller, Permission};
 use crate::error::{Error, Result};
 use crate::proto;
-use crate::store::{now_micros, ChannelRow, GroupPatch, Role, KIND_GROUP};
+use crate::store::{now_micros, ChannelRow, Role, KIND_GROUP};
 
 use super::validate::{self, Check};
 use super::{convert, encode_member_added, encode_member_removed, policy, Chat};
@@ -140,48 +140,7 @@ impl Chat {
         self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("channel_id", &req.channel_id);
-        let paths = req
-            .update_mask
-            .as_ref()
-            .map(|m| m.paths.clone())
-            .unwrap_or_default();
-        if paths.is_empty() {
-            c.fail(
-                "update_mask",
-                "required: list the fields to change (name, description, channel_type)",
-            );
-        }
-        let mut patch = GroupPatch::default();
-        for p in &paths {
-            match p.as_str() {
-                "name" => {
-                    c.text("name", &req.name, validate::MAX_NAME_CHARS, true);
-                    patch.name = Some(req.name.clone());
-                }
-                "description" => {
-                    c.text(
-                        "description",
-                        &req.description,
-                        validate::MAX_DESCRIPTION_CHARS,
-                        false,
-                    );
-                    patch.description = Some(req.description.clone());
-                }
-                "channel_type" => {
-                    c.text(
-                        "channel_type",
-                        &req.channel_type,
-                        validate::MAX_CHANNEL_TYPE_CHARS,
-                        false,
-                    );
-                    patch.channel_type = Some(req.channel_type.clone());
-                }
-                other => c.fail(
-                    "update_mask",
-                    format!("unknown or immutable field {other:?}"),
-                ),
-            }
-        }
+        let patch = validate::group_patch(&mut c, &req);
         c.done()?;
         let (channel, member) = self.channel_as_member(caller, &req.channel_id).await?;
         policy::require_group(&channel)?;
@@ -316,24 +275,8 @@ impl Chat {
         let size = c.page_size("page_size", req.page_size);
         c.done()?;
         let scope = format!("members/{}", req.channel_id);
-        let after = validate::decode_page_token(&req.page_token, &scope)?;
-        let after = match &after {
-            Some(k) => {
-                let (t, u) = k
-                    .split_once('/')
-                    .and_then(|(t, u)| t.parse::<i64>().ok().map(|t| (t, u)))
-                    .filter(|(_, u)| {
-                        let mut c = Check::new();
-                        c.user_id("page_token", u);
-                        c.done().is_ok()
-                    })
-                    .ok_or_else(|| {
-                        Error::invalid("page_token", "not a page token of this request")
-                    })?;
-                Some((t, u))
-            }
-            None => None,
-        };
+        let after = validate::decode_member_page_token(&req.page_token, &scope)?;
+        let after = after.as_ref().map(|(t, u)| (*t, u.as_str()));
         self.membership(caller, &req.channel_id).await?;
         let mut rows = self
             .store

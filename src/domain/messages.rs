@@ -6,7 +6,7 @@ use crate::auth::{Caller, Permission};
 use crate::error::{Error, Result};
 use crate::fanout::LiveEvent;
 use crate::proto::{self, subscribe_response::Event};
-use crate::store::{BatchMessage, Inserted, MessagePatch, MessageRow, NewMessage};
+use crate::store::{BatchMessage, Inserted, MessageRow, NewMessage};
 
 use super::validate::{self, Check};
 use super::{convert, encode_member_added, encode_message_event, policy, Chat, MessageEvent};
@@ -219,13 +219,7 @@ impl Chat {
         let size = c.page_size("page_size", req.page_size);
         c.done()?;
         let scope = format!("messages/{}/{}", req.channel_id, req.parent_message_id);
-        let before =
-            match validate::decode_page_token(&req.page_token, &scope)? {
-                Some(k) => Some(k.parse::<i64>().map_err(|_| {
-                    Error::invalid("page_token", "not a page token of this request")
-                })?),
-                None => None,
-            };
+        let before = validate::decode_sequence_page_token(&req.page_token, &scope)?;
         let parent = non_empty(req.parent_message_id);
         let viewer = (caller.tenant_id.as_str(), caller.user_id.as_str());
         let mut page = self
@@ -260,37 +254,7 @@ impl Chat {
         self.limits.write(caller)?;
         let mut c = Check::new();
         c.id("message_id", &req.message_id);
-        let paths = req
-            .update_mask
-            .as_ref()
-            .map(|m| m.paths.clone())
-            .unwrap_or_default();
-        if paths.is_empty() {
-            c.fail(
-                "update_mask",
-                "required: list the fields to change (body, subject)",
-            );
-        }
-        let mut patch = MessagePatch::default();
-        for p in &paths {
-            match p.as_str() {
-                "body" => patch.body = Some(req.body.clone()),
-                "subject" => {
-                    c.text("subject", &req.subject, validate::MAX_SUBJECT_CHARS, false);
-                    patch.subject = Some(req.subject.clone());
-                }
-                other => c.fail(
-                    "update_mask",
-                    format!("unknown or immutable field {other:?}"),
-                ),
-            }
-        }
-        if !req.etag.is_empty() {
-            match req.etag.parse::<i64>() {
-                Ok(v) => patch.expected_version = Some(v),
-                Err(_) => c.fail("etag", "not an etag of this service"),
-            }
-        }
+        let patch = validate::message_patch(&mut c, &req);
         c.done()?;
         let msg = self.visible_message(caller, &req.message_id).await?;
         if msg.delete_time.is_some() {
