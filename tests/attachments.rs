@@ -785,7 +785,7 @@ async fn sweep_removes_unlinked_and_unfinished(storage: Storage) {
     settle(&server, 1).await;
 }
 
-/// A deleted group's attachments, linked or not, are swept at once (rows, with an audit row,
+/// A deleted group's attachments, linked or not, and its unfinished uploads are swept at once (rows, with an audit row,
 /// and bytes): nobody can reach or delete them any more. Another group's stay.
 async fn sweep_removes_a_deleted_groups_attachments(storage: Storage) {
     let server = start(storage, None).await;
@@ -803,11 +803,28 @@ async fn sweep_removes_a_deleted_groups_attachments(storage: Storage) {
     upload(&mut alice, meta(&doomed, "loose.bin", b"loose"), b"loose")
         .await
         .expect("upload");
+    // An unfinished resumable upload with one chunk stored.
+    let half = alice
+        .create_upload(proto::CreateUploadRequest {
+            metadata: Some(meta(&doomed, "half.bin", &[0u8; 10])),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .upload_id;
+    alice
+        .upload_chunk(proto::UploadChunkRequest {
+            upload_id: half,
+            offset: 0,
+            chunk: Bytes::from_static(&[0u8; 5]),
+        })
+        .await
+        .expect("chunk");
     let other = upload(&mut alice, meta(&kept, "other.bin", b"other"), b"other")
         .await
         .expect("upload");
     link(&server, "alice", &kept, vec![other.id.clone()]).await;
-    settle(&server, 3).await;
+    settle(&server, 4).await;
     server
         .groups(&token("alice"))
         .await
@@ -817,12 +834,14 @@ async fn sweep_removes_a_deleted_groups_attachments(storage: Storage) {
         .await
         .expect("delete group");
     let audits = server.db.count("audit_logs").await;
-    // Nothing unlinked is old enough: only the deleted group's two go.
+    // Nothing unlinked is old enough: only the deleted group's two attachments and its
+    // unfinished upload go.
     let now = chat_service::store::now_micros();
     assert_eq!(
         server.chat.sweep(now - 3_600_000_000).await.expect("sweep"),
-        (2, 0)
+        (2, 1)
     );
+    assert_eq!(server.db.count("uploads").await, 0);
     assert_eq!(server.db.count("attachments").await, 1);
     assert_eq!(
         server.db.count("audit_logs").await,

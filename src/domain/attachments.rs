@@ -771,7 +771,8 @@ impl Chat {
     }
 
     /// Deletes unlinked attachments and unfinished uploads created before `before`
-    /// (microseconds since the epoch), and every attachment of a deleted group whatever its age,
+    /// (microseconds since the epoch), and every attachment and upload of a deleted group
+    /// whatever its age,
     /// in batches until none is left, then on local disk the staging files of writes
     /// interrupted before then (a killed server's). One item that fails is logged and skipped,
     /// so it cannot stall the rest. Returns how many attachments and uploads were removed.
@@ -784,8 +785,35 @@ impl Chat {
                 .await?;
         }
         let mut uploads = 0;
+        for of_deleted_groups in [true, false] {
+            uploads += self.sweep_uploads(before, of_deleted_groups, BATCH).await?;
+        }
+        let cutoff = std::time::UNIX_EPOCH + std::time::Duration::from_micros(before.max(0) as u64);
+        let staging = self.blobs.remove_stale_staging(cutoff).await;
+        if staging > 0 {
+            tracing::info!(
+                files = staging,
+                "sweep: removed staging files of interrupted writes"
+            );
+        }
+        Ok((attachments, uploads))
+    }
+
+    /// One kind of the sweep's unfinished uploads (those created before `before`, or those of
+    /// deleted groups), row then chunks, in batches. Returns how many went.
+    async fn sweep_uploads(
+        &self,
+        before: i64,
+        of_deleted_groups: bool,
+        batch_size: i64,
+    ) -> Result<usize> {
+        let mut uploads = 0;
         loop {
-            let batch = self.store.uploads_before(before, BATCH).await?;
+            let batch = if of_deleted_groups {
+                self.store.uploads_of_deleted_channels(batch_size).await?
+            } else {
+                self.store.uploads_before(before, batch_size).await?
+            };
             let mut progressed = false;
             for up in &batch {
                 match self.discard_upload(up).await {
@@ -798,19 +826,10 @@ impl Chat {
                     }
                 }
             }
-            if (batch.len() as i64) < BATCH || !progressed {
-                break;
+            if (batch.len() as i64) < batch_size || !progressed {
+                return Ok(uploads);
             }
         }
-        let cutoff = std::time::UNIX_EPOCH + std::time::Duration::from_micros(before.max(0) as u64);
-        let staging = self.blobs.remove_stale_staging(cutoff).await;
-        if staging > 0 {
-            tracing::info!(
-                files = staging,
-                "sweep: removed staging files of interrupted writes"
-            );
-        }
-        Ok((attachments, uploads))
     }
 
     /// One kind of the sweep's attachments (unlinked ones created before `before`, or those of

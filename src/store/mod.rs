@@ -621,6 +621,9 @@ pub trait AttachmentStore: Send + Sync {
         upload_id: &str,
         row: AttachmentRow,
     ) -> StoreResult<AttachmentRow>;
+    /// Unfinished uploads of deleted groups (for the sweep): nobody can complete them, and they
+    /// would count against their uploaders' limit until the TTL.
+    async fn uploads_of_deleted_channels(&self, limit: i64) -> StoreResult<Vec<UploadRow>>;
     /// Uploads created before `before` (for the sweep).
     async fn uploads_before(&self, before: i64, limit: i64) -> StoreResult<Vec<UploadRow>>;
     /// Deletes an upload row and its chunk records.

@@ -2066,6 +2066,16 @@ macro_rules! impl_store {
                 Ok(row)
             }
 
+            async fn uploads_of_deleted_channels(&self, limit: i64) -> StoreResult<Vec<UploadRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT u.* FROM channels c JOIN uploads u ON u.channel_id = c.id \
+                     WHERE c.delete_time IS NOT NULL LIMIT $1",
+                )
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?)
+            }
+
             async fn uploads_before(&self, before: i64, limit: i64) -> StoreResult<Vec<UploadRow>> {
                 Ok(sqlx::query_as("SELECT * FROM uploads WHERE create_time < $1 LIMIT $2")
                     .bind(before)
