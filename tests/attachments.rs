@@ -715,6 +715,25 @@ async fn access_rules_and_download_records(storage: Storage) {
     settle(&server, 1).await;
 }
 
+/// An unfinished resumable upload of 10 bytes with its first 5 stored, in `channel`.
+async fn half_upload(c: &mut Client, channel: &str) {
+    let up = c
+        .create_upload(proto::CreateUploadRequest {
+            metadata: Some(meta(channel, "half.bin", &[0u8; 10])),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .upload_id;
+    c.upload_chunk(proto::UploadChunkRequest {
+        upload_id: up,
+        offset: 0,
+        chunk: Bytes::from_static(&[0u8; 5]),
+    })
+    .await
+    .expect("chunk");
+}
+
 async fn sweep_removes_unlinked_and_unfinished(storage: Storage) {
     let server = start(storage, None).await;
     let ch = group(&server, "alice", &[]).await;
@@ -726,22 +745,7 @@ async fn sweep_removes_unlinked_and_unfinished(storage: Storage) {
     upload(&mut alice, meta(&ch, "orphan.bin", b"orphan"), b"orphan")
         .await
         .expect("upload");
-    let up = alice
-        .create_upload(proto::CreateUploadRequest {
-            metadata: Some(meta(&ch, "half.bin", &[0u8; 10])),
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .upload_id;
-    alice
-        .upload_chunk(proto::UploadChunkRequest {
-            upload_id: up,
-            offset: 0,
-            chunk: Bytes::from_static(&[0u8; 5]),
-        })
-        .await
-        .expect("chunk");
+    half_upload(&mut alice, &ch).await;
     settle(&server, 3).await;
     // On local disk, what a server killed mid-write leaves: a staging file beside an object,
     // which no listing shows. One last written two hours ago, one just now.
@@ -803,23 +807,7 @@ async fn sweep_removes_a_deleted_groups_attachments(storage: Storage) {
     upload(&mut alice, meta(&doomed, "loose.bin", b"loose"), b"loose")
         .await
         .expect("upload");
-    // An unfinished resumable upload with one chunk stored.
-    let half = alice
-        .create_upload(proto::CreateUploadRequest {
-            metadata: Some(meta(&doomed, "half.bin", &[0u8; 10])),
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .upload_id;
-    alice
-        .upload_chunk(proto::UploadChunkRequest {
-            upload_id: half,
-            offset: 0,
-            chunk: Bytes::from_static(&[0u8; 5]),
-        })
-        .await
-        .expect("chunk");
+    half_upload(&mut alice, &doomed).await;
     let other = upload(&mut alice, meta(&kept, "other.bin", b"other"), b"other")
         .await
         .expect("upload");

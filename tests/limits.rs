@@ -194,6 +194,17 @@ fn meta(channel: &str, size: i64) -> proto::AttachmentMetadata {
     }
 }
 
+/// Writes the first byte of a resumable upload.
+async fn first_byte(f: &mut Files, upload_id: &str) -> Result<i64, Status> {
+    f.upload_chunk(proto::UploadChunkRequest {
+        upload_id: upload_id.into(),
+        offset: 0,
+        chunk: vec![1u8].into(),
+    })
+    .await
+    .map(|r| r.into_inner().committed_bytes)
+}
+
 async fn create(f: &mut Files, m: proto::AttachmentMetadata) -> Result<String, Status> {
     f.create_upload(proto::CreateUploadRequest { metadata: Some(m) })
         .await
@@ -239,14 +250,7 @@ async fn unfinished_uploads_per_user(backend: Backend) {
     create(&mut bob, meta(&ch, 4 << 20)).await.expect("10 MiB");
     assert!(!b1.is_empty());
     // Alice completes one (one byte) and has room again.
-    alice
-        .upload_chunk(proto::UploadChunkRequest {
-            upload_id: ok[0].clone(),
-            offset: 0,
-            chunk: vec![1u8].into(),
-        })
-        .await
-        .expect("chunk");
+    first_byte(&mut alice, &ok[0]).await.expect("chunk");
     alice
         .complete_upload(proto::CompleteUploadRequest {
             upload_id: ok[0].clone(),
@@ -260,14 +264,7 @@ async fn unfinished_uploads_per_user(backend: Backend) {
         .expect_err("at the limit again");
     exhausted(&s, "at the limit again");
     let uploads = server.db.count("uploads").await;
-    alice
-        .upload_chunk(proto::UploadChunkRequest {
-            upload_id: ok[1].clone(),
-            offset: 0,
-            chunk: vec![1u8].into(),
-        })
-        .await
-        .expect("chunk");
+    first_byte(&mut alice, &ok[1]).await.expect("chunk");
     alice
         .cancel_upload(proto::CancelUploadRequest {
             upload_id: ok[1].clone(),
@@ -347,12 +344,7 @@ async fn unfinished_uploads_per_user(backend: Backend) {
         })
         .await
         .expect("remove carol");
-    let s = carol
-        .upload_chunk(proto::UploadChunkRequest {
-            upload_id: carol_upload,
-            offset: 0,
-            chunk: vec![1u8].into(),
-        })
+    let s = first_byte(&mut carol, &carol_upload)
         .await
         .expect_err("a removed member writes no chunk");
     assert_eq!(s.code(), Code::NotFound, "{s:?}");

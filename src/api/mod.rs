@@ -65,6 +65,24 @@ pub fn oversize_response<B>(mut res: http::Response<B>) -> http::Response<B> {
     res
 }
 
+/// Waits for a unary call's task, at most `deadline` when given (`DEADLINE_EXCEEDED` after;
+/// the task runs on, see [`unary`]); a task that panicked is `INTERNAL`.
+pub(crate) async fn finish<T>(
+    task: tokio::task::JoinHandle<crate::error::Result<T>>,
+    deadline: Option<std::time::Duration>,
+) -> Result<crate::error::Result<T>, Status> {
+    let joined = match deadline {
+        Some(d) => tokio::time::timeout(d, task).await.map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "the call took longer than the service's limit of {} s",
+                d.as_secs_f64()
+            ))
+        })?,
+        None => task.await,
+    };
+    joined.map_err(|e| Status::from(crate::error::Error::Internal(e.to_string())))
+}
+
 /// Runs a unary domain call: caller out of the request, error mapped.
 ///
 /// The call runs in a task of its own: if the client goes away mid-call, tonic drops the
@@ -77,34 +95,20 @@ pub fn oversize_response<B>(mut res: http::Response<B>) -> http::Response<B> {
 macro_rules! unary {
     // Without the service's deadline: a call whose work grows with its data (CompleteUpload
     // copies a whole upload) and that a client should not retry while it still runs.
-    ($self:ident, $req:ident, $method:ident, no_deadline) => {{
-        let caller = crate::api::caller(&$req)?;
-        let chat = $self.chat.clone();
-        let req = $req.into_inner();
-        let out = tokio::spawn(crate::telemetry::in_request(async move {
-            chat.$method(&caller, req).await
-        }))
-        .await
-        .map_err(|e| tonic::Status::from(crate::error::Error::Internal(e.to_string())))??;
-        Ok(tonic::Response::new(out))
-    }};
-    ($self:ident, $req:ident, $method:ident) => {{
+    ($self:ident, $req:ident, $method:ident, no_deadline) => {
+        crate::api::unary!(@run $self, $req, $method, None)
+    };
+    ($self:ident, $req:ident, $method:ident) => {
+        crate::api::unary!(@run $self, $req, $method, Some($self.unary_timeout))
+    };
+    (@run $self:ident, $req:ident, $method:ident, $deadline:expr) => {{
         let caller = crate::api::caller(&$req)?;
         let chat = $self.chat.clone();
         let req = $req.into_inner();
         let task = tokio::spawn(crate::telemetry::in_request(async move {
             chat.$method(&caller, req).await
         }));
-        let out = tokio::time::timeout($self.unary_timeout, task)
-            .await
-            .map_err(|_| {
-                tonic::Status::deadline_exceeded(format!(
-                    "the call took longer than the service's limit of {} s",
-                    $self.unary_timeout.as_secs_f64()
-                ))
-            })?
-            .map_err(|e| tonic::Status::from(crate::error::Error::Internal(e.to_string())))??;
-        Ok(tonic::Response::new(out))
+        Ok(tonic::Response::new(crate::api::finish(task, $deadline).await??))
     }};
 }
 pub(crate) use unary;
