@@ -101,6 +101,7 @@ impl From<StoreError> for Error {
                 "not an unlinked attachment uploaded by the caller to this channel",
             ),
             StoreError::Unavailable(m) => Error::Unavailable(m),
+            StoreError::Retry(m) => Error::Unavailable(m),
             StoreError::Internal(m) => Error::Internal(m),
         }
     }

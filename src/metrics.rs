@@ -158,6 +158,10 @@ fn describe() {
         "chat_db_acquire_seconds",
         "Seconds a group-commit batch waited for a write connection, by pool."
     );
+    describe_counter!(
+        "chat_commit_retries_total",
+        "Group-commit batches run again after losing a race with another transaction (deadlock, lock wait timeout, serialization failure)."
+    );
     describe_gauge!(
         "chat_db_pool_connections",
         "Open database connections, by pool (write, read)."
@@ -193,6 +197,7 @@ struct Handles {
     commit_batch: Histogram,
     commit_seconds: Histogram,
     write_acquire: Histogram,
+    commit_retries: Counter,
     grpc: GrpcMethods,
 }
 
@@ -210,6 +215,7 @@ impl Handles {
             commit_batch: metrics::histogram!("chat_commit_batch_messages"),
             commit_seconds: metrics::histogram!("chat_commit_seconds"),
             write_acquire: metrics::histogram!("chat_db_acquire_seconds", "pool" => "write"),
+            commit_retries: metrics::counter!("chat_commit_retries_total"),
             grpc: GrpcMethods::register(),
         }
     }
@@ -312,6 +318,14 @@ pub fn commit_batch(messages: usize, took: Duration) {
 pub fn write_acquired(took: Duration) {
     if let Some(m) = handles() {
         m.write_acquire.record(took.as_secs_f64());
+    }
+}
+
+/// A group-commit batch lost a race with another transaction (a deadlock, a lock-wait
+/// timeout, a serialization failure) and is run again: counts `chat_commit_retries_total`.
+pub fn batch_retried() {
+    if let Some(m) = handles() {
+        m.commit_retries.increment(1);
     }
 }
 

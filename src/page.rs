@@ -5,7 +5,7 @@
 //! field 2 (`string next_page_token`), as `proto/chat/v1/chat_service.proto` declares, and
 //! every client decodes it as before. The difference is on the server: besides the decoded
 //! `messages`, the type can carry [`EncodedMessages`], field-1 entries written straight from
-//! the database rows (every history page, see [`EncodedMessages::push_row`]), which skips building a
+//! the database rows (every history page: the store calls [`write_message`] for each row), which skips building a
 //! `Message` with ten owned strings per row only to encode and drop it (chat-bench scenario 5:
 //! that conversion and its allocations were a sixth of the server's CPU per page).
 //!
@@ -17,6 +17,7 @@ use prost::encoding::{key_len, WireType};
 use prost::DecodeError;
 
 use crate::proto::Message;
+use crate::store::{EncodedRows, MessageColumns, StoreResult};
 
 /// Response of ListMessages (`chat.v1.ListMessagesResponse`).
 #[derive(Clone, PartialEq, Default, Debug)]
@@ -161,60 +162,89 @@ impl EncodedMessages {
     }
 }
 
-/// A database row that selected the message columns (`store::MESSAGE_COLUMNS`: id,
-/// tenant_id, channel_id, sender_id, body, subject, parent_message_id, attachment_ids,
-/// client_message_id, forwarded_from_message_id, sequence, version, create_time, update_time,
-/// delete_time, deleted_by) first, in that order, as [`EncodedMessages::push_row`] reads it.
-pub trait MessageColumns {
-    /// What reading a column can fail with.
-    type Error;
-    /// Text column `i`, borrowed from the row; NULL reads as empty.
-    fn text(&self, i: usize) -> Result<&str, Self::Error>;
-    /// Integer column `i`; NULL reads as `None`.
-    fn integer(&self, i: usize) -> Result<Option<i64>, Self::Error>;
+impl From<EncodedRows> for EncodedMessages {
+    /// A page the store wrote with [`write_message`].
+    fn from(rows: EncodedRows) -> Self {
+        EncodedMessages {
+            bytes: rows.bytes,
+            ends: rows.ends,
+            scratch: Vec::new(),
+        }
+    }
 }
 
 impl EncodedMessages {
-    /// Appends a row of the message columns as a `chat.v1.Message`: the same bytes as prost
-    /// encoding `domain::convert::into_message` of the same row (body and subject left out of
-    /// a deleted message, `attachment_ids` parsed from its JSON text with unparsable text read
-    /// as none, the version as the etag, microsecond times as `Timestamp`s). Text is copied
-    /// once, from the row into the page.
+    /// Appends a row of the message columns, as [`write_message`] writes it.
     ///
-    /// Errors: the row's, for a column of an unexpected type or text that is not UTF-8.
-    pub fn push_row<R: MessageColumns>(&mut self, r: &R) -> Result<(), R::Error> {
-        let sequence = r.integer(10)?.unwrap_or_default();
-        let version = r.integer(11)?.unwrap_or_default();
-        let create_time = r.integer(12)?.unwrap_or_default();
-        let update_time = r.integer(13)?;
-        let delete_time = r.integer(14)?;
-        let attachments = r.text(7)?;
-        let attachment_ids: Vec<String> = if attachments == "[]" {
-            Vec::new()
-        } else {
-            serde_json::from_str(attachments).unwrap_or_default()
-        };
-        self.push_with(sequence, |w| {
-            w.string(1, r.text(0)?);
-            w.string(2, r.text(2)?);
-            w.string(3, r.text(3)?);
-            if delete_time.is_none() {
-                w.string(4, r.text(4)?);
-                w.string(5, r.text(5)?);
+    /// Errors: the row's, for a column of an unexpected type; nothing is appended then.
+    pub fn push_row(&mut self, r: &dyn MessageColumns) -> StoreResult<()> {
+        let start = self.bytes.len();
+        match write_message(&mut self.bytes, r) {
+            Ok(sequence) => {
+                self.ends.push((sequence, self.bytes.len()));
+                Ok(())
             }
-            w.string(6, r.text(6)?);
-            w.repeated_string(7, &attachment_ids);
-            w.string(8, r.text(8)?);
-            w.string(9, r.text(9)?);
-            w.int64(10, sequence);
-            w.string(11, &version.to_string());
-            w.timestamp(12, Some(create_time));
-            w.timestamp(13, update_time);
-            w.timestamp(14, delete_time);
-            w.string(15, r.text(15)?);
-            Ok(())
-        })
+            Err(e) => {
+                self.bytes.truncate(start);
+                Err(e)
+            }
+        }
     }
+}
+
+thread_local! {
+    /// The message being written by [`write_message`] (its length prefix comes first), kept
+    /// per thread so a page of rows allocates it once.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The [`crate::store::RowWriter`] of ListMessages: appends a row of the message columns
+/// (`store::MESSAGE_COLUMNS` order) to `out` as a field-1 entry of
+/// [`ListMessagesResponse`] (key, length, `chat.v1.Message`) and returns its sequence. The
+/// bytes equal prost's encoding of `domain::convert::into_message` of the same row: body and
+/// subject left out of a deleted message, `attachment_ids` parsed from its JSON text
+/// (unparsable text read as none), the version as the etag, microsecond times as
+/// `Timestamp`s. Text is copied once, from the row into `out`.
+///
+/// Errors: the row's, for a column of an unexpected type or text that is not UTF-8; `out` may
+/// then hold part of the entry (the store cuts it off).
+pub fn write_message(out: &mut Vec<u8>, r: &dyn MessageColumns) -> StoreResult<i64> {
+    let sequence = r.integer(10)?.unwrap_or_default();
+    let version = r.integer(11)?.unwrap_or_default();
+    let create_time = r.integer(12)?.unwrap_or_default();
+    let update_time = r.integer(13)?;
+    let delete_time = r.integer(14)?;
+    let attachments = r.text(7)?;
+    let attachment_ids: Vec<String> = if attachments == "[]" {
+        Vec::new()
+    } else {
+        serde_json::from_str(attachments).unwrap_or_default()
+    };
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        let mut w = MessageWriter { buf: scratch };
+        w.string(1, r.text(0)?);
+        w.string(2, r.text(2)?);
+        w.string(3, r.text(3)?);
+        if delete_time.is_none() {
+            w.string(4, r.text(4)?);
+            w.string(5, r.text(5)?);
+        }
+        w.string(6, r.text(6)?);
+        w.repeated_string(7, &attachment_ids);
+        w.string(8, r.text(8)?);
+        w.string(9, r.text(9)?);
+        w.int64(10, sequence);
+        w.string(11, &version.to_string());
+        w.timestamp(12, Some(create_time));
+        w.timestamp(13, update_time);
+        w.timestamp(14, delete_time);
+        w.string(15, r.text(15)?);
+        encode_key(1, WireType::LengthDelimited, out);
+        encode_varint(scratch.len() as u64, out);
+        out.extend_from_slice(scratch);
+        Ok(sequence)
+    })
 }
 
 /// Writes the fields of one message in proto3 form: default values (empty strings, zero
@@ -290,9 +320,7 @@ mod tests {
 
     /// A stored row read by column index, in `MESSAGE_COLUMNS` order.
     impl MessageColumns for crate::store::MessageRow {
-        type Error = std::convert::Infallible;
-
-        fn text(&self, i: usize) -> Result<&str, Self::Error> {
+        fn text(&self, i: usize) -> StoreResult<&str> {
             fn opt(v: &Option<String>) -> &str {
                 v.as_deref().unwrap_or("")
             }
@@ -312,7 +340,7 @@ mod tests {
             })
         }
 
-        fn integer(&self, i: usize) -> Result<Option<i64>, Self::Error> {
+        fn integer(&self, i: usize) -> StoreResult<Option<i64>> {
             Ok(match i {
                 10 => Some(self.sequence),
                 11 => Some(self.version),

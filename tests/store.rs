@@ -1031,10 +1031,18 @@ async fn assert_encoded_page(
     use prost::Message as _;
 
     let case = format!("{parent:?} {before:?} {limit}");
-    let got = s
-        .list_messages_encoded(viewer, channel, parent, before, limit)
+    let got: EncodedMessages = s
+        .list_messages_encoded(
+            viewer,
+            channel,
+            parent,
+            before,
+            limit,
+            chat_service::page::write_message,
+        )
         .await
-        .expect("encoded");
+        .expect("encoded")
+        .into();
     let rows = s
         .list_messages(viewer, channel, parent, before, limit)
         .await
@@ -1128,7 +1136,14 @@ async fn encoded_history_equals_the_converted_rows(backend: Backend) {
     assert!(attachments(&ids[2]).is_empty());
     // A non-member gets an empty page.
     let none = s
-        .list_messages_encoded(("t1", "u9"), &ch, None, None, 10)
+        .list_messages_encoded(
+            ("t1", "u9"),
+            &ch,
+            None,
+            None,
+            10,
+            chat_service::page::write_message,
+        )
         .await
         .expect("non-member");
     assert!(none.is_empty());

@@ -5,6 +5,7 @@ use prost::Message as _;
 use crate::auth::{Caller, Permission};
 use crate::error::{Error, Result};
 use crate::fanout::LiveEvent;
+use crate::page::EncodedMessages;
 use crate::proto::{self, subscribe_response::Event};
 use crate::store::{BatchMessage, Inserted, MessageRow, NewMessage};
 
@@ -222,10 +223,18 @@ impl Chat {
         let before = validate::decode_sequence_page_token(&req.page_token, &scope)?;
         let parent = non_empty(req.parent_message_id);
         let viewer = (caller.tenant_id.as_str(), caller.user_id.as_str());
-        let mut page = self
+        let mut page: EncodedMessages = self
             .store
-            .list_messages_encoded(viewer, &req.channel_id, parent.as_deref(), before, size + 1)
-            .await?;
+            .list_messages_encoded(
+                viewer,
+                &req.channel_id,
+                parent.as_deref(),
+                before,
+                size + 1,
+                crate::page::write_message,
+            )
+            .await?
+            .into();
         if page.is_empty() {
             // No messages, or not the caller's channel: only the latter is an error.
             self.membership(caller, &req.channel_id).await?;

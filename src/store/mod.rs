@@ -1,20 +1,124 @@
-//! Persistence: one repository trait per entity, one implementation per database.
+//! Persistence: one repository trait per entity, one module per database.
 //!
 //! Every method that changes data is one transaction that also writes the audit row and, for
 //! anything a live feed shows, the channel's next event: the channel row's `last_sequence` is
-//! bumped inside the transaction, so sequences are gap-free and in commit order (PostgreSQL holds
-//! the channel row lock until commit; SQLite has one writer).
+//! bumped inside the transaction, so sequences are gap-free and in commit order (the channel
+//! row stays locked until commit: PostgreSQL's and MySQL's row locks, SQLite's one writer).
 //!
-//! SQL is written once ([`sql`]) and instantiated for SQLite and PostgreSQL; both accept `$n`
-//! placeholders. Times are microseconds since the Unix epoch, ids UUID text.
+//! # Layout
+//! - this file: the traits, the row types, [`StoreError`], [`connect`] by URL scheme;
+//! - `flows.rs`: the traits implemented once for every database: which statements each
+//!   change runs, in which order, under which lock;
+//! - [`backend`]: [`backend::Backend`], the statements a database module provides;
+//! - `batch.rs`: the group commit's planning (refusals, repeats, sequences, outcomes);
+//! - [`sqlite`], [`postgres`], [`mysql`]: each database's SQL, pools, error codes and
+//!   migrations folder, read top to bottom.
+//!
+//! Times are microseconds since the Unix epoch, ids UUID text.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
 
-mod sql;
-mod sqlite_read;
+pub mod backend;
+mod batch;
+mod flows;
+pub mod mysql;
+pub mod postgres;
+pub mod sqlite;
 
-pub use sql::{connect, now_micros, Database, PostgresStore, SqliteStore};
+pub use mysql::{mysql_retryable, mysql_unavailable, MySqlStore};
+pub use postgres::{postgres_unavailable, PostgresStore};
+pub use sqlite::{sqlite_unavailable, SqliteStore};
+
+/// Microseconds since the Unix epoch, the unit of every stored time.
+pub fn now_micros() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    /// `sqlite:` URLs.
+    Sqlite,
+    /// `postgres:` / `postgresql:` URLs.
+    Postgres,
+    /// `mysql:` / `mariadb:` URLs (MySQL 8.0+, MariaDB 10.6+).
+    Mysql,
+}
+
+impl Database {
+    /// Picks the database from a URL's scheme; `None` for an unknown scheme.
+    pub fn from_url(url: &str) -> Option<Database> {
+        match url.split(':').next().unwrap_or_default() {
+            "sqlite" => Some(Database::Sqlite),
+            "postgres" | "postgresql" => Some(Database::Postgres),
+            "mysql" | "mariadb" => Some(Database::Mysql),
+            _ => None,
+        }
+    }
+}
+
+/// Opens the database at `url` (creating a SQLite file and its folder when missing), with
+/// PostgreSQL's `search_path` set to `schema` when given (the others have no schemas), and
+/// applies the embedded migrations of that database (`migrations/<database>/`) unless
+/// `migrate` is false.
+///
+/// Errors: an unknown scheme or a bad URL (`StoreError::Internal`), an unreachable server
+/// (`StoreError::Unavailable`), a failed migration (`StoreError::Internal`).
+pub async fn connect(
+    url: &str,
+    schema: Option<&str>,
+    migrate: bool,
+) -> StoreResult<Arc<dyn Store>> {
+    match Database::from_url(url) {
+        Some(Database::Sqlite) => Ok(SqliteStore::connect(url, migrate).await?),
+        Some(Database::Postgres) => Ok(PostgresStore::connect(url, schema, migrate).await?),
+        Some(Database::Mysql) => Ok(MySqlStore::connect(url, migrate).await?),
+        None => Err(StoreError::Internal(format!(
+            "unsupported database URL scheme in {:?} (use sqlite:, postgres: or mysql:)",
+            url.split(':').next().unwrap_or_default()
+        ))),
+    }
+}
+
+/// Applies a database's embedded migrations.
+async fn migrate<'a, A>(migrator: sqlx::migrate::Migrator, pool: A) -> StoreResult<()>
+where
+    A: sqlx::Acquire<'a>,
+    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
+{
+    migrator
+        .run(pool)
+        .await
+        .map_err(|e| StoreError::Internal(e.to_string()))
+}
+
+/// Has each metrics scrape sample `store`'s pools, for as long as the store lives.
+fn watch_pools<S: Send + Sync + 'static>(
+    store: &Arc<S>,
+    pools: fn(&S) -> [crate::metrics::PoolSample; 2],
+) {
+    let weak = Arc::downgrade(store);
+    crate::metrics::watch_pools(move || weak.upgrade().map(|s| pools(&s).to_vec()));
+}
+
+/// A pool's state for `chat_db_pool_*` (sampled at each scrape).
+fn pool_sample<DB: sqlx::Database>(
+    name: &'static str,
+    pool: &sqlx::Pool<DB>,
+) -> crate::metrics::PoolSample {
+    crate::metrics::PoolSample {
+        pool: name,
+        size: pool.size(),
+        idle: pool.num_idle(),
+        max: pool.options().get_max_connections(),
+    }
+}
 
 /// Errors of the storage layer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -35,15 +139,23 @@ pub enum StoreError {
     /// channel's or uploader's, or linked already.
     #[error("attachment {0} cannot be linked")]
     Unlinkable(usize),
-    /// The database could not be reached or timed out: retryable.
+    /// The database could not be reached, timed out, or is out of space: retryable later
+    /// (answered `UNAVAILABLE`).
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The transaction lost a race with another (a deadlock, a lock-wait timeout, a
+    /// serialization failure) and wrote nothing: running it again may succeed at once. The
+    /// group commit retries; elsewhere it is answered `UNAVAILABLE`.
+    #[error("transaction aborted by a concurrent one: {0}")]
+    Retry(String),
     /// Any other database error: a bug or a broken schema.
     #[error("database error: {0}")]
     Internal(String),
 }
 
 impl From<sqlx::Error> for StoreError {
+    /// Classifies a database error by the database's own codes ([`sqlite_unavailable`],
+    /// [`postgres_unavailable`], [`mysql_unavailable`], [`mysql_retryable`]).
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::RowNotFound => StoreError::NotFound,
@@ -51,9 +163,10 @@ impl From<sqlx::Error> for StoreError {
                 StoreError::Unavailable(e.to_string())
             }
             sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
-            sqlx::Error::Database(d) if is_unavailable(d.as_ref()) => {
-                StoreError::Unavailable(e.to_string())
-            }
+            sqlx::Error::Database(d) => match database_error_kind(d.as_ref()) {
+                Some(kind) => kind(e.to_string()),
+                None => StoreError::Internal(e.to_string()),
+            },
             sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
                 StoreError::Unavailable(e.to_string())
             }
@@ -62,36 +175,16 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// Whether a database error means "storage is not usable right now, try again" (answered
-/// `UNAVAILABLE`) rather than a bug (`INTERNAL`), by the backend's own error codes.
-fn is_unavailable(d: &dyn sqlx::error::DatabaseError) -> bool {
-    let code = d.code();
-    let code = code.as_deref().unwrap_or_default();
+/// `StoreError::Retry` or `StoreError::Unavailable` for a database error that is one, by the
+/// rules of the database that raised it; `None` for a bug or a broken schema (`Internal`).
+fn database_error_kind(d: &dyn sqlx::error::DatabaseError) -> Option<fn(String) -> StoreError> {
     if d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-        code.parse().is_ok_and(sqlite_unavailable)
+        sqlite::error_kind(d.code().as_deref().unwrap_or_default())
+    } else if let Some(my) = d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        mysql::error_kind(my.number())
     } else {
-        postgres_unavailable(code)
+        postgres::error_kind(d.code().as_deref().unwrap_or_default())
     }
-}
-
-/// SQLite result codes (sqlx reports the extended code, such as 778 = SQLITE_IOERR_WRITE; the
-/// primary code is its low byte, <https://sqlite.org/rescode.html>) that mean storage trouble:
-/// 5 BUSY, 6 LOCKED, 7 NOMEM, 8 READONLY, 10 IOERR, 13 FULL (a full disk), 14 CANTOPEN.
-pub fn sqlite_unavailable(code: i64) -> bool {
-    matches!(code & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14)
-}
-
-/// PostgreSQL SQLSTATEs (<https://www.postgresql.org/docs/current/errcodes-appendix.html>)
-/// that mean storage trouble: class 08 (connection exception), 53 (insufficient resources:
-/// disk full 53100, out of memory 53200, too many connections 53300), 58 (system error: I/O
-/// 58030), 57P0x (shutting down, cannot connect now), 57014 (statement cancelled),
-/// 25006 (read-only transaction: a standby, or a primary turned read-only), 40001 / 40P01
-/// (serialization failure, deadlock).
-pub fn postgres_unavailable(sqlstate: &str) -> bool {
-    ["08", "53", "58", "57P0"]
-        .iter()
-        .any(|class| sqlstate.starts_with(class))
-        || matches!(sqlstate, "57014" | "25006" | "40001" | "40P01")
 }
 
 /// Result of the storage layer.
@@ -193,6 +286,114 @@ pub struct MessageRow {
     pub update_time: Option<i64>,
     pub delete_time: Option<i64>,
     pub deleted_by: Option<String>,
+}
+
+/// One audit row: who changed what, with the row before and after as JSON.
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    pub id: String,
+    pub tenant_id: String,
+    /// `create`, `update` or `delete`.
+    pub operation: &'static str,
+    /// The table of the changed row.
+    pub table: &'static str,
+    /// The changed row's id (`channel/user` for a member).
+    pub entity_id: String,
+    /// The acting user, or `system:sweep`.
+    pub actor_id: String,
+    pub before_json: Option<String>,
+    pub after_json: Option<String>,
+    pub create_time: i64,
+}
+
+/// The columns of `messages` in [`MessageRow`]'s field order: what a history query selects,
+/// and the indexes [`MessageColumns`] reads them by.
+pub const MESSAGE_COLUMNS: &str = "id, tenant_id, channel_id, sender_id, body, subject, \
+     parent_message_id, attachment_ids, client_message_id, forwarded_from_message_id, \
+     sequence, version, create_time, update_time, delete_time, deleted_by";
+
+/// A database row of a history query, read by column index in [`MESSAGE_COLUMNS`] order.
+pub trait MessageColumns {
+    /// Text column `i`, borrowed from the row; NULL reads as empty. `Internal` when the
+    /// column is not text.
+    fn text(&self, i: usize) -> StoreResult<&str>;
+    /// Integer column `i`; NULL reads as `None`. `Internal` when it is not an integer.
+    fn integer(&self, i: usize) -> StoreResult<Option<i64>>;
+}
+
+/// A row of any sqlx database as [`MessageColumns`] (a wrapper: sqlx's rows are foreign types).
+pub(crate) struct SqlxRow<'r, R>(pub &'r R);
+
+impl<R> MessageColumns for SqlxRow<'_, R>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'a> &'a str: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    fn text(&self, i: usize) -> StoreResult<&str> {
+        Ok(self.0.try_get::<Option<&str>, _>(i)?.unwrap_or_default())
+    }
+
+    fn integer(&self, i: usize) -> StoreResult<Option<i64>> {
+        Ok(self.0.try_get(i)?)
+    }
+}
+
+/// The LIMITs a history query is written with (page sizes 10, 25, 50, 100 and 200, plus the
+/// row that tells whether a next page exists): a request's limit is rounded up to the next.
+const HISTORY_LIMIT_STEPS: [i64; 5] = [11, 26, 51, 101, 201];
+
+/// The LIMIT a history query for `limit` rows is written with, into its text rather than
+/// bound: with `LIMIT $n` PostgreSQL cannot cost a generic plan (it assumes a tenth of the
+/// table), so it planned every page again, half of its CPU per page; with the size known the
+/// generic plan costs what a custom one does, and it is kept after five executions. Rounded
+/// up to one of [`HISTORY_LIMIT_STEPS`], so a handful of texts stay prepared whatever sizes
+/// clients ask for; the callers drop the extra rows.
+fn history_fetch_limit(limit: i64) -> i64 {
+    HISTORY_LIMIT_STEPS
+        .into_iter()
+        .find(|&step| step >= limit)
+        .unwrap_or(limit)
+}
+
+/// Writes one message of a history page from its row: appends its bytes to `out` and returns
+/// its sequence. Errors: the row's (a column of an unexpected type); nothing is appended then.
+pub type RowWriter = fn(out: &mut Vec<u8>, row: &dyn MessageColumns) -> StoreResult<i64>;
+
+/// A history page as [`RowWriter`] wrote it: the messages' bytes one after another, and each
+/// message's `(sequence, end offset in bytes)`, in page order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodedRows {
+    pub bytes: Vec<u8>,
+    pub ends: Vec<(i64, usize)>,
+}
+
+impl EncodedRows {
+    /// Appends the message `write_row` writes from `row`.
+    pub fn push(&mut self, write_row: RowWriter, row: &dyn MessageColumns) -> StoreResult<()> {
+        let start = self.bytes.len();
+        match write_row(&mut self.bytes, row) {
+            Ok(sequence) => {
+                self.ends.push((sequence, self.bytes.len()));
+                Ok(())
+            }
+            Err(e) => {
+                self.bytes.truncate(start);
+                Err(e)
+            }
+        }
+    }
+
+    /// Messages held.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
 }
 
 /// One stored event of a channel's feed.
@@ -446,9 +647,9 @@ pub trait MessageStore: Send + Sync {
         before_sequence: Option<i64>,
         limit: i64,
     ) -> StoreResult<Vec<MessageRow>>;
-    /// [`MessageStore::list_messages`] with each message already in the wire form of
-    /// `chat.v1.Message`, written straight from the database rows: byte for byte what
-    /// `domain::convert::into_message` and prost make of the same rows.
+    /// [`MessageStore::list_messages`] with each message written by `write_row` straight
+    /// from the database row (ListMessages passes `crate::page::write_message`, which writes
+    /// the wire form of `chat.v1.Message`), without a [`MessageRow`] in between.
     async fn list_messages_encoded(
         &self,
         viewer: (&str, &str),
@@ -456,7 +657,8 @@ pub trait MessageStore: Send + Sync {
         parent: Option<&str>,
         before_sequence: Option<i64>,
         limit: i64,
-    ) -> StoreResult<crate::page::EncodedMessages>;
+        write_row: RowWriter,
+    ) -> StoreResult<EncodedRows>;
     /// Edits a message as a new event.
     async fn update_message(
         &self,

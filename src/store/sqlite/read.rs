@@ -7,7 +7,7 @@
 //! was most of the page's cost: in chat-bench scenario 5 the sqlx worker threads took 39% of
 //! the machine's CPU, of which SQLite's own VM was 2.5 points. Here a page is one job: the
 //! statement is prepared once per connection, each row is written by column index straight
-//! into wire form ([`crate::page::EncodedMessages::push_row`]), and the page is handed over
+//! into wire form (the caller's [`crate::store::RowWriter`]), and the page is handed over
 //! whole, or not at all when it ran in place.
 //!
 //! Only reads go this way; writes stay on sqlx's single writer connection. The connections
@@ -21,16 +21,8 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::Semaphore;
 
-use super::{sqlite_unavailable, StoreError, StoreResult};
-use crate::page::MessageColumns;
-
-/// The columns of `messages` in [`super::MessageRow`]'s field order, for queries read by
-/// column index by [`crate::page::EncodedMessages::push_row`] (whose `MessageColumns` lists the
-/// same order; the byte-equality test in `tests/store.rs` catches a change to one and not the
-/// other).
-pub const MESSAGE_COLUMNS: &str = "id, tenant_id, channel_id, sender_id, body, subject, \
-     parent_message_id, attachment_ids, client_message_id, forwarded_from_message_id, \
-     sequence, version, create_time, update_time, delete_time, deleted_by";
+use super::sqlite_unavailable;
+use crate::store::{MessageColumns, StoreError, StoreResult};
 
 /// Prepared statements each connection keeps (rusqlite's LRU cache, keyed by SQL text).
 const STATEMENT_CACHE: usize = 32;
@@ -124,7 +116,7 @@ impl SqliteReaders {
     pub async fn run<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
         let acquire = self.inner.permits.clone().acquire_owned();
         let permit = tokio::time::timeout(ACQUIRE_TIMEOUT, acquire)
@@ -159,16 +151,13 @@ impl SqliteReaders {
 impl Inner {
     /// Runs `f` on an idle connection (a new one when none is idle or the idle one is too
     /// old), and keeps the connection for the next job when `f` succeeded.
-    fn with_connection<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> StoreResult<T> {
+    fn with_connection<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
         let idle = self.idle.lock().map(|mut v| v.pop()).unwrap_or(None);
         let (conn, opened) = match idle {
             Some((c, opened)) if opened.elapsed() < MAX_LIFETIME => (c, opened),
             _ => (self.open().map_err(store_error)?, Instant::now()),
         };
-        let out = f(&conn).map_err(store_error)?;
+        let out = f(&conn)?;
         if let Ok(mut v) = self.idle.lock() {
             v.push((conn, opened));
         }
@@ -190,7 +179,7 @@ impl Inner {
 
 /// The store's rule for storage trouble ([`sqlite_unavailable`], on SQLite's result code);
 /// anything else is a bug or a broken file.
-fn store_error(e: rusqlite::Error) -> StoreError {
+pub(super) fn store_error(e: rusqlite::Error) -> StoreError {
     if e.sqlite_error()
         .is_some_and(|f| sqlite_unavailable(i64::from(f.extended_code)))
     {
@@ -236,20 +225,18 @@ impl HistoryBinds {
     }
 }
 
-/// A rusqlite row of [`MESSAGE_COLUMNS`], for [`crate::page::EncodedMessages::push_row`].
+/// A rusqlite row of [`crate::store::MESSAGE_COLUMNS`], for a [`crate::store::RowWriter`].
 impl MessageColumns for rusqlite::Row<'_> {
-    type Error = rusqlite::Error;
-
-    fn text(&self, i: usize) -> rusqlite::Result<&str> {
-        match self.get_ref(i)? {
+    fn text(&self, i: usize) -> StoreResult<&str> {
+        match self.get_ref(i).map_err(store_error)? {
             ValueRef::Null => Ok(""),
-            v => v.as_str().map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e))
-            }),
+            v => v
+                .as_str()
+                .map_err(|e| StoreError::Internal(format!("column {i}: {e}"))),
         }
     }
 
-    fn integer(&self, i: usize) -> rusqlite::Result<Option<i64>> {
-        self.get(i)
+    fn integer(&self, i: usize) -> StoreResult<Option<i64>> {
+        self.get(i).map_err(store_error)
     }
 }
