@@ -213,15 +213,15 @@ async fn lock_message<B: Backend>(
     Ok((before, sequence))
 }
 
-/// A changed message's event and audit row, then the commit.
+/// A changed message's event and audit row, then the commit: `locked` is what
+/// [`lock_message`] returned (the row before and the change's sequence), `row` the row after.
 async fn commit_message_change<B: Backend>(
     b: &B,
     mut tx: B::Tx,
     actor: Actor<'_>,
     operation: &'static str,
-    before: MessageRow,
+    (before, sequence): (MessageRow, i64),
     row: MessageRow,
-    sequence: i64,
     enc: Encoder<'_, MessageRow>,
 ) -> StoreResult<Changed<MessageRow>> {
     let payload = enc(&row, sequence);
@@ -688,7 +688,7 @@ impl<B: Backend> MessageStore for B {
                 now_micros(),
             )
             .await?;
-        commit_message_change(self, tx, actor, "update", before, row, sequence, enc).await
+        commit_message_change(self, tx, actor, "update", (before, sequence), row, enc).await
     }
 
     async fn delete_message(
@@ -702,7 +702,7 @@ impl<B: Backend> MessageStore for B {
         let row = self
             .delete_message_row(&mut tx, message_id, now_micros(), actor.user_id)
             .await?;
-        commit_message_change(self, tx, actor, "delete", before, row, sequence, enc).await
+        commit_message_change(self, tx, actor, "delete", (before, sequence), row, enc).await
     }
 
     async fn count_messages(&self, channel_id: &str) -> StoreResult<i64> {
