@@ -29,7 +29,8 @@
 //! - [`error`]: the domain error and its one mapping to `tonic::Status`.
 //! - [`auth`]: JWT verification (HS256, PEM keys, JWKS files) into a typed [`auth::Caller`].
 //! - [`domain`]: the rules: validation, policy, use cases, the live feed session.
-//! - [`store`]: repository traits and their SQLite / PostgreSQL implementation.
+//! - [`store`]: repository traits, each change's transaction written once (`flows`), and one
+//!   module per database (`sqlite`, `postgres`, `mysql`) with its own SQL.
 //! - [`fanout`]: in-process delivery of committed events to live feeds.
 //! - [`limits`]: per-user rate limits, open feeds and unfinished uploads.
 //! - [`blob`]: attachment bytes on local disk or S3, through `object_store`.
