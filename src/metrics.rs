@@ -159,8 +159,8 @@ fn describe() {
         "Seconds a group-commit batch waited for a write connection, by pool."
     );
     describe_counter!(
-        "chat_commit_retries_total",
-        "Group-commit batches run again after losing a race with another transaction (deadlock, lock wait timeout, serialization failure)."
+        "chat_db_retries_total",
+        "Transactions (group commits, upload quota checks) run again after losing a race with another (deadlock, lock wait timeout, serialization failure)."
     );
     describe_gauge!(
         "chat_db_pool_connections",
@@ -197,7 +197,7 @@ struct Handles {
     commit_batch: Histogram,
     commit_seconds: Histogram,
     write_acquire: Histogram,
-    commit_retries: Counter,
+    db_retries: Counter,
     grpc: GrpcMethods,
 }
 
@@ -215,7 +215,7 @@ impl Handles {
             commit_batch: metrics::histogram!("chat_commit_batch_messages"),
             commit_seconds: metrics::histogram!("chat_commit_seconds"),
             write_acquire: metrics::histogram!("chat_db_acquire_seconds", "pool" => "write"),
-            commit_retries: metrics::counter!("chat_commit_retries_total"),
+            db_retries: metrics::counter!("chat_db_retries_total"),
             grpc: GrpcMethods::register(),
         }
     }
@@ -321,11 +321,11 @@ pub fn write_acquired(took: Duration) {
     }
 }
 
-/// A group-commit batch lost a race with another transaction (a deadlock, a lock-wait
-/// timeout, a serialization failure) and is run again: counts `chat_commit_retries_total`.
-pub fn batch_retried() {
+/// A transaction lost a race with another (a deadlock, a lock-wait timeout, a serialization
+/// failure) and is run again: counts `chat_db_retries_total`.
+pub fn transaction_retried() {
     if let Some(m) = handles() {
-        m.commit_retries.increment(1);
+        m.db_retries.increment(1);
     }
 }
 

@@ -16,10 +16,51 @@ use uuid::Uuid;
 use super::backend::Backend;
 use super::*;
 
-/// How many times a group commit that lost a race with another transaction (a deadlock, a
-/// lock-wait timeout, a serialization failure: [`StoreError::Retry`]) is run again before the
-/// error reaches the senders. Nothing of a failed attempt was written.
-const BATCH_ATTEMPTS: usize = 4;
+/// How many times a transaction that lost a race with another (a deadlock, a lock-wait
+/// timeout, a serialization failure: [`StoreError::Retry`]) is tried in all before the error
+/// reaches the caller as `Unavailable`. Nothing of a failed attempt was written.
+const ATTEMPTS: usize = 4;
+
+/// Runs `attempt` until it does not fail with [`StoreError::Retry`], at most [`ATTEMPTS`]
+/// times, counting each retry (`chat_db_retries_total`).
+async fn with_retries<T, F, Fut>(mut attempt: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let mut tried = 1;
+    loop {
+        match attempt().await {
+            Err(StoreError::Retry(_)) if tried < ATTEMPTS => {
+                crate::metrics::transaction_retried();
+                tried += 1;
+            }
+            Err(StoreError::Retry(e)) => return Err(StoreError::Unavailable(e)),
+            done => return done,
+        }
+    }
+}
+
+/// One try of [`AttachmentStore::create_upload`].
+async fn create_upload_once<B: Backend>(
+    b: &B,
+    row: &UploadRow,
+    max_open: i64,
+    max_open_bytes: i64,
+) -> StoreResult<Option<(i64, i64)>> {
+    let mut tx = b.begin_upload(&row.tenant_id, &row.uploader_id).await?;
+    let (open, bytes) = b
+        .open_uploads(&mut tx, &row.tenant_id, &row.uploader_id)
+        .await?;
+    if open >= max_open || bytes.saturating_add(row.size_bytes) > max_open_bytes {
+        // At once, so the uploader's lock is released now.
+        b.rollback(tx).await?;
+        return Ok(Some((open, bytes)));
+    }
+    b.insert_upload(&mut tx, row).await?;
+    b.commit(tx).await?;
+    Ok(None)
+}
 
 /// The audit row of a change by `actor`, written at `now_micros()`: `before` and `after` are
 /// the rows as JSON (`None` for a creation's before and a deletion's after).
@@ -610,17 +651,7 @@ impl<B: Backend> MessageStore for B {
         batch: Vec<BatchMessage>,
         enc: Encoder<'_, MessageRow>,
     ) -> StoreResult<Vec<StoreResult<Inserted>>> {
-        let mut attempt = 1;
-        loop {
-            match self.insert_batch(&batch, enc).await {
-                Err(StoreError::Retry(_)) if attempt < BATCH_ATTEMPTS => {
-                    crate::metrics::batch_retried();
-                    attempt += 1;
-                }
-                Err(StoreError::Retry(e)) => return Err(StoreError::Unavailable(e)),
-                done => return done,
-            }
-        }
+        with_retries(|| self.insert_batch(&batch, enc)).await
     }
 
     fn write_concurrency(&self) -> usize {
@@ -840,18 +871,7 @@ impl<B: Backend> AttachmentStore for B {
         max_open: i64,
         max_open_bytes: i64,
     ) -> StoreResult<Option<(i64, i64)>> {
-        let mut tx = self.begin_upload(&row.tenant_id, &row.uploader_id).await?;
-        let (open, bytes) = self
-            .open_uploads(&mut tx, &row.tenant_id, &row.uploader_id)
-            .await?;
-        if open >= max_open || bytes.saturating_add(row.size_bytes) > max_open_bytes {
-            // At once, so the uploader's lock is released now.
-            self.rollback(tx).await?;
-            return Ok(Some((open, bytes)));
-        }
-        self.insert_upload(&mut tx, &row).await?;
-        self.commit(tx).await?;
-        Ok(None)
+        with_retries(|| create_upload_once(self, &row, max_open, max_open_bytes)).await
     }
 
     async fn upload(&self, tenant: &str, id: &str) -> StoreResult<UploadRow> {
@@ -924,5 +944,49 @@ impl<B: Backend> AttachmentStore for B {
 impl<B: Backend> Store for B {
     fn close(&self) -> BoxFuture<'_, ()> {
         Backend::close(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn lost_races_are_tried_again_then_reported_unavailable() {
+        let calls = Cell::new(0);
+        let got = with_retries(|| {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move {
+                if n < 3 {
+                    Err(StoreError::Retry("deadlock".into()))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(got.ok(), Some(3));
+
+        calls.set(0);
+        let got: StoreResult<()> = with_retries(|| {
+            calls.set(calls.get() + 1);
+            async { Err(StoreError::Retry("deadlock".into())) }
+        })
+        .await;
+        assert!(matches!(got, Err(StoreError::Unavailable(_))), "{got:?}");
+        assert_eq!(calls.get(), ATTEMPTS);
+
+        // Any other error is the answer at once.
+        calls.set(0);
+        let got: StoreResult<()> = with_retries(|| {
+            calls.set(calls.get() + 1);
+            async { Err(StoreError::Conflict) }
+        })
+        .await;
+        assert!(matches!(got, Err(StoreError::Conflict)));
+        assert_eq!(calls.get(), 1);
     }
 }
