@@ -53,6 +53,99 @@ pub(super) fn push_padded_rows<'a, DB: sqlx::Database, T: Copy>(
     }
 }
 
+/// The three tables a group commit writes, one multi-row INSERT each.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Insert {
+    Messages,
+    Events,
+    Audits,
+}
+
+impl Insert {
+    /// All three, in the order a batch writes them.
+    pub const ALL: [Insert; 3] = [Insert::Messages, Insert::Events, Insert::Audits];
+}
+
+/// Appends the multi-row INSERT of `table` for the plan's rows in `range` to `q`. The SQL is
+/// standard and the same for every database; the placeholders are the database's own.
+pub(super) fn push_insert<'a, DB>(
+    q: &mut sqlx::QueryBuilder<'a, DB>,
+    plan: &'a BatchPlan<'_>,
+    range: std::ops::Range<usize>,
+    table: Insert,
+) where
+    DB: sqlx::Database,
+    &'a String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let rows = &plan.rows[range.clone()];
+    match table {
+        Insert::Messages => {
+            q.push(
+                "INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, subject, \
+                 parent_message_id, attachment_ids, client_message_id, \
+                 forwarded_from_message_id, sequence, version, create_time) ",
+            );
+            q.push_values(rows, |mut v, (_, r)| {
+                v.push_bind(&r.id)
+                    .push_bind(&r.tenant_id)
+                    .push_bind(&r.channel_id)
+                    .push_bind(&r.sender_id)
+                    .push_bind(&r.body)
+                    .push_bind(&r.subject)
+                    .push_bind(&r.parent_message_id)
+                    .push_bind(&r.attachment_ids)
+                    .push_bind(&r.client_message_id)
+                    .push_bind(&r.forwarded_from_message_id)
+                    .push_bind(r.sequence)
+                    .push_bind(r.version)
+                    .push_bind(r.create_time);
+            });
+        }
+        Insert::Events => {
+            q.push("INSERT INTO events (channel_id, sequence, payload) ");
+            let payloads = &plan.payloads[range];
+            q.push_values(rows.iter().zip(payloads), |mut v, ((_, r), p)| {
+                v.push_bind(&r.channel_id)
+                    .push_bind(r.sequence)
+                    .push_bind(p.as_slice());
+            });
+        }
+        Insert::Audits => {
+            q.push(
+                "INSERT INTO audit_logs (id, tenant_id, operation, table_name, entity_id, \
+                 actor_id, before_json, after_json, create_time) ",
+            );
+            let audits = &plan.audits[range];
+            q.push_values(rows.iter().zip(audits), |mut v, ((_, r), (id, after))| {
+                v.push_bind(id)
+                    .push_bind(&r.tenant_id)
+                    .push_bind("create")
+                    .push_bind("messages")
+                    .push_bind(&r.id)
+                    .push_bind(&r.sender_id)
+                    .push_bind(None::<String>)
+                    .push_bind(after)
+                    .push_bind(plan.now);
+            });
+        }
+    }
+}
+
+/// The rows of `plan` in chunks of [`insert_sizes`] (power-of-two sizes: each statement text
+/// is prepared once per connection), as ranges of `plan.rows`.
+pub(super) fn insert_chunks(plan: &BatchPlan<'_>) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let mut at = 0;
+    insert_sizes(plan.rows.len(), true).map(move |size| {
+        at += size;
+        at - size..at
+    })
+}
+
 /// A batch grouped by `(channel, tenant)`, channels in bytewise id order: every batch locks
 /// its channels in this order, so concurrent batches never wait on each other in a cycle.
 pub(super) struct Grouped<'b> {

@@ -227,58 +227,12 @@ impl MySqlStore {
         }
         q.push(")");
         q.build().execute(&mut *tx).await?;
-        let mut at = 0;
-        for size in batch::insert_sizes(plan.rows.len(), true) {
-            let rows = &plan.rows[at..at + size];
-            let payloads = &plan.payloads[at..at + size];
-            let audits = &plan.audits[at..at + size];
-            at += size;
-            let mut q = sqlx::QueryBuilder::<MySql>::new(
-                "INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, subject, \
-                 parent_message_id, attachment_ids, client_message_id, \
-                 forwarded_from_message_id, sequence, version, create_time) ",
-            );
-            q.push_values(rows, |mut v, (_, r)| {
-                v.push_bind(&r.id)
-                    .push_bind(&r.tenant_id)
-                    .push_bind(&r.channel_id)
-                    .push_bind(&r.sender_id)
-                    .push_bind(&r.body)
-                    .push_bind(&r.subject)
-                    .push_bind(&r.parent_message_id)
-                    .push_bind(&r.attachment_ids)
-                    .push_bind(&r.client_message_id)
-                    .push_bind(&r.forwarded_from_message_id)
-                    .push_bind(r.sequence)
-                    .push_bind(1i64)
-                    .push_bind(r.create_time);
-            });
-            q.build().execute(&mut *tx).await?;
-            let mut q = sqlx::QueryBuilder::<MySql>::new(
-                "INSERT INTO events (channel_id, sequence, payload) ",
-            );
-            q.push_values(rows.iter().zip(payloads), |mut v, ((_, r), p)| {
-                v.push_bind(&r.channel_id)
-                    .push_bind(r.sequence)
-                    .push_bind(p.as_slice());
-            });
-            q.build().execute(&mut *tx).await?;
-            let mut q = sqlx::QueryBuilder::<MySql>::new(
-                "INSERT INTO audit_logs (id, tenant_id, operation, table_name, entity_id, \
-                 actor_id, before_json, after_json, create_time) ",
-            );
-            q.push_values(rows.iter().zip(audits), |mut v, ((_, r), (id, after))| {
-                v.push_bind(id)
-                    .push_bind(&r.tenant_id)
-                    .push_bind("create")
-                    .push_bind("messages")
-                    .push_bind(&r.id)
-                    .push_bind(&r.sender_id)
-                    .push_bind(None::<String>)
-                    .push_bind(after)
-                    .push_bind(plan.now);
-            });
-            q.build().execute(&mut *tx).await?;
+        for range in batch::insert_chunks(&plan) {
+            for table in batch::Insert::ALL {
+                let mut q = sqlx::QueryBuilder::<MySql>::new("");
+                batch::push_insert(&mut q, &plan, range.clone(), table);
+                q.build().execute(&mut *tx).await?;
+            }
         }
         tx.commit().await?;
         Ok(plan.committed())

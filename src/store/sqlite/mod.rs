@@ -300,53 +300,11 @@ impl SqliteStore {
         }
         // One INSERT per table, of the batch's exact size: SQLite parses a statement in
         // microseconds, less than the round trip to its worker thread that a second costs.
-        let rows = &plan.rows;
-        if !rows.is_empty() {
-            q.push(
-                "INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, subject, \
-                 parent_message_id, attachment_ids, client_message_id, \
-                 forwarded_from_message_id, sequence, version, create_time) ",
-            );
-            q.push_values(rows, |mut v, (_, r)| {
-                v.push_bind(&r.id)
-                    .push_bind(&r.tenant_id)
-                    .push_bind(&r.channel_id)
-                    .push_bind(&r.sender_id)
-                    .push_bind(&r.body)
-                    .push_bind(&r.subject)
-                    .push_bind(&r.parent_message_id)
-                    .push_bind(&r.attachment_ids)
-                    .push_bind(&r.client_message_id)
-                    .push_bind(&r.forwarded_from_message_id)
-                    .push_bind(r.sequence)
-                    .push_bind(1i64)
-                    .push_bind(r.create_time);
-            });
-            q.push("; INSERT INTO events (channel_id, sequence, payload) ");
-            q.push_values(rows.iter().zip(&plan.payloads), |mut v, ((_, r), p)| {
-                v.push_bind(&r.channel_id)
-                    .push_bind(r.sequence)
-                    .push_bind(p.as_slice());
-            });
-            q.push(
-                "; INSERT INTO audit_logs (id, tenant_id, operation, table_name, entity_id, \
-                 actor_id, before_json, after_json, create_time) ",
-            );
-            q.push_values(
-                rows.iter().zip(&plan.audits),
-                |mut v, ((_, r), (id, after))| {
-                    v.push_bind(id)
-                        .push_bind(&r.tenant_id)
-                        .push_bind("create")
-                        .push_bind("messages")
-                        .push_bind(&r.id)
-                        .push_bind(&r.sender_id)
-                        .push_bind(None::<String>)
-                        .push_bind(after)
-                        .push_bind(plan.now);
-                },
-            );
-            q.push("; ");
+        if !plan.rows.is_empty() {
+            for table in batch::Insert::ALL {
+                batch::push_insert(&mut q, &plan, 0..plan.rows.len(), table);
+                q.push("; ");
+            }
         }
         q.push("COMMIT");
         q.build().execute(&mut *tx.conn).await?;
