@@ -1273,3 +1273,245 @@ async fn storage_errors_are_unavailable() {
         assert!(!store::postgres_unavailable(s), "SQLSTATE {s} is a bug");
     }
 }
+
+/// The MySQL migrations make PostgreSQL's tables and columns (and `upload_locks`, which the
+/// MySQL store locks for the upload quota) as InnoDB tables whose text is utf8mb4 in the binary
+/// collation. The largest accepted values fit whole, and identities (user and tenant ids,
+/// direct keys) compare byte for byte: utf8mb4_bin alone would take 'bob ' for 'bob'.
+#[tokio::test]
+async fn mysql_migrations_make_the_postgres_schema_byte_exact() {
+    use sqlx::Connection;
+    let db = TestDb::new(Backend::Mysql).await;
+    let mut c = sqlx::MySqlConnection::connect(&db.url)
+        .await
+        .expect("mysql");
+    sqlx::migrate!("migrations/mysql")
+        .run(&mut c)
+        .await
+        .expect("migrations");
+    let tables: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT TABLE_NAME, ENGINE, TABLE_COLLATION FROM information_schema.TABLES \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME <> '_sqlx_migrations'",
+    )
+    .fetch_all(&mut c)
+    .await
+    .expect("tables");
+    assert_eq!(tables.len(), 11, "{tables:?}");
+    for (table, engine, collation) in &tables {
+        assert_eq!(
+            (engine.as_str(), collation.as_str()),
+            ("InnoDB", "utf8mb4_bin"),
+            "{table}"
+        );
+    }
+    let columns: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, COLLATION_NAME \
+         FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME <> '_sqlx_migrations'",
+    )
+    .fetch_all(&mut c)
+    .await
+    .expect("columns");
+    for (table, column, charset, collation) in &columns {
+        if charset.is_some() {
+            assert_eq!(
+                (charset.as_deref(), collation.as_deref()),
+                (Some("utf8mb4"), Some("utf8mb4_bin")),
+                "{table}.{column}"
+            );
+        }
+    }
+    let mut mysql: Vec<(String, String)> = columns
+        .into_iter()
+        .filter(|(table, ..)| table != "upload_locks")
+        .map(|(table, column, ..)| (table, column))
+        .collect();
+    mysql.sort();
+
+    // The same tables and columns as PostgreSQL's.
+    let pg = TestDb::new(Backend::Postgres).await;
+    let schema = pg.schema.clone().expect("schema");
+    store::connect(&pg.url, Some(&schema), true)
+        .await
+        .expect("postgres migrations")
+        .close()
+        .await;
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("pg");
+    let mut postgres: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text FROM information_schema.columns \
+         WHERE table_schema = $1 AND table_name <> '_sqlx_migrations'",
+    )
+    .bind(&schema)
+    .fetch_all(&pool)
+    .await
+    .expect("pg columns");
+    pool.close().await;
+    postgres.sort();
+    assert_eq!(mysql, postgres);
+
+    // The largest accepted values, whole, with the strictness the store must run with.
+    sqlx::query("SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES')")
+        .execute(&mut c)
+        .await
+        .expect("strict");
+    let ch = uuid::Uuid::now_v7().to_string();
+    let tenant = "t".repeat(253) + "ש";
+    let user = "u".repeat(251) + "😀";
+    let direct_key = format!("{tenant}\n{user}\n{user}");
+    let (name, description, label) = ("😀".repeat(100), "🇮🇱".repeat(500), "e\u{301}".repeat(50));
+    sqlx::query(
+        "INSERT INTO channels (id, tenant_id, kind, name, description, channel_type, \
+         direct_key, create_time, update_time) VALUES (?, ?, 'direct', ?, ?, ?, ?, 1, 1)",
+    )
+    .bind(&ch)
+    .bind(&tenant)
+    .bind(&name)
+    .bind(&description)
+    .bind(&label)
+    .bind(&direct_key)
+    .execute(&mut c)
+    .await
+    .expect("channel");
+    let body = "\u{1}".repeat(32 * 1024);
+    let subject = "😀".repeat(200);
+    let key = "k".repeat(96) + "😀";
+    let message = uuid::Uuid::now_v7().to_string();
+    let attachment_ids = serde_json::to_string(
+        &(0..32)
+            .map(|_| uuid::Uuid::now_v7().to_string())
+            .collect::<Vec<_>>(),
+    )
+    .expect("json");
+    sqlx::query(
+        "INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, subject, \
+         attachment_ids, client_message_id, sequence, create_time) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, 1)",
+    )
+    .bind(&message)
+    .bind(&tenant)
+    .bind(&ch)
+    .bind(&user)
+    .bind(&body)
+    .bind(&subject)
+    .bind(&attachment_ids)
+    .bind(&key)
+    .execute(&mut c)
+    .await
+    .expect("message");
+    let audit_json = serde_json::json!({ "body": body, "subject": subject }).to_string();
+    assert!(audit_json.len() > 6 * 32 * 1024, "{}", audit_json.len());
+    sqlx::query(
+        "INSERT INTO audit_logs (id, tenant_id, operation, table_name, entity_id, actor_id, \
+         before_json, after_json, create_time) VALUES (?, ?, 'update', 'members', ?, ?, ?, ?, 1)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(&tenant)
+    .bind(format!("{ch}/{user}"))
+    .bind(&user)
+    .bind(&audit_json)
+    .bind(&audit_json)
+    .execute(&mut c)
+    .await
+    .expect("audit");
+    let payload: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 256) as u8).collect();
+    sqlx::query("INSERT INTO events (channel_id, sequence, payload) VALUES (?, 1, ?)")
+        .bind(&ch)
+        .bind(&payload)
+        .execute(&mut c)
+        .await
+        .expect("event");
+    let file_name = "😀".repeat(255);
+    let content_type = "a".repeat(255);
+    sqlx::query(
+        "INSERT INTO attachments (id, tenant_id, channel_id, uploader_id, file_name, \
+         content_type, size_bytes, sha256, storage_key, create_time) \
+         VALUES (?, ?, ?, ?, ?, ?, 1, ?, 'a/x', 1)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(&tenant)
+    .bind(&ch)
+    .bind(&user)
+    .bind(&file_name)
+    .bind(&content_type)
+    .bind("ab".repeat(32))
+    .execute(&mut c)
+    .await
+    .expect("attachment");
+    // Read back as bytes (sqlx takes binary-collated text for bytes).
+    for (sql, want) in [
+        ("SELECT tenant_id FROM channels", tenant.as_bytes()),
+        ("SELECT name FROM channels", name.as_bytes()),
+        ("SELECT description FROM channels", description.as_bytes()),
+        ("SELECT channel_type FROM channels", label.as_bytes()),
+        ("SELECT direct_key FROM channels", direct_key.as_bytes()),
+        ("SELECT sender_id FROM messages", user.as_bytes()),
+        ("SELECT body FROM messages", body.as_bytes()),
+        ("SELECT subject FROM messages", subject.as_bytes()),
+        (
+            "SELECT attachment_ids FROM messages",
+            attachment_ids.as_bytes(),
+        ),
+        ("SELECT client_message_id FROM messages", key.as_bytes()),
+        ("SELECT after_json FROM audit_logs", audit_json.as_bytes()),
+        ("SELECT payload FROM events", &payload),
+        ("SELECT file_name FROM attachments", file_name.as_bytes()),
+        (
+            "SELECT content_type FROM attachments",
+            content_type.as_bytes(),
+        ),
+    ] {
+        let got: Vec<u8> = sqlx::query_scalar(sql).fetch_one(&mut c).await.expect(sql);
+        assert!(got == want, "{sql}: not the bytes stored");
+    }
+
+    // Identities that differ by a trailing space are different rows.
+    for member in ["bob", "bob "] {
+        sqlx::query(
+            "INSERT INTO members (channel_id, tenant_id, user_id, role, join_time, \
+             join_sequence) VALUES (?, 't1', ?, 'member', 1, 1)",
+        )
+        .bind(&ch)
+        .bind(member)
+        .execute(&mut c)
+        .await
+        .expect(member);
+    }
+    for pair in ["t1\nann\nbob", "t1\nann\nbob "] {
+        sqlx::query(
+            "INSERT INTO channels (id, tenant_id, kind, direct_key, create_time, update_time) \
+             VALUES (?, 't1', 'direct', ?, 1, 1)",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(pair)
+        .execute(&mut c)
+        .await
+        .expect(pair);
+    }
+    for (sql, arg, want) in [
+        ("SELECT COUNT(*) FROM members WHERE user_id = ?", "bob", 1),
+        ("SELECT COUNT(*) FROM members WHERE user_id = ?", "bob  ", 0),
+        (
+            "SELECT COUNT(*) FROM channels WHERE tenant_id = ?",
+            "t1 ",
+            0,
+        ),
+        (
+            "SELECT COUNT(*) FROM channels WHERE direct_key = ?",
+            "t1\nann\nbob",
+            1,
+        ),
+        (
+            "SELECT COUNT(*) FROM upload_locks WHERE uploader_id = ?",
+            "x",
+            0,
+        ),
+    ] {
+        let n: i64 = sqlx::query_scalar(sql)
+            .bind(arg)
+            .fetch_one(&mut c)
+            .await
+            .expect(sql);
+        assert_eq!(n, want, "{sql} {arg:?}");
+    }
+    c.close().await.expect("close");
+}
