@@ -47,28 +47,29 @@ pub enum Command {
 /// Where the database is.
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
-    /// Full database URL (`sqlite://./data/chat.db`, `postgres://user@host/db`). Wins over DB_*.
+    /// Full database URL (`sqlite://./data/chat.db`, `postgres://user@host/db`,
+    /// `mysql://user@host/db` or `mariadb://user@host/db`). Wins over DB_*.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
-    /// `sqlite`, `postgres` (`postgresql`) or `mysql` (not supported yet), as the seed's DB_CONNECTOR.
+    /// `sqlite`, `postgres` (`postgresql`) or `mysql` (`mariadb`), as the seed's DB_CONNECTOR.
     #[arg(long, env = "DB_CONNECTOR")]
     pub db_connector: Option<String>,
     /// Database host.
     #[arg(long, env = "DB_HOST", default_value = "127.0.0.1")]
     pub db_host: String,
-    /// Database port.
+    /// Database port (default 5432 for PostgreSQL, 3306 for MySQL).
     #[arg(long, env = "DB_PORT")]
     pub db_port: Option<u16>,
-    /// Database user.
+    /// Database user (default `postgres` for PostgreSQL, `root` for MySQL).
     #[arg(long, env = "DB_USER")]
     pub db_user: Option<String>,
     /// Database password.
     #[arg(long, env = "DB_PASSWORD", hide_env_values = true)]
     pub db_password: Option<String>,
-    /// Database name (a file path for sqlite).
+    /// Database name (default `chat`; a file path for sqlite).
     #[arg(long, env = "DB_DATABASE")]
     pub db_database: Option<String>,
-    /// PostgreSQL schema (search_path) holding the tables.
+    /// PostgreSQL schema (search_path) holding the tables (PostgreSQL only).
     #[arg(long, env = "DB_SCHEMA")]
     pub db_schema: Option<String>,
 }
@@ -76,46 +77,59 @@ pub struct DbArgs {
 /// The embedded default database.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://./data/chat.db";
 
+/// Schemes of MySQL / MariaDB URLs; sqlx's MySQL driver takes both.
+const MYSQL_SCHEMES: [&str; 2] = ["mysql:", "mariadb:"];
+
 impl DbArgs {
-    /// The database URL these settings name.
+    /// The database URL these settings name: `DATABASE_URL` as given, else one built from
+    /// `DB_CONNECTOR` and the other `DB_*` settings (user, password and database name
+    /// percent-encoded), else [`DEFAULT_DATABASE_URL`].
     ///
-    /// Errors: one line naming the bad variable.
+    /// Errors: one line naming the bad variable (a `DATABASE_URL` of an unknown scheme, an
+    /// unknown `DB_CONNECTOR`).
     pub fn url(&self) -> Result<String, String> {
         if let Some(u) = &self.database_url {
-            if crate::store::Database::from_url(u).is_none() {
-                return Err("DATABASE_URL: must start with sqlite: or postgres:".into());
+            // MySQL by its scheme as well, until the store's Database knows it.
+            if crate::store::Database::from_url(u).is_none()
+                && !MYSQL_SCHEMES.iter().any(|s| u.starts_with(s))
+            {
+                return Err(
+                    "DATABASE_URL: must start with sqlite:, postgres:, mysql: or mariadb:".into(),
+                );
             }
             return Ok(u.clone());
         }
         let Some(connector) = &self.db_connector else {
             return Ok(DEFAULT_DATABASE_URL.to_owned());
         };
-        let enc = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
         match connector.as_str() {
             "sqlite" => Ok(format!(
                 "sqlite://{}",
                 self.db_database.as_deref().unwrap_or("./data/chat.db")
             )),
-            "postgres" | "postgresql" => {
-                let user = self.db_user.as_deref().unwrap_or("postgres");
-                let auth = match &self.db_password {
-                    Some(p) => format!("{}:{}", enc(user), enc(p)),
-                    None => enc(user),
-                };
-                Ok(format!(
-                    "postgres://{auth}@{}:{}/{}",
-                    self.db_host,
-                    self.db_port.unwrap_or(5432),
-                    enc(self.db_database.as_deref().unwrap_or("chat"))
-                ))
-            }
-            "mysql" => {
-                Err("DB_CONNECTOR: mysql is not supported yet (use sqlite or postgres)".into())
-            }
+            "postgres" | "postgresql" => Ok(self.server_url("postgres", "postgres", 5432)),
+            "mysql" | "mariadb" => Ok(self.server_url("mysql", "root", 3306)),
             other => Err(format!(
-                "DB_CONNECTOR: unknown connector {other:?} (use sqlite or postgres)"
+                "DB_CONNECTOR: unknown connector {other:?} (use sqlite, postgres or mysql)"
             )),
         }
+    }
+
+    /// `scheme://user[:password]@host:port/database`, with `user`, `port` and the database
+    /// (`chat`) defaulted, and user, password and database percent-encoded.
+    fn server_url(&self, scheme: &str, default_user: &str, default_port: u16) -> String {
+        let enc = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
+        let user = self.db_user.as_deref().unwrap_or(default_user);
+        let auth = match &self.db_password {
+            Some(p) => format!("{}:{}", enc(user), enc(p)),
+            None => enc(user),
+        };
+        format!(
+            "{scheme}://{auth}@{}:{}/{}",
+            self.db_host,
+            self.db_port.unwrap_or(default_port),
+            enc(self.db_database.as_deref().unwrap_or("chat"))
+        )
     }
 }
 
@@ -387,4 +401,120 @@ pub struct TailArgs {
     /// Resume cursors `CHANNEL_ID=SEQUENCE`.
     #[arg(long = "cursor")]
     pub cursors: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use super::*;
+
+    fn db(connector: Option<&str>) -> DbArgs {
+        DbArgs {
+            database_url: None,
+            db_connector: connector.map(str::to_owned),
+            db_host: "127.0.0.1".into(),
+            db_port: None,
+            db_user: None,
+            db_password: None,
+            db_database: None,
+            db_schema: None,
+        }
+    }
+
+    #[test]
+    fn no_settings_mean_the_embedded_sqlite_file() {
+        assert_eq!(db(None).url().unwrap(), DEFAULT_DATABASE_URL);
+        let file = DbArgs {
+            db_database: Some("/var/lib/chat/chat.db".into()),
+            ..db(Some("sqlite"))
+        };
+        assert_eq!(file.url().unwrap(), "sqlite:///var/lib/chat/chat.db");
+    }
+
+    #[test]
+    fn postgres_connector_builds_a_postgres_url() {
+        assert_eq!(
+            db(Some("postgres")).url().unwrap(),
+            "postgres://postgres@127.0.0.1:5432/chat"
+        );
+        let full = DbArgs {
+            db_host: "db.internal".into(),
+            db_port: Some(6432),
+            db_user: Some("chat".into()),
+            db_password: Some("p@ss:w/rd".into()),
+            db_database: Some("chat prod".into()),
+            ..db(Some("postgresql"))
+        };
+        assert_eq!(
+            full.url().unwrap(),
+            "postgres://chat:p%40ss%3Aw%2Frd@db.internal:6432/chat%20prod"
+        );
+    }
+
+    #[test]
+    fn mysql_connector_builds_a_mysql_url() {
+        for connector in ["mysql", "mariadb"] {
+            assert_eq!(
+                db(Some(connector)).url().unwrap(),
+                "mysql://root@127.0.0.1:3306/chat",
+                "{connector}"
+            );
+        }
+        let full = DbArgs {
+            db_host: "mariadb.internal".into(),
+            db_port: Some(3307),
+            db_user: Some("chat@app".into()),
+            db_password: Some("p@ss:w/rd?#%".into()),
+            db_database: Some("chat/prod".into()),
+            ..db(Some("mysql"))
+        };
+        let url = full.url().unwrap();
+        assert_eq!(
+            url,
+            "mysql://chat%40app:p%40ss%3Aw%2Frd%3F%23%25@mariadb.internal:3307/chat%2Fprod"
+        );
+        // sqlx reads back exactly what was configured.
+        let opts = sqlx::mysql::MySqlConnectOptions::from_str(&url).unwrap();
+        assert_eq!(opts.get_host(), "mariadb.internal");
+        assert_eq!(opts.get_port(), 3307);
+        assert_eq!(opts.get_username(), "chat@app");
+        assert_eq!(opts.get_database(), Some("chat/prod"));
+    }
+
+    #[test]
+    fn database_url_wins_and_must_name_a_known_database() {
+        for url in [
+            "sqlite://./x.db",
+            "postgres://u@h/d",
+            "postgresql://u@h/d",
+            "mysql://u@h/d",
+            "mariadb://u@h/d",
+        ] {
+            let args = DbArgs {
+                database_url: Some(url.into()),
+                ..db(Some("sqlite"))
+            };
+            assert_eq!(args.url().unwrap(), url);
+        }
+        let bad = DbArgs {
+            database_url: Some("mssql://u@h/d".into()),
+            ..db(None)
+        };
+        let e = bad.url().unwrap_err();
+        assert!(
+            e.starts_with("DATABASE_URL:") && e.contains("mysql:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_connector_is_refused_by_name() {
+        let e = db(Some("oracle")).url().unwrap_err();
+        assert!(
+            e.starts_with("DB_CONNECTOR:") && e.contains("\"oracle\""),
+            "{e}"
+        );
+        assert!(e.contains("mysql"), "{e}");
+    }
 }

@@ -1334,6 +1334,10 @@ async fn storage_failures_are_unavailable(backend: Backend) {
     server.opts.url_params = Some(match backend {
         Backend::Sqlite => "?mode=ro".into(),
         Backend::Postgres => "?options=-c%20default_transaction_read_only%3Don".into(),
+        // sqlx's MySQL URLs carry no session settings, so read-only storage needs another
+        // way in (a SELECT-only user: error 1142; `transaction_read_only`: 1792, SQLSTATE
+        // 25006, as PostgreSQL's) and a classification of that error to go with it.
+        Backend::Mysql => panic!("read-only MySQL storage is not set up for this test yet"),
     });
     let server = server.restart().await;
     let mut alice = server.chat(&token("alice")).await;

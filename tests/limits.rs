@@ -351,8 +351,9 @@ async fn unfinished_uploads_per_user(backend: Backend) {
     server.stop().await;
 }
 
-/// Holds the database's write lock (SQLite) or an exclusive lock on `channels` (PostgreSQL)
-/// until the returned guard's task is told to stop.
+/// Holds the database's write lock (SQLite) or an exclusive lock on `channels` (PostgreSQL
+/// `ACCESS EXCLUSIVE`, MySQL `LOCK TABLES … WRITE`) until the returned guard's task is told to
+/// stop.
 async fn hold_write_lock(db: &TestDb) -> tokio::sync::oneshot::Sender<()> {
     use sqlx::Connection;
     let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
@@ -377,6 +378,19 @@ async fn hold_write_lock(db: &TestDb) -> tokio::sync::oneshot::Sender<()> {
                     let _ = locked_tx.send(());
                     let _ = stop_rx.await;
                     sqlx::raw_sql("ROLLBACK")
+                        .execute(&mut c)
+                        .await
+                        .expect("unlock");
+                }
+                Backend::Mysql => {
+                    let mut c = sqlx::MySqlConnection::connect(&url).await.expect("mysql");
+                    sqlx::raw_sql("LOCK TABLES channels WRITE")
+                        .execute(&mut c)
+                        .await
+                        .expect("lock");
+                    let _ = locked_tx.send(());
+                    let _ = stop_rx.await;
+                    sqlx::raw_sql("UNLOCK TABLES")
                         .execute(&mut c)
                         .await
                         .expect("unlock");

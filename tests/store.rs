@@ -6,8 +6,8 @@ mod common;
 use std::sync::Arc;
 
 use chat_service::store::{
-    self, Actor, BatchMessage, ChannelRow, CommitPaths, Inserted, MessagePatch, NewMessage, Role,
-    Store, StoreError, StoreResult,
+    self, Actor, AttachmentRow, BatchMessage, ChannelRow, CommitPaths, DownloadRow, Inserted,
+    MessagePatch, MessageRow, NewMessage, Role, Store, StoreError, StoreResult, UploadRow,
 };
 use common::*;
 
@@ -708,7 +708,8 @@ async fn group_commit_of_members_only(backend: Backend) {
             one_call: 2,
             general: 1,
         },
-        Backend::Sqlite => CommitPaths::default(),
+        // MySQL has no one-call path (PostgreSQL's is a plpgsql function).
+        Backend::Sqlite | Backend::Mysql => CommitPaths::default(),
     };
     assert_eq!(s.commit_paths(), expected);
 }
@@ -887,6 +888,911 @@ async fn postgres_group_commit_sees_a_removal_that_committed_during_its_lock_wai
     );
 }
 
+// Attachments, resumable uploads and downloads: every `AttachmentStore` method.
+
+/// An unlinked attachment of `uploader` in `channel` (tenant t1), made `age_micros` ago, with
+/// a file name of 4-byte, right-to-left and combining characters.
+fn attachment_row(channel: &str, uploader: &str, age_micros: i64) -> AttachmentRow {
+    let id = uuid::Uuid::now_v7().to_string();
+    AttachmentRow {
+        storage_key: format!("a/{id}"),
+        id,
+        tenant_id: "t1".into(),
+        channel_id: channel.into(),
+        message_id: None,
+        uploader_id: uploader.into(),
+        file_name: "notes 📎 שלום e\u{301}.txt".into(),
+        content_type: "text/plain; charset=utf-8".into(),
+        size_bytes: 3,
+        sha256: "ab".repeat(32),
+        create_time: store::now_micros() - age_micros,
+    }
+}
+
+/// Stores an unlinked attachment of `uploader` in `channel`; returns its id.
+async fn attach(s: &Arc<dyn Store>, uploader: &str, channel: &str, age_micros: i64) -> String {
+    s.insert_attachment(
+        actor(uploader),
+        attachment_row(channel, uploader, age_micros),
+    )
+    .await
+    .expect("insert attachment")
+    .id
+}
+
+/// A resumable upload of `size` bytes by `uploader` (tenant t1), begun `age_micros` ago.
+fn upload_row(channel: &str, uploader: &str, size: i64, age_micros: i64) -> UploadRow {
+    UploadRow {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: "t1".into(),
+        channel_id: channel.into(),
+        uploader_id: uploader.into(),
+        file_name: "photo 🌄.jpg".into(),
+        content_type: "image/jpeg".into(),
+        size_bytes: size,
+        sha256: String::new(),
+        committed_bytes: 0,
+        create_time: store::now_micros() - age_micros,
+    }
+}
+
+/// Records an upload with no quota to speak of; returns its id.
+async fn begin_upload(s: &Arc<dyn Store>, row: UploadRow) -> String {
+    let id = row.id.clone();
+    let refused = s
+        .create_upload(row, i64::MAX, i64::MAX)
+        .await
+        .expect("create upload");
+    assert_eq!(refused, None);
+    id
+}
+
+/// Sends a message as `user` in `channel` that links `attachments`.
+async fn send_linking(
+    s: &Arc<dyn Store>,
+    user: &str,
+    channel: &str,
+    attachments: &[&str],
+) -> StoreResult<MessageRow> {
+    let msg = NewMessage {
+        attachment_ids: attachments.iter().map(|a| a.to_string()).collect(),
+        ..msg(channel, "see attached", None)
+    };
+    match s.insert_message(actor(user), msg, &enc).await? {
+        Inserted::New(row, _) => Ok(row),
+        Inserted::Existing(row) => panic!("no key, no repeat: {row:?}"),
+    }
+}
+
+/// Rows as JSON, for whole-row comparisons.
+fn json<T: serde::Serialize>(row: &T) -> serde_json::Value {
+    serde_json::to_value(row).expect("json")
+}
+
+fn attachment_ids(rows: &[AttachmentRow]) -> Vec<&str> {
+    rows.iter().map(|r| r.id.as_str()).collect()
+}
+
+fn upload_ids(rows: &[UploadRow]) -> Vec<&str> {
+    let mut ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    ids.sort();
+    ids
+}
+
+/// An attachment is found in its own tenant only, by its exact id; storing one needs the
+/// uploader to be a member of the live channel; stores and deletes write an audit row each,
+/// refusals write nothing.
+async fn attachments_are_tenant_scoped_and_audited(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let ch = group_with(&s, &["u1", "u2"]).await;
+    let audits = db.count("audit_logs").await;
+    let want = attachment_row(&ch, "u1", 0);
+    let stored = s
+        .insert_attachment(actor("u1"), want.clone())
+        .await
+        .expect("insert");
+    assert_eq!(json(&stored), json(&want));
+    let read = s.attachment("t1", &want.id).await.expect("read");
+    assert_eq!(json(&read), json(&want), "every field back byte for byte");
+    assert_eq!(db.count("audit_logs").await, audits + 1);
+    let missing = uuid::Uuid::now_v7().to_string();
+    for (tenant, id) in [
+        ("t2", want.id.as_str()),
+        ("t1 ", want.id.as_str()),
+        ("T1", want.id.as_str()),
+        ("t1", missing.as_str()),
+    ] {
+        assert!(
+            matches!(s.attachment(tenant, id).await, Err(StoreError::NotFound)),
+            "{tenant:?} {id}"
+        );
+    }
+
+    // Not a member (an id that differs by a trailing space is another user), or a deleted group.
+    let dead = group_with(&s, &["u1"]).await;
+    s.delete_group(actor("owner"), &dead, &enc)
+        .await
+        .expect("delete group");
+    let (rows, audits) = (db.count("attachments").await, db.count("audit_logs").await);
+    for (user, channel) in [("stranger", &ch), ("u1 ", &ch), ("u1", &dead)] {
+        let r = s
+            .insert_attachment(actor(user), attachment_row(channel, user, 0))
+            .await;
+        assert!(matches!(r, Err(StoreError::NotFound)), "{user:?}: {r:?}");
+    }
+    assert_eq!(db.count("attachments").await, rows);
+    assert_eq!(db.count("audit_logs").await, audits);
+
+    // Deleted only within its tenant, once; the row comes back.
+    let other_tenant = Actor {
+        tenant_id: "t2",
+        user_id: "u1",
+    };
+    assert!(matches!(
+        s.delete_attachment(other_tenant, &want.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(s.attachment("t1", &want.id).await.is_ok(), "still there");
+    let deleted = s
+        .delete_attachment(actor("u2"), &want.id)
+        .await
+        .expect("delete");
+    assert_eq!(json(&deleted), json(&want));
+    assert!(matches!(
+        s.attachment("t1", &want.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        s.delete_attachment(actor("u2"), &want.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(db.count("attachments").await, rows - 1);
+    assert_eq!(db.count("audit_logs").await, audits + 1);
+    assert_eq!(
+        db.count_where(
+            "audit_logs",
+            "table_name = 'attachments' AND operation = 'delete' AND actor_id = 'u2'"
+        )
+        .await,
+        1
+    );
+}
+
+/// A viewer sees the attachments linked to live messages and their own unlinked ones, newest
+/// first, by page, or one message's; links are made only to the sender's unlinked attachments
+/// of the same channel, all of a message's or none.
+async fn attachment_lists_show_linked_and_own_unlinked(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let ch = group_with(&s, &["u1", "u2"]).await;
+    let other = group_with(&s, &["u1"]).await;
+    let a1 = attach(&s, "u1", &ch, 0).await; // stays unlinked
+    let a2 = attach(&s, "u2", &ch, 0).await; // stays unlinked
+    let a3 = attach(&s, "u1", &ch, 0).await; // linked to m1
+    let a4 = attach(&s, "u1", &ch, 0).await; // linked to m2, which is deleted
+    let elsewhere = attach(&s, "u1", &other, 0).await;
+    let audits = db.count("audit_logs").await;
+    let m1 = send_linking(&s, "u1", &ch, &[&a3]).await.expect("link a3");
+    let linked: Vec<String> = serde_json::from_str(&m1.attachment_ids).expect("json array");
+    assert_eq!(linked, vec![a3.clone()]);
+    assert_eq!(
+        db.count("audit_logs").await,
+        audits + 2,
+        "the message and the link"
+    );
+    let m2 = send_linking(&s, "u1", &ch, &[&a4]).await.expect("link a4");
+    s.delete_message(actor("u1"), &m2.id, &enc)
+        .await
+        .expect("delete m2");
+    let counts = db.counts().await;
+    for bad in [&a2, &a3, &elsewhere] {
+        // Another uploader's, linked already, another channel's: the message is refused and
+        // a1, linked first, stays unlinked.
+        let r = send_linking(&s, "u1", &ch, &[&a1, bad]).await;
+        assert!(matches!(r, Err(StoreError::Unlinkable(1))), "{bad}: {r:?}");
+    }
+    assert_eq!(db.counts().await, counts, "refused links write nothing");
+    let got = s.attachment("t1", &a3).await.expect("a3");
+    assert_eq!(got.message_id.as_deref(), Some(m1.id.as_str()));
+    assert_eq!(s.attachment("t1", &a1).await.expect("a1").message_id, None);
+
+    let list = |viewer: &'static str, message: Option<String>, before: Option<String>, limit| {
+        let (s, ch) = (s.clone(), ch.clone());
+        async move {
+            s.list_attachments(&ch, message.as_deref(), viewer, before.as_deref(), limit)
+                .await
+                .expect("list")
+        }
+    };
+    assert_eq!(
+        attachment_ids(&list("u1", None, None, 10).await),
+        [&a3, &a1]
+    );
+    assert_eq!(
+        attachment_ids(&list("u2", None, None, 10).await),
+        [&a3, &a2]
+    );
+    assert_eq!(
+        attachment_ids(&list("u1 ", None, None, 10).await),
+        [&a3],
+        "another user's unlinked attachments stay hidden"
+    );
+    assert_eq!(attachment_ids(&list("u1", None, None, 1).await), [&a3]);
+    assert_eq!(
+        attachment_ids(&list("u1", None, Some(a3.clone()), 10).await),
+        [&a1]
+    );
+    assert!(list("u1", None, Some(a1.clone()), 10).await.is_empty());
+    assert_eq!(
+        attachment_ids(&list("u2", Some(m1.id.clone()), None, 10).await),
+        [&a3]
+    );
+    assert!(list("u1", Some(m2.id.clone()), None, 10).await.is_empty());
+    assert!(list("u1", Some(m1.id.clone()), Some(a3.clone()), 10)
+        .await
+        .is_empty());
+    let there = s
+        .list_attachments(&other, None, "u1", None, 10)
+        .await
+        .expect("list other");
+    assert_eq!(attachment_ids(&there), [&elsewhere]);
+}
+
+/// The sweep's queries find unlinked attachments past their age and every attachment of a
+/// deleted group; sweeping deletes one (audited as `system:sweep`) only while it is still
+/// unlinked or its group deleted.
+async fn the_sweep_takes_only_what_nobody_can_reach(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let ch = group_with(&s, &["u1"]).await;
+    let dead = group_with(&s, &["u1"]).await;
+    let minute = 60_000_000;
+    let old = attach(&s, "u1", &ch, 10 * minute).await;
+    let fresh = attach(&s, "u1", &ch, 0).await;
+    let old_linked = attach(&s, "u1", &ch, 10 * minute).await;
+    send_linking(&s, "u1", &ch, &[&old_linked])
+        .await
+        .expect("link");
+    let dead_unlinked = attach(&s, "u1", &dead, 0).await;
+    let dead_linked = attach(&s, "u1", &dead, 0).await;
+    send_linking(&s, "u1", &dead, &[&dead_linked])
+        .await
+        .expect("link");
+    let cutoff = store::now_micros() - 5 * minute;
+    let unlinked = s.unlinked_before(cutoff, 100).await.expect("unlinked");
+    assert_eq!(attachment_ids(&unlinked), [&old]);
+    assert!(s
+        .attachments_of_deleted_channels(100)
+        .await
+        .expect("none")
+        .is_empty());
+    s.delete_group(actor("owner"), &dead, &enc)
+        .await
+        .expect("delete group");
+    let mut of_deleted = s
+        .attachments_of_deleted_channels(100)
+        .await
+        .expect("deleted");
+    of_deleted.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(attachment_ids(&of_deleted), [&dead_unlinked, &dead_linked]);
+    assert_eq!(
+        s.attachments_of_deleted_channels(1)
+            .await
+            .expect("limit")
+            .len(),
+        1
+    );
+    let now = store::now_micros() + 1;
+    assert_eq!(s.unlinked_before(now, 100).await.expect("all").len(), 3);
+    assert_eq!(s.unlinked_before(now, 1).await.expect("limit").len(), 1);
+
+    let audits = db.count("audit_logs").await;
+    assert!(!s.sweep_attachment(&old_linked).await.expect("linked"));
+    // Linked after the sweep listed it: kept.
+    send_linking(&s, "u1", &ch, &[&fresh]).await.expect("link");
+    assert!(!s.sweep_attachment(&fresh).await.expect("linked meanwhile"));
+    assert_eq!(
+        db.count("audit_logs").await,
+        audits + 2,
+        "the message and the link"
+    );
+    for id in [&old, &dead_unlinked, &dead_linked] {
+        assert!(s.sweep_attachment(id).await.expect("sweep"), "{id}");
+        assert!(matches!(
+            s.attachment("t1", id).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(!s.sweep_attachment(id).await.expect("again"), "once");
+    }
+    assert!(!s
+        .sweep_attachment(&uuid::Uuid::now_v7().to_string())
+        .await
+        .expect("missing"));
+    assert_eq!(
+        db.count_where(
+            "audit_logs",
+            "actor_id = 'system:sweep' AND operation = 'delete'"
+        )
+        .await,
+        3
+    );
+    assert_eq!(db.count("audit_logs").await, audits + 5);
+    assert_eq!(
+        db.count("attachments").await,
+        2,
+        "the two linked in the live group"
+    );
+    assert!(s.unlinked_before(now, 100).await.expect("left").is_empty());
+    assert!(s
+        .attachments_of_deleted_channels(100)
+        .await
+        .expect("left")
+        .is_empty());
+}
+
+/// The upload quota counts one uploader's unfinished uploads (by exact tenant and user id),
+/// and concurrent calls cannot pass it together: of many at once, exactly as many as fit
+/// are recorded; the refused ones learn the count and bytes that stopped them.
+async fn the_upload_quota_holds_under_concurrency(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let ch = group_with(&s, &["u1", "u2"]).await;
+    // At most 5 open: 2 now, then 8 at once, of which 3 fit.
+    for _ in 0..2 {
+        let r = s.create_upload(upload_row(&ch, "u1", 10, 0), 5, 1000).await;
+        assert_eq!(r.expect("create"), None);
+    }
+    let race = |user: &'static str, max_open: i64, max_bytes: i64| {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (s, ch) = (s.clone(), ch.clone());
+            tasks.push(tokio::spawn(async move {
+                s.create_upload(upload_row(&ch, user, 10, 0), max_open, max_bytes)
+                    .await
+                    .expect("create")
+            }));
+        }
+        async move {
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.expect("task"));
+            }
+            out
+        }
+    };
+    let outcomes = race("u1", 5, 1000).await;
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_none()).count(),
+        3,
+        "{outcomes:?}"
+    );
+    for refused in outcomes.iter().flatten() {
+        assert_eq!(*refused, (5, 50));
+    }
+    // At most 25 bytes declared: 8 at once of 10 bytes each, of which 2 fit.
+    let outcomes = race("u2", 100, 25).await;
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_none()).count(),
+        2,
+        "{outcomes:?}"
+    );
+    for refused in outcomes.iter().flatten() {
+        assert_eq!(*refused, (2, 20));
+    }
+    assert_eq!(db.count("uploads").await, 5 + 2);
+    // Exactly at the byte limit is fine; one more byte is not.
+    assert_eq!(
+        s.create_upload(upload_row(&ch, "u2", 5, 0), 100, 25)
+            .await
+            .expect("to the limit"),
+        None
+    );
+    assert_eq!(
+        s.create_upload(upload_row(&ch, "u2", 1, 0), 100, 25)
+            .await
+            .expect("past it"),
+        Some((3, 25))
+    );
+    // Other uploaders have quotas of their own: another tenant's u1, and "u1 ".
+    let other_tenant = UploadRow {
+        tenant_id: "t2".into(),
+        ..upload_row(&ch, "u1", 10, 0)
+    };
+    assert_eq!(
+        s.create_upload(other_tenant, 1, 10).await.expect("t2"),
+        None
+    );
+    assert_eq!(
+        s.create_upload(upload_row(&ch, "u1 ", 10, 0), 1, 10)
+            .await
+            .expect("u1 with a space"),
+        None
+    );
+    // A finished upload no longer counts.
+    let full = s.create_upload(upload_row(&ch, "u1", 10, 0), 5, 1000).await;
+    assert_eq!(full.expect("full"), Some((5, 50)));
+    let some_upload = s
+        .uploads_before(store::now_micros() + 1, 100)
+        .await
+        .expect("uploads")
+        .into_iter()
+        .find(|u| u.uploader_id == "u1" && u.tenant_id == "t1")
+        .expect("one of u1's");
+    s.delete_upload(&some_upload.id).await.expect("delete");
+    let freed = s.create_upload(upload_row(&ch, "u1", 10, 0), 5, 1000).await;
+    assert_eq!(freed.expect("room again"), None);
+}
+
+/// A resumable upload: its row in its tenant only; chunks committed by compare-and-set on
+/// `committed_bytes`, one winner per offset however many try at once; keys in offset order;
+/// completed into an attachment once, by a member only; deleted with its chunks.
+async fn resumable_uploads_commit_each_chunk_once(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let ch = group_with(&s, &["u1"]).await;
+    let want = UploadRow {
+        sha256: "cd".repeat(32),
+        ..upload_row(&ch, "u1", 12, 0)
+    };
+    let id = begin_upload(&s, want.clone()).await;
+    assert_eq!(json(&s.upload("t1", &id).await.expect("read")), json(&want));
+    let missing = uuid::Uuid::now_v7().to_string();
+    for (tenant, id) in [
+        ("t2", id.as_str()),
+        ("t1 ", id.as_str()),
+        ("t1", missing.as_str()),
+    ] {
+        assert!(
+            matches!(s.upload(tenant, id).await, Err(StoreError::NotFound)),
+            "{tenant:?} {id}"
+        );
+    }
+    // Bytes 0..9, then a retry of the same chunk and a chunk at the wrong offset: refused.
+    assert!(s.commit_chunk(&id, 0, 9, "z-0").await.expect("first"));
+    assert!(!s.commit_chunk(&id, 0, 9, "z-0-retry").await.expect("retry"));
+    assert!(!s.commit_chunk(&id, 5, 12, "wrong").await.expect("gap"));
+    assert!(!s
+        .commit_chunk(&missing, 0, 1, "none")
+        .await
+        .expect("missing"));
+    // Bytes 9..10 from six tries at once: one wins.
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let (s, id) = (s.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            let key = format!("y-9-{i}");
+            s.commit_chunk(&id, 9, 10, &key)
+                .await
+                .expect("commit")
+                .then_some(key)
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        winners.extend(t.await.expect("task"));
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    assert!(s.commit_chunk(&id, 10, 12, "x-10").await.expect("last"));
+    assert_eq!(s.upload("t1", &id).await.expect("read").committed_bytes, 12);
+    // Offset order (0, 9, 10), not the keys' or the offsets' text order.
+    assert_eq!(
+        s.chunk_keys(&id).await.expect("keys"),
+        vec!["z-0".to_owned(), winners[0].clone(), "x-10".to_owned()]
+    );
+
+    // Completing needs the uploader to be a member still; a refusal keeps the upload.
+    let counts = (db.count("attachments").await, db.count("audit_logs").await);
+    let attachment = AttachmentRow {
+        id: id.clone(),
+        storage_key: format!("a/{id}"),
+        size_bytes: 12,
+        sha256: want.sha256.clone(),
+        ..attachment_row(&ch, "u1", 0)
+    };
+    let stranger = AttachmentRow {
+        uploader_id: "stranger".into(),
+        ..attachment.clone()
+    };
+    assert!(matches!(
+        s.complete_upload(actor("stranger"), &id, stranger).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(s.upload("t1", &id).await.is_ok(), "kept");
+    assert_eq!(s.chunk_keys(&id).await.expect("keys").len(), 3, "kept");
+    assert_eq!(
+        (db.count("attachments").await, db.count("audit_logs").await),
+        counts
+    );
+    let done = s
+        .complete_upload(actor("u1"), &id, attachment.clone())
+        .await
+        .expect("complete");
+    assert_eq!(json(&done), json(&attachment));
+    assert_eq!(
+        json(&s.attachment("t1", &id).await.expect("attachment")),
+        json(&attachment)
+    );
+    assert!(matches!(
+        s.upload("t1", &id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(s.chunk_keys(&id).await.expect("keys").is_empty());
+    assert_eq!(db.count("audit_logs").await, counts.1 + 1);
+    assert!(matches!(
+        s.complete_upload(actor("u1"), &id, attachment).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(db.count("attachments").await, counts.0 + 1, "once");
+
+    // Deleting an upload deletes its chunk records; deleting nothing is fine.
+    let other = begin_upload(&s, upload_row(&ch, "u1", 4, 0)).await;
+    assert!(s.commit_chunk(&other, 0, 2, "w-0").await.expect("chunk"));
+    s.delete_upload(&other).await.expect("delete");
+    assert!(matches!(
+        s.upload("t1", &other).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(s.chunk_keys(&other).await.expect("keys").is_empty());
+    assert_eq!(db.count("upload_chunks").await, 0);
+    s.delete_upload(&other).await.expect("again");
+    assert_eq!(db.count("uploads").await, 0);
+}
+
+/// The sweep's upload queries: uploads begun before a time, and every unfinished upload of a
+/// deleted group whatever its age.
+async fn the_sweep_finds_stale_uploads_and_those_of_deleted_groups(backend: Backend) {
+    let (_db, s) = open(backend).await;
+    let ch = group_with(&s, &["u1"]).await;
+    let dead = group_with(&s, &["u1"]).await;
+    let minute = 60_000_000;
+    let old = begin_upload(&s, upload_row(&ch, "u1", 1, 10 * minute)).await;
+    let fresh = begin_upload(&s, upload_row(&ch, "u1", 1, 0)).await;
+    let orphan = begin_upload(&s, upload_row(&dead, "u1", 1, 0)).await;
+    let cutoff = store::now_micros() - 5 * minute;
+    assert_eq!(
+        upload_ids(&s.uploads_before(cutoff, 100).await.expect("old")),
+        [&old]
+    );
+    assert!(s
+        .uploads_of_deleted_channels(100)
+        .await
+        .expect("none")
+        .is_empty());
+    s.delete_group(actor("owner"), &dead, &enc)
+        .await
+        .expect("delete group");
+    assert_eq!(
+        upload_ids(&s.uploads_of_deleted_channels(100).await.expect("orphans")),
+        [&orphan]
+    );
+    let now = store::now_micros() + 1;
+    let mut all = vec![&old, &fresh, &orphan];
+    all.sort();
+    assert_eq!(
+        upload_ids(&s.uploads_before(now, 100).await.expect("all")),
+        all
+    );
+    assert_eq!(s.uploads_before(now, 2).await.expect("limit").len(), 2);
+    s.delete_upload(&orphan).await.expect("sweep");
+    assert!(s
+        .uploads_of_deleted_channels(100)
+        .await
+        .expect("gone")
+        .is_empty());
+}
+
+/// Download records: written when a download starts, finished with the bytes sent and whether
+/// it reached the end, listed per attachment newest first, by page.
+async fn download_records_are_kept_per_attachment(backend: Backend) {
+    let (_db, s) = open(backend).await;
+    let ch = group_with(&s, &["u1"]).await;
+    let a = attach(&s, "u1", &ch, 0).await;
+    let b = attach(&s, "u1", &ch, 0).await;
+    let record = |attachment: &str, user: &str| DownloadRow {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: "t1".into(),
+        attachment_id: attachment.into(),
+        user_id: user.into(),
+        download_time: store::now_micros(),
+        bytes_sent: 0,
+        completed: 0,
+    };
+    let rows = [
+        record(&a, "u1"),
+        record(&a, "ann 👩‍💻"),
+        record(&b, "u1"),
+        record(&a, "u1"),
+    ];
+    for r in &rows {
+        s.insert_download(r.clone()).await.expect("insert");
+    }
+    let (d1, d2, other, d3) = (&rows[0], &rows[1], &rows[2], &rows[3]);
+    s.finish_download(&d2.id, 123, true).await.expect("finish");
+    s.finish_download(&d1.id, 5, false).await.expect("finish");
+    s.finish_download(&uuid::Uuid::now_v7().to_string(), 1, true)
+        .await
+        .expect("no such record: nothing to do");
+    let fields = |rows: Vec<DownloadRow>| -> Vec<(String, String, String, String, i64, i64, i64)> {
+        rows.into_iter()
+            .map(|r| {
+                (
+                    r.id,
+                    r.tenant_id,
+                    r.attachment_id,
+                    r.user_id,
+                    r.download_time,
+                    r.bytes_sent,
+                    r.completed,
+                )
+            })
+            .collect()
+    };
+    let want = |r: &DownloadRow, bytes_sent: i64, completed: i64| {
+        (
+            r.id.clone(),
+            r.tenant_id.clone(),
+            r.attachment_id.clone(),
+            r.user_id.clone(),
+            r.download_time,
+            bytes_sent,
+            completed,
+        )
+    };
+    assert_eq!(
+        fields(s.list_downloads(&a, None, 10).await.expect("list")),
+        vec![want(d3, 0, 0), want(d2, 123, 1), want(d1, 5, 0)]
+    );
+    assert_eq!(
+        fields(s.list_downloads(&a, None, 1).await.expect("page 1")),
+        vec![want(d3, 0, 0)]
+    );
+    assert_eq!(
+        fields(
+            s.list_downloads(&a, Some(&d3.id), 10)
+                .await
+                .expect("page 2")
+        ),
+        vec![want(d2, 123, 1), want(d1, 5, 0)]
+    );
+    assert!(s
+        .list_downloads(&a, Some(&d1.id), 10)
+        .await
+        .expect("past the end")
+        .is_empty());
+    assert_eq!(
+        fields(s.list_downloads(&b, None, 10).await.expect("other")),
+        vec![want(other, 0, 0)]
+    );
+}
+
+/// Tenant ids, user ids and client_message_ids are compared exactly: ids that differ only by
+/// a trailing space or by case are different tenants, users and keys.
+async fn ids_compare_exactly(backend: Backend) {
+    let (db, s) = open(backend).await;
+    let ch = group_with(&s, &["bob", "bob ", "Bob"]).await;
+    assert_eq!(db.count("members").await, 4, "owner and three users");
+    for user in ["bob", "bob ", "Bob"] {
+        let m = s
+            .member("t1", &ch, user)
+            .await
+            .expect("member")
+            .expect(user);
+        assert_eq!(m.user_id, user);
+    }
+    assert!(s
+        .member("t1", &ch, "bob  ")
+        .await
+        .expect("member")
+        .is_none());
+    assert!(matches!(
+        s.channel("t1 ", &ch).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(s.memberships("t1 ", "bob").await.expect("none").is_empty());
+    let mut ids = Vec::new();
+    for (user, key) in [("bob", "k"), ("bob ", "k"), ("bob", "k "), ("bob", "K")] {
+        match s
+            .insert_message(actor(user), msg(&ch, "hi", Some(key)), &enc)
+            .await
+            .expect("insert")
+        {
+            Inserted::New(row, _) => {
+                assert_eq!(
+                    (row.sender_id.as_str(), row.client_message_id.as_deref()),
+                    (user, Some(key))
+                );
+                ids.push(row.id);
+            }
+            Inserted::Existing(row) => panic!("{user:?} {key:?} is new, not {row:?}"),
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4);
+    // Direct channels of pairs that differ by a space are different channels.
+    let (a, _) = s
+        .direct_channel(actor("ann"), "bob", &enc)
+        .await
+        .expect("direct");
+    let (b, _) = s
+        .direct_channel(actor("ann"), "bob ", &enc)
+        .await
+        .expect("direct");
+    assert_ne!(a.id, b.id);
+    let found = s
+        .find_direct_channel(actor("bob "), "ann")
+        .await
+        .expect("find")
+        .expect("exists");
+    assert_eq!(found.id, b.id);
+}
+
+/// The largest values the service accepts (src/domain/validate.rs, src/auth.rs) are stored
+/// whole and come back byte for byte: 255-byte tenant and user ids, the direct channel of two
+/// such users, names, descriptions, labels, subjects and file names at their limits in 4-byte
+/// and combining characters, a 100-byte client_message_id, and a 32 KiB body of control
+/// characters, whose audit JSON (each byte escaped as `\u00XX`) is six times as long.
+async fn the_largest_accepted_values_are_stored_whole(backend: Backend) {
+    use chat_service::auth::MAX_CLAIM_ID_BYTES;
+    use chat_service::domain::validate::{
+        MAX_BODY_BYTES, MAX_CHANNEL_TYPE_CHARS, MAX_CLIENT_MESSAGE_ID_BYTES,
+        MAX_CONTENT_TYPE_BYTES, MAX_DESCRIPTION_CHARS, MAX_FILE_NAME_CHARS, MAX_NAME_CHARS,
+        MAX_SUBJECT_CHARS, MAX_USER_ID_BYTES,
+    };
+    let (db, s) = open(backend).await;
+    let long_id = |c: &str, last: &str, bytes: usize| {
+        let id = c.repeat(bytes - last.len()) + last;
+        assert_eq!(id.len(), bytes);
+        id
+    };
+    let tenant = long_id("t", "ש", MAX_CLAIM_ID_BYTES);
+    let owner = long_id("o", "😀", MAX_USER_ID_BYTES);
+    let peer = long_id("p", "é", MAX_USER_ID_BYTES);
+    let me = Actor {
+        tenant_id: &tenant,
+        user_id: &owner,
+    };
+    let id = uuid::Uuid::now_v7().to_string();
+    let group = ChannelRow {
+        tenant_id: tenant.clone(),
+        name: "😀".repeat(MAX_NAME_CHARS),
+        description: "🇮🇱".repeat(MAX_DESCRIPTION_CHARS / 2),
+        channel_type: "e\u{301}".repeat(MAX_CHANNEL_TYPE_CHARS / 2),
+        ..new_group(&id)
+    };
+    s.create_group(me, group.clone(), std::slice::from_ref(&peer), &enc)
+        .await
+        .expect("group");
+    let got = s.channel(&tenant, &id).await.expect("channel");
+    assert_eq!(
+        (
+            &got.tenant_id,
+            &got.name,
+            &got.description,
+            &got.channel_type
+        ),
+        (
+            &group.tenant_id,
+            &group.name,
+            &group.description,
+            &group.channel_type
+        )
+    );
+    assert_eq!(
+        s.member(&tenant, &id, &peer)
+            .await
+            .expect("member")
+            .expect("peer")
+            .user_id,
+        peer
+    );
+    let (direct, _) = s.direct_channel(me, &peer, &enc).await.expect("direct");
+    let key = store::direct_key(&tenant, &owner, &peer);
+    assert_eq!(key.len(), 3 * MAX_USER_ID_BYTES + 2);
+    assert_eq!(direct.direct_key.as_deref(), Some(key.as_str()));
+    let back = Actor {
+        tenant_id: &tenant,
+        user_id: &peer,
+    };
+    let found = s
+        .find_direct_channel(back, &owner)
+        .await
+        .expect("find")
+        .expect("exists");
+    assert_eq!(found.id, direct.id);
+
+    let audits = db.count("audit_logs").await;
+    let body = "\u{1}".repeat(MAX_BODY_BYTES);
+    let client_key = "k".repeat(MAX_CLIENT_MESSAGE_ID_BYTES - 4) + "😀";
+    let new = NewMessage {
+        subject: "😀".repeat(MAX_SUBJECT_CHARS),
+        ..msg(&direct.id, &body, Some(client_key.as_str()))
+    };
+    let row = match s
+        .insert_message(me, new.clone(), &enc)
+        .await
+        .expect("insert")
+    {
+        Inserted::New(row, _) => row,
+        Inserted::Existing(row) => panic!("new, not {row:?}"),
+    };
+    let stored = s.message(&tenant, &row.id).await.expect("message");
+    assert_eq!(json(&stored), json(&row));
+    assert_eq!(stored.body, body);
+    assert_eq!(stored.subject, new.subject);
+    assert_eq!(
+        stored.client_message_id.as_deref(),
+        Some(client_key.as_str())
+    );
+    assert_eq!(stored.sender_id, owner);
+    match s.insert_message(me, new, &enc).await.expect("again") {
+        Inserted::Existing(again) => assert_eq!(again.id, row.id),
+        Inserted::New(..) => panic!("the long key was matched"),
+    }
+    // An edit writes both long versions into one audit row.
+    let edited_body = "\u{1f}".repeat(MAX_BODY_BYTES);
+    let patch = MessagePatch {
+        body: Some(edited_body.clone()),
+        ..Default::default()
+    };
+    let edited = s
+        .update_message(me, &row.id, patch, &enc)
+        .await
+        .expect("edit");
+    assert_eq!(edited.row.body, edited_body);
+    let page = s
+        .list_messages((&tenant, &peer), &direct.id, None, None, 10)
+        .await
+        .expect("history");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].body, edited_body);
+    assert_eq!(db.count("audit_logs").await, audits + 2);
+
+    // Attachments, uploads and downloads with the longest names and ids.
+    let attachment = AttachmentRow {
+        tenant_id: tenant.clone(),
+        uploader_id: owner.clone(),
+        file_name: "😀".repeat(MAX_FILE_NAME_CHARS),
+        content_type: "a".repeat(MAX_CONTENT_TYPE_BYTES),
+        ..attachment_row(&direct.id, &owner, 0)
+    };
+    s.insert_attachment(me, attachment.clone())
+        .await
+        .expect("attachment");
+    assert_eq!(
+        json(&s.attachment(&tenant, &attachment.id).await.expect("read")),
+        json(&attachment)
+    );
+    let upload = UploadRow {
+        tenant_id: tenant.clone(),
+        file_name: attachment.file_name.clone(),
+        content_type: attachment.content_type.clone(),
+        ..upload_row(&direct.id, &owner, 1, 0)
+    };
+    assert_eq!(
+        s.create_upload(upload.clone(), 1, 1).await.expect("upload"),
+        None
+    );
+    assert_eq!(
+        json(&s.upload(&tenant, &upload.id).await.expect("read")),
+        json(&upload)
+    );
+    let download = DownloadRow {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: tenant.clone(),
+        attachment_id: attachment.id.clone(),
+        user_id: peer.clone(),
+        download_time: store::now_micros(),
+        bytes_sent: 0,
+        completed: 0,
+    };
+    s.insert_download(download).await.expect("download");
+    let listed = s
+        .list_downloads(&attachment.id, None, 10)
+        .await
+        .expect("downloads");
+    assert_eq!(
+        (listed[0].tenant_id.as_str(), listed[0].user_id.as_str()),
+        (tenant.as_str(), peer.as_str())
+    );
+}
+
 on_every_backend!(
     group_commit_gives_each_message_its_own_outcome,
     group_commit_of_members_only,
@@ -902,6 +1808,15 @@ on_every_backend!(
     membership_changes_and_listing,
     the_last_owner_stays_under_races,
     concurrent_add_members_skip_each_other,
+    attachments_are_tenant_scoped_and_audited,
+    attachment_lists_show_linked_and_own_unlinked,
+    the_sweep_takes_only_what_nobody_can_reach,
+    the_upload_quota_holds_under_concurrency,
+    resumable_uploads_commit_each_chunk_once,
+    the_sweep_finds_stale_uploads_and_those_of_deleted_groups,
+    download_records_are_kept_per_attachment,
+    ids_compare_exactly,
+    the_largest_accepted_values_are_stored_whole,
 );
 
 /// Upgrading a SQLite database made before migration 0003 (which rebuilds `events` clustered on
@@ -1286,4 +2201,246 @@ async fn storage_errors_are_unavailable() {
     for s in ["23505", "42P01", "22001", "XX000"] {
         assert!(!store::postgres_unavailable(s), "SQLSTATE {s} is a bug");
     }
+}
+
+/// The MySQL migrations make PostgreSQL's tables and columns (and `upload_locks`, which the
+/// MySQL store locks for the upload quota) as InnoDB tables whose text is utf8mb4 in the binary
+/// collation. The largest accepted values fit whole, and identities (user and tenant ids,
+/// direct keys) compare byte for byte: utf8mb4_bin alone would take 'bob ' for 'bob'.
+#[tokio::test]
+async fn mysql_migrations_make_the_postgres_schema_byte_exact() {
+    use sqlx::Connection;
+    let db = TestDb::new(Backend::Mysql).await;
+    let mut c = sqlx::MySqlConnection::connect(&db.url)
+        .await
+        .expect("mysql");
+    sqlx::migrate!("migrations/mysql")
+        .run(&mut c)
+        .await
+        .expect("migrations");
+    let tables: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT TABLE_NAME, ENGINE, TABLE_COLLATION FROM information_schema.TABLES \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME <> '_sqlx_migrations'",
+    )
+    .fetch_all(&mut c)
+    .await
+    .expect("tables");
+    assert_eq!(tables.len(), 11, "{tables:?}");
+    for (table, engine, collation) in &tables {
+        assert_eq!(
+            (engine.as_str(), collation.as_str()),
+            ("InnoDB", "utf8mb4_bin"),
+            "{table}"
+        );
+    }
+    let columns: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, COLLATION_NAME \
+         FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME <> '_sqlx_migrations'",
+    )
+    .fetch_all(&mut c)
+    .await
+    .expect("columns");
+    for (table, column, charset, collation) in &columns {
+        if charset.is_some() {
+            assert_eq!(
+                (charset.as_deref(), collation.as_deref()),
+                (Some("utf8mb4"), Some("utf8mb4_bin")),
+                "{table}.{column}"
+            );
+        }
+    }
+    let mut mysql: Vec<(String, String)> = columns
+        .into_iter()
+        .filter(|(table, ..)| table != "upload_locks")
+        .map(|(table, column, ..)| (table, column))
+        .collect();
+    mysql.sort();
+
+    // The same tables and columns as PostgreSQL's.
+    let pg = TestDb::new(Backend::Postgres).await;
+    let schema = pg.schema.clone().expect("schema");
+    store::connect(&pg.url, Some(&schema), true)
+        .await
+        .expect("postgres migrations")
+        .close()
+        .await;
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("pg");
+    let mut postgres: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text FROM information_schema.columns \
+         WHERE table_schema = $1 AND table_name <> '_sqlx_migrations'",
+    )
+    .bind(&schema)
+    .fetch_all(&pool)
+    .await
+    .expect("pg columns");
+    pool.close().await;
+    postgres.sort();
+    assert_eq!(mysql, postgres);
+
+    // The largest accepted values, whole, with the strictness the store must run with.
+    sqlx::query("SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES')")
+        .execute(&mut c)
+        .await
+        .expect("strict");
+    let ch = uuid::Uuid::now_v7().to_string();
+    let tenant = "t".repeat(253) + "ש";
+    let user = "u".repeat(251) + "😀";
+    let direct_key = format!("{tenant}\n{user}\n{user}");
+    let (name, description, label) = ("😀".repeat(100), "🇮🇱".repeat(500), "e\u{301}".repeat(50));
+    sqlx::query(
+        "INSERT INTO channels (id, tenant_id, kind, name, description, channel_type, \
+         direct_key, create_time, update_time) VALUES (?, ?, 'direct', ?, ?, ?, ?, 1, 1)",
+    )
+    .bind(&ch)
+    .bind(&tenant)
+    .bind(&name)
+    .bind(&description)
+    .bind(&label)
+    .bind(&direct_key)
+    .execute(&mut c)
+    .await
+    .expect("channel");
+    let body = "\u{1}".repeat(32 * 1024);
+    let subject = "😀".repeat(200);
+    let key = "k".repeat(96) + "😀";
+    let message = uuid::Uuid::now_v7().to_string();
+    let attachment_ids = serde_json::to_string(
+        &(0..32)
+            .map(|_| uuid::Uuid::now_v7().to_string())
+            .collect::<Vec<_>>(),
+    )
+    .expect("json");
+    sqlx::query(
+        "INSERT INTO messages (id, tenant_id, channel_id, sender_id, body, subject, \
+         attachment_ids, client_message_id, sequence, create_time) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, 1)",
+    )
+    .bind(&message)
+    .bind(&tenant)
+    .bind(&ch)
+    .bind(&user)
+    .bind(&body)
+    .bind(&subject)
+    .bind(&attachment_ids)
+    .bind(&key)
+    .execute(&mut c)
+    .await
+    .expect("message");
+    let audit_json = serde_json::json!({ "body": body, "subject": subject }).to_string();
+    assert!(audit_json.len() > 6 * 32 * 1024, "{}", audit_json.len());
+    sqlx::query(
+        "INSERT INTO audit_logs (id, tenant_id, operation, table_name, entity_id, actor_id, \
+         before_json, after_json, create_time) VALUES (?, ?, 'update', 'members', ?, ?, ?, ?, 1)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(&tenant)
+    .bind(format!("{ch}/{user}"))
+    .bind(&user)
+    .bind(&audit_json)
+    .bind(&audit_json)
+    .execute(&mut c)
+    .await
+    .expect("audit");
+    let payload: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 256) as u8).collect();
+    sqlx::query("INSERT INTO events (channel_id, sequence, payload) VALUES (?, 1, ?)")
+        .bind(&ch)
+        .bind(&payload)
+        .execute(&mut c)
+        .await
+        .expect("event");
+    let file_name = "😀".repeat(255);
+    let content_type = "a".repeat(255);
+    sqlx::query(
+        "INSERT INTO attachments (id, tenant_id, channel_id, uploader_id, file_name, \
+         content_type, size_bytes, sha256, storage_key, create_time) \
+         VALUES (?, ?, ?, ?, ?, ?, 1, ?, 'a/x', 1)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(&tenant)
+    .bind(&ch)
+    .bind(&user)
+    .bind(&file_name)
+    .bind(&content_type)
+    .bind("ab".repeat(32))
+    .execute(&mut c)
+    .await
+    .expect("attachment");
+    // Read back as bytes (sqlx takes binary-collated text for bytes).
+    for (sql, want) in [
+        ("SELECT tenant_id FROM channels", tenant.as_bytes()),
+        ("SELECT name FROM channels", name.as_bytes()),
+        ("SELECT description FROM channels", description.as_bytes()),
+        ("SELECT channel_type FROM channels", label.as_bytes()),
+        ("SELECT direct_key FROM channels", direct_key.as_bytes()),
+        ("SELECT sender_id FROM messages", user.as_bytes()),
+        ("SELECT body FROM messages", body.as_bytes()),
+        ("SELECT subject FROM messages", subject.as_bytes()),
+        (
+            "SELECT attachment_ids FROM messages",
+            attachment_ids.as_bytes(),
+        ),
+        ("SELECT client_message_id FROM messages", key.as_bytes()),
+        ("SELECT after_json FROM audit_logs", audit_json.as_bytes()),
+        ("SELECT payload FROM events", &payload),
+        ("SELECT file_name FROM attachments", file_name.as_bytes()),
+        (
+            "SELECT content_type FROM attachments",
+            content_type.as_bytes(),
+        ),
+    ] {
+        let got: Vec<u8> = sqlx::query_scalar(sql).fetch_one(&mut c).await.expect(sql);
+        assert!(got == want, "{sql}: not the bytes stored");
+    }
+
+    // Identities that differ by a trailing space are different rows.
+    for member in ["bob", "bob "] {
+        sqlx::query(
+            "INSERT INTO members (channel_id, tenant_id, user_id, role, join_time, \
+             join_sequence) VALUES (?, 't1', ?, 'member', 1, 1)",
+        )
+        .bind(&ch)
+        .bind(member)
+        .execute(&mut c)
+        .await
+        .expect(member);
+    }
+    for pair in ["t1\nann\nbob", "t1\nann\nbob "] {
+        sqlx::query(
+            "INSERT INTO channels (id, tenant_id, kind, direct_key, create_time, update_time) \
+             VALUES (?, 't1', 'direct', ?, 1, 1)",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(pair)
+        .execute(&mut c)
+        .await
+        .expect(pair);
+    }
+    for (sql, arg, want) in [
+        ("SELECT COUNT(*) FROM members WHERE user_id = ?", "bob", 1),
+        ("SELECT COUNT(*) FROM members WHERE user_id = ?", "bob  ", 0),
+        (
+            "SELECT COUNT(*) FROM channels WHERE tenant_id = ?",
+            "t1 ",
+            0,
+        ),
+        (
+            "SELECT COUNT(*) FROM channels WHERE direct_key = ?",
+            "t1\nann\nbob",
+            1,
+        ),
+        (
+            "SELECT COUNT(*) FROM upload_locks WHERE uploader_id = ?",
+            "x",
+            0,
+        ),
+    ] {
+        let n: i64 = sqlx::query_scalar(sql)
+            .bind(arg)
+            .fetch_one(&mut c)
+            .await
+            .expect(sql);
+        assert_eq!(n, want, "{sql} {arg:?}");
+    }
+    c.close().await.expect("close");
 }

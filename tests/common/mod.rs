@@ -1,5 +1,9 @@
 //! Test harness: a real server on 127.0.0.1:0 over a fresh database (a SQLite file in a temp
-//! folder, or a new PostgreSQL schema), real tonic clients, tokens minted with the server's secret.
+//! folder, a new PostgreSQL schema, or a new MySQL / MariaDB database), real tonic clients,
+//! tokens minted with the server's secret.
+//!
+//! The list of backends lives here and only here: [`Backend`], [`BACKENDS`] and
+//! [`on_every_backend!`]. None is ever skipped: a database that cannot be reached fails the test.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -21,9 +25,16 @@ pub const SECRET: &str = "test-secret-0123456789abcdef";
 /// Which database a test server uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// A file in a temporary folder.
     Sqlite,
+    /// A schema of its own on [`postgres_url`].
     Postgres,
+    /// A database of its own on [`mysql_url`] (MySQL 8.0+ or MariaDB 10.6+).
+    Mysql,
 }
+
+/// Every backend, in the order [`on_every_backend!`] lists them.
+pub const BACKENDS: [Backend; 3] = [Backend::Sqlite, Backend::Postgres, Backend::Mysql];
 
 /// PostgreSQL for tests: `CHAT_TEST_POSTGRES_URL`, else the local server of the dev machine / CI.
 pub fn postgres_url() -> String {
@@ -31,11 +42,120 @@ pub fn postgres_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
-/// A fresh database: its URL and, for PostgreSQL, its own schema.
+/// MySQL / MariaDB for tests: `CHAT_TEST_MYSQL_URL`, else the local server of the dev machine /
+/// CI (scripts/ensure-mariadb starts it). Tests make a database of their own beside the one it
+/// names, so its user needs CREATE and DROP.
+pub fn mysql_url() -> String {
+    std::env::var("CHAT_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
+}
+
+/// `url` with its database (the path) replaced by `database`, its query kept.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.find('?') {
+        Some(i) => url.split_at(i),
+        None => (url, ""),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let root = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| authority + i);
+    format!("{}/{database}{query}", &base[..root])
+}
+
+/// How old a leftover test database must be before [`TestDb::new`] drops it: older than any
+/// test runs (nextest ends a test after 20 minutes at most), so a database of a test still
+/// running, in this process or another, is never touched.
+const STALE_TEST_DATABASE: Duration = Duration::from_secs(2 * 3600);
+
+/// Drops the test databases (`t_` and a UUIDv7, which carries its creation time) older than
+/// [`STALE_TEST_DATABASE`]: those of test processes that were killed before their `Drop` ran.
+/// Once per test process.
+async fn drop_stale_mysql_databases(pool: &sqlx::MySqlPool) {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let names: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT CAST(SCHEMA_NAME AS BINARY) FROM information_schema.SCHEMATA \
+         WHERE SCHEMA_NAME LIKE 't\\_%'",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("list test databases");
+    let now = std::time::SystemTime::now();
+    for name in names.iter().filter_map(|n| std::str::from_utf8(n).ok()) {
+        let created = name
+            .strip_prefix("t_")
+            .and_then(|u| uuid::Uuid::try_parse(u).ok())
+            .and_then(|u| u.get_timestamp())
+            .map(|t| {
+                let (secs, nanos) = t.to_unix();
+                std::time::UNIX_EPOCH + Duration::new(secs, nanos)
+            });
+        let stale = created
+            .and_then(|c| now.duration_since(c).ok())
+            .is_some_and(|age| age > STALE_TEST_DATABASE);
+        if stale {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
+                .execute(pool)
+                .await;
+        }
+    }
+}
+
+/// Drops a test database: ends the connections still using it (a pool the test did not close,
+/// a transaction left open) so nothing can hold the DROP up, then drops it, retrying a few
+/// times. Errors: the last error when every attempt failed.
+async fn drop_mysql_database(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let mut last = None;
+    for attempt in 0..5 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+        }
+        let result = async {
+            let mut c = sqlx::MySqlConnection::connect(admin_url).await?;
+            sqlx::query("SET SESSION lock_wait_timeout = 10")
+                .execute(&mut c)
+                .await?;
+            let others: Vec<i64> = sqlx::query_scalar(
+                "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST \
+                 WHERE DB = ? AND ID <> CONNECTION_ID()",
+            )
+            .bind(name)
+            .fetch_all(&mut c)
+            .await?;
+            for id in others {
+                // It may have ended by itself meanwhile.
+                let _ = sqlx::query(&format!("KILL CONNECTION {id}"))
+                    .execute(&mut c)
+                    .await;
+            }
+            sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
+                .execute(&mut c)
+                .await?;
+            c.close().await
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("an attempt"))
+}
+
+/// A fresh database: its URL and, for PostgreSQL, its own schema; for MySQL, its own
+/// database. Everything it made is removed on drop.
 pub struct TestDb {
     pub backend: Backend,
+    /// The URL the store connects to (MySQL: naming the test's own database).
     pub url: String,
+    /// PostgreSQL: the test's own schema (the store's `search_path`).
     pub schema: Option<String>,
+    /// MySQL: the test's own database (`t_` and a UUIDv7), dropped on drop.
+    pub database: Option<String>,
     /// Holds the SQLite file and the attachment folder; removed on drop.
     dir: tempfile::TempDir,
 }
@@ -50,6 +170,7 @@ impl TestDb {
                     backend,
                     url,
                     schema: None,
+                    database: None,
                     dir,
                 }
             }
@@ -68,6 +189,33 @@ impl TestDb {
                     backend,
                     url,
                     schema: Some(schema),
+                    database: None,
+                    dir,
+                }
+            }
+            Backend::Mysql => {
+                let admin = mysql_url();
+                let pool = sqlx::MySqlPool::connect(&admin).await.unwrap_or_else(|e| {
+                    panic!(
+                        "MySQL / MariaDB at {admin} is required for these tests \
+                         (scripts/test starts the local MariaDB; CHAT_TEST_MYSQL_URL names \
+                         another server): {e}"
+                    )
+                });
+                drop_stale_mysql_databases(&pool).await;
+                let database = format!("t_{}", uuid::Uuid::now_v7().simple());
+                sqlx::query(&format!(
+                    "CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                ))
+                .execute(&pool)
+                .await
+                .expect("create database");
+                pool.close().await;
+                TestDb {
+                    backend,
+                    url: with_database(&admin, &database),
+                    schema: None,
+                    database: Some(database),
                     dir,
                 }
             }
@@ -79,7 +227,8 @@ impl TestDb {
         self.dir.path().join("attachments")
     }
 
-    /// Runs statements as they are, bypassing the service (PostgreSQL: in the test's schema).
+    /// Runs statements as they are, bypassing the service (PostgreSQL: in the test's schema;
+    /// MySQL: in the test's database).
     pub async fn execute(&self, sql: &str) {
         match self.backend {
             Backend::Sqlite => {
@@ -92,6 +241,11 @@ impl TestDb {
                 let schema = self.schema.as_deref().unwrap_or("public");
                 let sql = format!("SET search_path TO {schema}; {sql}");
                 sqlx::raw_sql(&sql).execute(&pool).await.expect(&sql);
+                pool.close().await;
+            }
+            Backend::Mysql => {
+                let pool = sqlx::MySqlPool::connect(&self.url).await.expect("mysql");
+                sqlx::raw_sql(sql).execute(&pool).await.expect(sql);
                 pool.close().await;
             }
         }
@@ -123,7 +277,22 @@ impl TestDb {
                 pool.close().await;
                 n
             }
+            Backend::Mysql => {
+                let pool = sqlx::MySqlPool::connect(&self.url).await.expect("mysql");
+                let n: i64 = sqlx::query_scalar(&sql)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count");
+                pool.close().await;
+                n
+            }
         }
+    }
+
+    /// Rows of a table that meet an SQL condition (`operation = 'delete'`), written in the
+    /// SQL that all three databases share.
+    pub async fn count_where(&self, table: &str, condition: &str) -> i64 {
+        self.count(&format!("{table} WHERE {condition}")).await
     }
 
     /// Row counts of every table that a change writes to.
@@ -164,6 +333,25 @@ impl Drop for TestDb {
                 }
             })
             .join();
+        }
+        if let Some(database) = self.database.take() {
+            // As above; a database left behind is reported, and dropped by a later run once
+            // stale (see drop_stale_mysql_databases).
+            let admin = mysql_url();
+            let dropped = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                rt.block_on(drop_mysql_database(&admin, &database))
+                    .map_err(|e| format!("{database}: {e}"))
+            })
+            .join();
+            match dropped {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("warning: could not drop the test database {e}"),
+                Err(_) => eprintln!("warning: dropping a test database panicked"),
+            }
         }
     }
 }
@@ -448,7 +636,8 @@ pub fn violations(status: &tonic::Status) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Runs each named `async fn(Backend)` test on SQLite and on PostgreSQL.
+/// Runs each named `async fn(Backend)` test on every backend of [`BACKENDS`], as
+/// `sqlite::NAME`, `postgres::NAME` and `mysql::NAME`.
 #[macro_export]
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
@@ -465,6 +654,14 @@ macro_rules! on_every_backend {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+        mod mysql {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Mysql).await
                 }
             )*
         }
