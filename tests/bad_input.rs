@@ -1326,19 +1326,28 @@ async fn subscribe_is_bounded(backend: Backend) {
 
 /// Storage that refuses writes is UNAVAILABLE (retryable), never INTERNAL: the database opened
 /// read-only (SQLite `mode=ro`, SQLITE_READONLY; PostgreSQL `default_transaction_read_only`,
-/// SQLSTATE 25006, as on a standby). Reads still answer; nothing changes. (Full disks, I/O
-/// errors and lost connections are classified by the same rules: see tests/store.rs.)
+/// SQLSTATE 25006, as on a standby; MariaDB with `read_only` on, as a replica or a demoted
+/// primary, error 1290 for a user without the privilege to write anyway). Reads still answer;
+/// nothing changes. (Full disks, I/O errors and lost connections are classified by the same
+/// rules: see tests/store.rs.)
 async fn storage_failures_are_unavailable(backend: Backend) {
     let (server, ch, m) = setup(backend).await;
     let mut server = server;
-    server.opts.url_params = Some(match backend {
-        Backend::Sqlite => "?mode=ro".into(),
-        Backend::Postgres => "?options=-c%20default_transaction_read_only%3Don".into(),
-        // sqlx's MySQL URLs carry no session settings, so read-only storage needs another
-        // way in (a SELECT-only user: error 1142; `transaction_read_only`: 1792, SQLSTATE
-        // 25006, as PostgreSQL's) and a classification of that error to go with it.
-        Backend::Mysql => panic!("read-only MySQL storage is not set up for this test yet"),
-    });
+    // MariaDB's `read_only` is server-wide: it holds back only users without the READ ONLY
+    // ADMIN privilege, so other tests (as root) go on; it is switched off again on drop.
+    let mut read_only = None;
+    match backend {
+        Backend::Sqlite => server.opts.url_params = Some("?mode=ro".into()),
+        Backend::Postgres => {
+            server.opts.url_params =
+                Some("?options=-c%20default_transaction_read_only%3Don".into())
+        }
+        Backend::Mysql => {
+            let guard = MysqlReadOnly::new(&server.db).await;
+            server.opts.url = Some(guard.url.clone());
+            read_only = Some(guard);
+        }
+    }
     let server = server.restart().await;
     let mut alice = server.chat(&token("alice")).await;
     let mut groups = server.groups(&token("alice")).await;
@@ -1372,6 +1381,7 @@ async fn storage_failures_are_unavailable(backend: Backend) {
         .expect("message");
     assert_eq!(got.body, "first");
     server.stop().await;
+    drop(read_only);
 }
 
 /// A request message over the limit is RESOURCE_EXHAUSTED, as the README promises (tonic
@@ -1608,3 +1618,58 @@ on_every_backend!(
     oversize_messages_are_resource_exhausted,
     text_round_trips,
 );
+
+/// A MariaDB user with every privilege on one test database but none to write when the
+/// server is read-only, and the server's `read_only` switched on while this lives.
+struct MysqlReadOnly {
+    user: String,
+    /// The test database's URL as that user.
+    url: String,
+    admin: String,
+}
+
+impl MysqlReadOnly {
+    async fn new(db: &TestDb) -> MysqlReadOnly {
+        let user = format!("ro_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let (scheme_and_user, rest) = db.url.split_once('@').expect("user@host in the URL");
+        // The server's admin URL: the test database is gone by the time this is dropped.
+        let admin = mysql_url();
+        let database = db.url.rsplit('/').next().expect("database");
+        let scheme = scheme_and_user.split("//").next().expect("scheme");
+        let url = format!("{scheme}//{user}:pw@{rest}");
+        let pool = sqlx::MySqlPool::connect(&admin).await.expect("mysql");
+        for sql in [
+            format!("CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'"),
+            format!("GRANT ALL ON `{database}`.* TO '{user}'@'%'"),
+            "SET GLOBAL read_only = 1".to_owned(),
+        ] {
+            sqlx::raw_sql(&sql).execute(&pool).await.expect(&sql);
+        }
+        pool.close().await;
+        MysqlReadOnly { user, url, admin }
+    }
+}
+
+impl Drop for MysqlReadOnly {
+    fn drop(&mut self) {
+        let (admin, user) = (self.admin.clone(), self.user.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let pool = sqlx::MySqlPool::connect(&admin).await.expect("mysql");
+                for sql in [
+                    "SET GLOBAL read_only = 0".to_owned(),
+                    format!("DROP USER IF EXISTS '{user}'@'%'"),
+                ] {
+                    sqlx::raw_sql(&sql).execute(&pool).await.expect(&sql);
+                }
+                pool.close().await;
+            });
+        })
+        .join()
+        .expect("read_only off");
+    }
+}

@@ -193,32 +193,39 @@ impl TestDb {
                     dir,
                 }
             }
-            Backend::Mysql => {
-                let admin = mysql_url();
-                let pool = sqlx::MySqlPool::connect(&admin).await.unwrap_or_else(|e| {
-                    panic!(
-                        "MySQL / MariaDB at {admin} is required for these tests \
-                         (scripts/test starts the local MariaDB; CHAT_TEST_MYSQL_URL names \
-                         another server): {e}"
-                    )
-                });
-                drop_stale_mysql_databases(&pool).await;
-                let database = format!("t_{}", uuid::Uuid::now_v7().simple());
-                sqlx::query(&format!(
-                    "CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
-                ))
-                .execute(&pool)
-                .await
-                .expect("create database");
-                pool.close().await;
-                TestDb {
-                    backend,
-                    url: with_database(&admin, &database),
-                    schema: None,
-                    database: Some(database),
-                    dir,
-                }
-            }
+            Backend::Mysql => TestDb::new_mysql_on(&mysql_url(), dir).await,
+        }
+    }
+
+    /// A fresh database on the MySQL / MariaDB server that `admin` (a URL of a user who may
+    /// create databases) names.
+    pub async fn on_mysql(admin: &str) -> TestDb {
+        TestDb::new_mysql_on(admin, tempfile::tempdir().expect("tempdir")).await
+    }
+
+    async fn new_mysql_on(admin: &str, dir: tempfile::TempDir) -> TestDb {
+        let pool = sqlx::MySqlPool::connect(admin).await.unwrap_or_else(|e| {
+            panic!(
+                "MySQL / MariaDB at {admin} is required for these tests \
+                 (scripts/test starts the local MariaDB; CHAT_TEST_MYSQL_URL names \
+                 another server): {e}"
+            )
+        });
+        drop_stale_mysql_databases(&pool).await;
+        let database = format!("t_{}", uuid::Uuid::now_v7().simple());
+        sqlx::query(&format!(
+            "CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        ))
+        .execute(&pool)
+        .await
+        .expect("create database");
+        pool.close().await;
+        TestDb {
+            backend: Backend::Mysql,
+            url: with_database(admin, &database),
+            schema: None,
+            database: Some(database),
+            dir,
         }
     }
 
@@ -228,7 +235,8 @@ impl TestDb {
     }
 
     /// Runs statements as they are, bypassing the service (PostgreSQL: in the test's schema;
-    /// MySQL: in the test's database).
+    /// MySQL: in the test's database, with `NO_BACKSLASH_ESCAPES`, so string literals mean
+    /// what they mean on the other two).
     pub async fn execute(&self, sql: &str) {
         match self.backend {
             Backend::Sqlite => {
@@ -244,8 +252,12 @@ impl TestDb {
                 pool.close().await;
             }
             Backend::Mysql => {
+                // Standard string literals, as on the other two: a backslash is a backslash.
                 let pool = sqlx::MySqlPool::connect(&self.url).await.expect("mysql");
-                sqlx::raw_sql(sql).execute(&pool).await.expect(sql);
+                let sql = format!(
+                    "SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES'); {sql}"
+                );
+                sqlx::raw_sql(&sql).execute(&pool).await.expect(&sql);
                 pool.close().await;
             }
         }
@@ -372,6 +384,9 @@ pub struct Options {
     pub limits: chat_service::limits::LimitSettings,
     /// Appended to the database URL (say `?mode=ro`); when set, migrations are not run.
     pub url_params: Option<String>,
+    /// The database URL to serve from instead of the test database's own (say, the same
+    /// database as another user); when set, migrations are not run.
+    pub url: Option<String>,
     /// Serve Prometheus metrics on a port of its own (see [`TestServer::metrics_addr`]).
     pub metrics: bool,
 }
@@ -388,6 +403,7 @@ impl Default for Options {
             max_upload_bytes: chat_service::domain::DEFAULT_MAX_UPLOAD_BYTES,
             serve: Default::default(),
             url_params: None,
+            url: None,
             limits: chat_service::limits::LimitSettings::unlimited(),
             metrics: false,
         }
@@ -449,13 +465,16 @@ impl TestServer {
         } else {
             (None, None)
         };
-        let url = format!(
-            "{}{}",
-            db.url,
-            opts.url_params.as_deref().unwrap_or_default()
-        );
+        let url = opts.url.clone().unwrap_or_else(|| {
+            format!(
+                "{}{}",
+                db.url,
+                opts.url_params.as_deref().unwrap_or_default()
+            )
+        });
+        let migrate = opts.url_params.is_none() && opts.url.is_none();
         let store =
-            chat_service::store::connect(&url, db.schema.as_deref(), opts.url_params.is_none())
+            chat_service::store::connect(&url, db.schema.as_deref(), migrate)
                 .await
                 .expect("connect store");
         let blobs = opts.storage.clone().unwrap_or_else(|| {
