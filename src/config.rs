@@ -77,9 +77,6 @@ pub struct DbArgs {
 /// The embedded default database.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://./data/chat.db";
 
-/// Schemes of MySQL / MariaDB URLs; sqlx's MySQL driver takes both.
-const MYSQL_SCHEMES: [&str; 2] = ["mysql:", "mariadb:"];
-
 impl DbArgs {
     /// The database URL these settings name: `DATABASE_URL` as given, else one built from
     /// `DB_CONNECTOR` and the other `DB_*` settings (user, password and database name
@@ -89,10 +86,7 @@ impl DbArgs {
     /// unknown `DB_CONNECTOR`).
     pub fn url(&self) -> Result<String, String> {
         if let Some(u) = &self.database_url {
-            // MySQL by its scheme as well, until the store's Database knows it.
-            if crate::store::Database::from_url(u).is_none()
-                && !MYSQL_SCHEMES.iter().any(|s| u.starts_with(s))
-            {
+            if crate::store::Database::from_url(u).is_none() {
                 return Err(
                     "DATABASE_URL: must start with sqlite:, postgres:, mysql: or mariadb:".into(),
                 );

@@ -1339,8 +1339,7 @@ async fn storage_failures_are_unavailable(backend: Backend) {
     match backend {
         Backend::Sqlite => server.opts.url_params = Some("?mode=ro".into()),
         Backend::Postgres => {
-            server.opts.url_params =
-                Some("?options=-c%20default_transaction_read_only%3Don".into())
+            server.opts.url_params = Some("?options=-c%20default_transaction_read_only%3Don".into())
         }
         Backend::Mysql => {
             let guard = MysqlReadOnly::new(&server.db).await;

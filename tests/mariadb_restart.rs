@@ -208,14 +208,21 @@ async fn sends_survive_a_mariadb_restart() {
         async move {
             let deadline = Instant::now() + WAIT;
             while seen.lock().expect("seen").refused.values().sum::<usize>() < n {
-                assert!(Instant::now() < deadline, "sends kept succeeding without MariaDB");
+                assert!(
+                    Instant::now() < deadline,
+                    "sends kept succeeding without MariaDB"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             seen.lock().expect("seen").acked.len()
         }
     };
     let acked_before = refused(1).await;
-    assert_eq!(refused(4).await, acked_before, "nothing acknowledged while down");
+    assert_eq!(
+        refused(4).await,
+        acked_before,
+        "nothing acknowledged while down"
+    );
     mariadb.spawn();
     wait_for(acked_before + 200).await;
     stop.store(true, Ordering::Relaxed);
@@ -223,12 +230,14 @@ async fn sends_survive_a_mariadb_restart() {
         s.await.expect("sender");
     }
 
-    let seen = seen.lock().expect("seen");
+    let seen = std::mem::take(&mut *seen.lock().expect("seen"));
     let codes: Vec<Code> = seen.refused.keys().copied().collect();
     assert_eq!(codes, [Code::Unavailable], "refusals while down: {codes:?}");
 
     // Every acknowledged message stored once, with the sequence it was acknowledged with.
-    let pool = sqlx::MySqlPool::connect(&server.db.url).await.expect("mysql");
+    let pool = sqlx::MySqlPool::connect(&server.db.url)
+        .await
+        .expect("mysql");
     let stored: Vec<(Vec<u8>, i64)> =
         sqlx::query_as("SELECT CAST(id AS BINARY), sequence FROM messages WHERE channel_id = ?")
             .bind(&channel)
@@ -240,7 +249,11 @@ async fn sends_survive_a_mariadb_restart() {
         .map(|(id, seq)| (String::from_utf8(id).expect("utf-8"), seq))
         .collect();
     for (id, sequence) in &seen.acked {
-        assert_eq!(stored.get(id), Some(sequence), "acknowledged {id} stored once");
+        assert_eq!(
+            stored.get(id),
+            Some(sequence),
+            "acknowledged {id} stored once"
+        );
     }
     // The event log: 1..=last_sequence, no gap, no repeat.
     let sequences: Vec<i64> =
@@ -254,9 +267,12 @@ async fn sends_survive_a_mariadb_restart() {
         .fetch_one(&pool)
         .await
         .expect("channel");
-    assert_eq!(sequences, (1..=last).collect::<Vec<i64>>(), "gap-free events");
+    assert_eq!(
+        sequences,
+        (1..=last).collect::<Vec<i64>>(),
+        "gap-free events"
+    );
     assert!(stored.len() >= seen.acked.len());
     pool.close().await;
-    drop(seen);
     server.stop().await;
 }

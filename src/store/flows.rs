@@ -214,6 +214,29 @@ async fn delete_members<B: Backend>(
     Ok(out)
 }
 
+/// A new channel's audit row (with its members' last sequence), then the commit.
+async fn commit_new_channel<B: Backend>(
+    b: &B,
+    mut tx: B::Tx,
+    actor: Actor<'_>,
+    mut channel: ChannelRow,
+    last: i64,
+    added: Vec<Changed<MemberRow>>,
+) -> StoreResult<(ChannelRow, Vec<Changed<MemberRow>>)> {
+    channel.last_sequence = last;
+    let audit = audit_row(
+        actor,
+        "create",
+        "channels",
+        &channel.id,
+        None,
+        to_json(&channel),
+    );
+    b.insert_audit(&mut tx, &audit).await?;
+    b.commit(tx).await?;
+    Ok((channel, added))
+}
+
 /// Inserts a visible attachment, if the uploader still belongs to the live channel (checked
 /// after the channel's lock).
 async fn insert_attachment_in<B: Backend>(
@@ -301,19 +324,7 @@ impl<B: Backend> ChannelStore for B {
             .bump(&mut tx, actor.tenant_id, &channel.id, users.len() as i64)
             .await?;
         let added = insert_members(self, &mut tx, actor, &channel.id, &users, last, enc).await?;
-        let mut channel = channel;
-        channel.last_sequence = last;
-        let audit = audit_row(
-            actor,
-            "create",
-            "channels",
-            &channel.id,
-            None,
-            to_json(&channel),
-        );
-        self.insert_audit(&mut tx, &audit).await?;
-        self.commit(tx).await?;
-        Ok((channel, added))
+        commit_new_channel(self, tx, actor, channel, last, added).await
     }
 
     async fn direct_channel(
@@ -331,7 +342,7 @@ impl<B: Backend> ChannelStore for B {
         if let Some(found) = self.find_direct(actor.tenant_id, &key).await? {
             return Ok((found, Vec::new()));
         }
-        let mut channel = direct_channel_row(actor.tenant_id, key);
+        let channel = direct_channel_row(actor.tenant_id, key);
         let mut tx = self.begin().await?;
         if !self.insert_direct_channel(&mut tx, &channel).await? {
             // Another call made it first: theirs is the one.
@@ -343,18 +354,7 @@ impl<B: Backend> ChannelStore for B {
         let users = [(a.to_owned(), Role::Member), (b.to_owned(), Role::Member)];
         let last = self.bump(&mut tx, actor.tenant_id, &channel.id, 2).await?;
         let added = insert_members(self, &mut tx, actor, &channel.id, &users, last, enc).await?;
-        channel.last_sequence = last;
-        let audit = audit_row(
-            actor,
-            "create",
-            "channels",
-            &channel.id,
-            None,
-            to_json(&channel),
-        );
-        self.insert_audit(&mut tx, &audit).await?;
-        self.commit(tx).await?;
-        Ok((channel, added))
+        commit_new_channel(self, tx, actor, channel, last, added).await
     }
 
     async fn find_direct_channel(

@@ -473,10 +473,9 @@ impl TestServer {
             )
         });
         let migrate = opts.url_params.is_none() && opts.url.is_none();
-        let store =
-            chat_service::store::connect(&url, db.schema.as_deref(), migrate)
-                .await
-                .expect("connect store");
+        let store = chat_service::store::connect(&url, db.schema.as_deref(), migrate)
+            .await
+            .expect("connect store");
         let blobs = opts.storage.clone().unwrap_or_else(|| {
             chat_service::blob::Blobs::from_url(&format!("file://{}", db.blob_dir().display()))
                 .expect("blobs")

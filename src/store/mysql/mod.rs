@@ -259,6 +259,20 @@ fn history_sql(thread: bool, limit: i64) -> String {
     )
 }
 
+/// Deletes the attachment row read (and locked) just before, if there was one; returns it.
+async fn delete_locked_attachment(
+    tx: &mut Transaction<'static, MySql>,
+    row: Option<AttachmentRow>,
+) -> StoreResult<Option<AttachmentRow>> {
+    if let Some(row) = &row {
+        sqlx::query("DELETE FROM attachments WHERE id = ?")
+            .bind(&row.id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(row)
+}
+
 #[async_trait]
 impl Backend for MySqlStore {
     type Tx = Transaction<'static, MySql>;
@@ -783,13 +797,7 @@ impl Backend for MySqlStore {
                 .try_map(rows::attachment)
                 .fetch_optional(&mut **tx)
                 .await?;
-        if row.is_some() {
-            sqlx::query("DELETE FROM attachments WHERE id = ?")
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(row)
+        delete_locked_attachment(tx, row).await
     }
 
     async fn delete_swept_attachment(
@@ -806,13 +814,7 @@ impl Backend for MySqlStore {
         .try_map(rows::attachment)
         .fetch_optional(&mut **tx)
         .await?;
-        if row.is_some() {
-            sqlx::query("DELETE FROM attachments WHERE id = ?")
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(row)
+        delete_locked_attachment(tx, row).await
     }
 
     async fn open_uploads(
