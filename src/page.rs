@@ -178,17 +178,13 @@ impl EncodedMessages {
     ///
     /// Errors: the row's, for a column of an unexpected type; nothing is appended then.
     pub fn push_row(&mut self, r: &dyn MessageColumns) -> StoreResult<()> {
-        let start = self.bytes.len();
-        match write_message(&mut self.bytes, r) {
-            Ok(sequence) => {
-                self.ends.push((sequence, self.bytes.len()));
-                Ok(())
-            }
-            Err(e) => {
-                self.bytes.truncate(start);
-                Err(e)
-            }
-        }
+        let mut rows = EncodedRows {
+            bytes: std::mem::take(&mut self.bytes),
+            ends: std::mem::take(&mut self.ends),
+        };
+        let pushed = rows.push(write_message, r);
+        (self.bytes, self.ends) = (rows.bytes, rows.ends);
+        pushed
     }
 }
 
