@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::proc::Server;
+use crate::proc::{CpuSnapshot, Server};
 use crate::{histogram, record, say, summary, Bench, BenchResult};
 
 /// A row shaped like `messages` (same columns, same indexes); both INSERT baselines use it.
@@ -331,7 +331,7 @@ pub async fn mysql_loop(bench: &Bench) -> BenchResult<Value> {
                     n
                 }));
             }
-            let t = Instant::now();
+            let (t, cpu0) = (Instant::now(), CpuSnapshot::take(std::process::id()));
             tokio::time::sleep(Duration::from_secs_f64(bench.plan.send_seconds)).await;
             stop.store(true, Ordering::Relaxed);
             let mut total = 0;
@@ -339,12 +339,17 @@ pub async fn mysql_loop(bench: &Bench) -> BenchResult<Value> {
                 total += task.await?;
             }
             let rate = total as f64 / t.elapsed().as_secs_f64();
+            // The "server" here is this process (the loop), as is the generator.
+            let cpu = cpu0.per_op(&CpuSnapshot::take(std::process::id()), total as f64);
             let errors = errors.load(Ordering::Relaxed);
             if errors > 0 {
                 return Err(format!("{errors} baseline INSERTs failed").into());
             }
-            say(&format!("  mysql loop c={c}: {rate:.0} inserts/s"));
-            runs.push(json!({ "concurrency": c, "per_second": rate }));
+            say(&format!(
+                "  mysql loop c={c}: {rate:.0} inserts/s, database CPU {:.0} µs per INSERT",
+                cpu["mysql_us"].as_f64().unwrap_or(f64::NAN)
+            ));
+            runs.push(json!({ "concurrency": c, "per_second": rate, "cpu_per_insert": cpu }));
         }
         Ok(())
     }

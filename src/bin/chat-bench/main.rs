@@ -332,13 +332,17 @@ async fn run(args: Args) -> BenchResult<()> {
         // Databases a failed scenario left behind (each server drops its own when it stops).
         drop_mysql_databases(&bench).await;
     }
-    outcome?;
     results["elapsed_seconds"] = json!(started.elapsed().as_secs_f64());
+    if let Err(e) = &outcome {
+        // What ran before the failure is kept (a full run takes many minutes).
+        results["error"] = json!(e.to_string());
+    }
     let json_path = args.out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
     let md_path = args.out.join("BENCHMARKS.md");
     std::fs::write(&md_path, report::markdown(&results))?;
     let _ = std::fs::remove_dir_all(&dir);
+    outcome?;
     say(&format!(
         "done in {:.0} s: {} and {}",
         started.elapsed().as_secs_f64(),

@@ -151,6 +151,9 @@ pub fn markdown(r: &Value) -> String {
         f(&r["elapsed_seconds"]),
         r["plan"]
     ));
+    if let Some(e) = r["error"].as_str() {
+        w(format!("\n**The run stopped early:** {e}"));
+    }
     w(String::new());
     let b = &r["baselines"];
     w("## Baselines (same run)".into());
@@ -198,6 +201,31 @@ pub fn markdown(r: &Value) -> String {
                  /proc over the run; machine busy is the share of all cores in use.",
                 s["insert_baseline"]["tool"].as_str().unwrap_or("")
             ));
+            let base_cpu: Vec<String> = s["insert_baseline"]["runs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["cpu_per_insert"].is_object())
+                .map(|r| {
+                    let c = &r["cpu_per_insert"];
+                    format!(
+                        "{} connections {:.0} µs ({:.0}% busy)",
+                        r["concurrency"],
+                        f(&c[db_process(name).0]),
+                        f(&c["machine_busy"]) * 100.0
+                    )
+                })
+                .collect();
+            if !base_cpu.is_empty() {
+                w(format!(
+                    "\nThe baseline's {} CPU per INSERT: {}.",
+                    db_process(name).1,
+                    base_cpu.join(", ")
+                ));
+            }
+            if let Some(settings) = s["insert_baseline"]["server_settings"].as_str() {
+                w(format!("\nDatabase server settings: `{settings}`."));
+            }
             w(String::new());
         }
         if s["latency"].is_object() {

@@ -846,7 +846,15 @@ pub async fn upload(bench: &Bench, backend: Backend) -> BenchResult<Value> {
     let server = Server::start(
         bench,
         backend,
-        &[("MAX_UPLOAD_BYTES", (size + 1).to_string())],
+        &[
+            ("MAX_UPLOAD_BYTES", (size + 1).to_string()),
+            // The per-user cap on bytes in unfinished uploads must hold the largest upload,
+            // or the server refuses to start (its default is 1 GiB, the plan's size).
+            (
+                "MAX_UNFINISHED_UPLOAD_BYTES_PER_USER",
+                (size + 1).to_string(),
+            ),
+        ],
     )
     .await?;
     let alice = bench.token("alice");
