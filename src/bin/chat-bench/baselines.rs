@@ -1,6 +1,6 @@
 //! The machine's own limits, measured in the same run as the service: sequential disk writes,
-//! a bare tonic server, and single-row INSERTs straight into PostgreSQL (pgbench) and SQLite
-//! (sqlx), at the concurrencies of scenario 1.
+//! a bare tonic server, and single-row INSERTs straight into PostgreSQL (pgbench), SQLite
+//! (sqlx) and MySQL / MariaDB (sqlx), at the concurrencies of scenario 1.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::proc::Server;
+use crate::proc::{CpuSnapshot, Server};
 use crate::{histogram, record, say, summary, Bench, BenchResult};
 
 /// A row shaped like `messages` (same columns, same indexes); both INSERT baselines use it.
@@ -25,6 +25,32 @@ const INDEXES: [&str; 3] = [
     "CREATE INDEX bench_by_thread ON bench_messages (channel_id, parent_message_id, sequence)",
     "CREATE UNIQUE INDEX bench_idempotency ON bench_messages (channel_id, sender_id, client_message_id)",
 ];
+
+/// The same row on MySQL / MariaDB, as `messages` is there (migrations/mysql): the same
+/// column types, character set, collation and indexes.
+const MYSQL_TABLE: &str = "CREATE TABLE bench_messages (
+    id VARCHAR(36) NOT NULL, tenant_id VARBINARY(255) NOT NULL, channel_id VARCHAR(36) NOT NULL,
+    sender_id VARBINARY(255) NOT NULL, body MEDIUMTEXT NOT NULL,
+    subject VARCHAR(200) NOT NULL DEFAULT '', parent_message_id VARCHAR(36) NULL,
+    attachment_ids VARCHAR(2048) NOT NULL DEFAULT '[]', client_message_id VARBINARY(100) NULL,
+    forwarded_from_message_id VARCHAR(36) NULL, sequence BIGINT NOT NULL,
+    version BIGINT NOT NULL DEFAULT 1, create_time BIGINT NOT NULL, update_time BIGINT NULL,
+    delete_time BIGINT NULL, deleted_by VARBINARY(255) NULL,
+    PRIMARY KEY (id),
+    UNIQUE KEY bench_by_sequence (channel_id, sequence),
+    KEY bench_by_thread (channel_id, parent_message_id, sequence),
+    UNIQUE KEY bench_idempotency (channel_id, sender_id, client_message_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin ROW_FORMAT=DYNAMIC";
+
+/// The MySQL / MariaDB server settings that decide what a commit costs and what fits in
+/// memory, as one line for the report.
+const MYSQL_SETTINGS: &str = "SELECT CAST(CONCAT(\
+    'innodb_flush_log_at_trx_commit=', @@innodb_flush_log_at_trx_commit, \
+    ', innodb_flush_method=', @@innodb_flush_method, \
+    ', innodb_buffer_pool_size=', @@innodb_buffer_pool_size DIV 1048576, ' MiB', \
+    ', innodb_log_file_size=', @@innodb_log_file_size DIV 1048576, ' MiB', \
+    ', innodb_doublewrite=', @@innodb_doublewrite, \
+    ', log_bin=', @@log_bin, ', sync_binlog=', @@sync_binlog) AS CHAR CHARACTER SET utf8mb4)";
 
 /// The ~100-byte body every scenario sends.
 pub const BODY: &str = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs, please!!";
@@ -235,4 +261,113 @@ pub async fn sqlite_loop(bench: &Bench) -> BenchResult<Value> {
     Ok(
         json!({ "tool": "sqlx, one INSERT per transaction, WAL + synchronous=FULL, one writer connection", "runs": runs }),
     )
+}
+
+/// MySQL / MariaDB: the same row, one autocommit INSERT (a prepared statement) per
+/// transaction, from `c` tasks each on its own connection, into a table of its own in a
+/// database of its own on the server the service uses, with the server's settings as they are
+/// (on MariaDB's defaults, `innodb_flush_log_at_trx_commit=1`: a redo-log flush per commit).
+pub async fn mysql_loop(bench: &Bench) -> BenchResult<Value> {
+    use sqlx::Connection;
+    let db = format!("chat_bench_{}_baseline", std::process::id());
+    let admin = bench.mysql_admin().await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
+        .execute(&admin)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&admin)
+        .await?;
+    let url = bench.mysql_db_url(&db);
+    let opts: sqlx::mysql::MySqlConnectOptions = url.parse()?;
+    let opts = opts.charset("utf8mb4").collation("utf8mb4_bin");
+    // Channel ids shaped as the service's (UUID text), 16 of them as in scenario 1.
+    let channels: Arc<Vec<String>> =
+        Arc::new((0..16).map(|_| uuid::Uuid::now_v7().to_string()).collect());
+    let mut runs = Vec::new();
+    let outcome: BenchResult<()> = async {
+        for &c in &bench.plan.send_concurrency {
+            // A fresh table per concurrency, as SQLite's loop gets a fresh file.
+            sqlx::query(&format!("DROP TABLE IF EXISTS {db}.bench_messages"))
+                .execute(&admin)
+                .await?;
+            sqlx::query(&MYSQL_TABLE.replacen(
+                "bench_messages",
+                &format!("{db}.bench_messages"),
+                1,
+            ))
+            .execute(&admin)
+            .await?;
+            let mut conns = Vec::with_capacity(c);
+            for _ in 0..c {
+                conns.push(sqlx::mysql::MySqlConnection::connect_with(&opts).await?);
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let seq = Arc::new(AtomicU64::new(0));
+            let errors = Arc::new(AtomicU64::new(0));
+            let mut tasks = Vec::new();
+            for (i, mut conn) in conns.into_iter().enumerate() {
+                let (stop, seq, errors) = (stop.clone(), seq.clone(), errors.clone());
+                let channel = channels[i % channels.len()].clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let s = seq.fetch_add(1, Ordering::Relaxed) as i64;
+                        let ok = sqlx::query(
+                            "INSERT INTO bench_messages (id, tenant_id, channel_id, sender_id, \
+                             body, sequence, create_time) VALUES (?, 'default', ?, 'alice', ?, ?, ?)",
+                        )
+                        .bind(uuid::Uuid::now_v7().to_string())
+                        .bind(&channel)
+                        .bind(BODY)
+                        .bind(s)
+                        .bind(chat_service::store::now_micros())
+                        .execute(&mut conn)
+                        .await
+                        .is_ok();
+                        n += u64::from(ok);
+                        errors.fetch_add(u64::from(!ok), Ordering::Relaxed);
+                    }
+                    let _ = conn.close().await;
+                    n
+                }));
+            }
+            let (t, cpu0) = (Instant::now(), CpuSnapshot::take(std::process::id()));
+            tokio::time::sleep(Duration::from_secs_f64(bench.plan.send_seconds)).await;
+            stop.store(true, Ordering::Relaxed);
+            let mut total = 0;
+            for task in tasks {
+                total += task.await?;
+            }
+            let rate = total as f64 / t.elapsed().as_secs_f64();
+            // The "server" here is this process (the loop), as is the generator.
+            let cpu = cpu0.per_op(&CpuSnapshot::take(std::process::id()), total as f64);
+            let errors = errors.load(Ordering::Relaxed);
+            if errors > 0 {
+                return Err(format!("{errors} baseline INSERTs failed").into());
+            }
+            say(&format!(
+                "  mysql loop c={c}: {rate:.0} inserts/s, database CPU {:.0} µs per INSERT",
+                cpu["mysql_us"].as_f64().unwrap_or(f64::NAN)
+            ));
+            runs.push(json!({ "concurrency": c, "per_second": rate, "cpu_per_insert": cpu }));
+        }
+        Ok(())
+    }
+    .await;
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
+        .execute(&admin)
+        .await;
+    let settings: String = sqlx::query_scalar(MYSQL_SETTINGS)
+        .fetch_one(&admin)
+        .await
+        .unwrap_or_else(|e| e.to_string());
+    admin.close().await;
+    outcome?;
+    say(&format!("  server settings: {settings}"));
+    Ok(json!({
+        "server_settings": settings,
+        "tool": "sqlx, one autocommit INSERT (prepared) per transaction, one connection per task, \
+                 the server's own settings",
+        "runs": runs,
+    }))
 }

@@ -1,11 +1,13 @@
 //! `chat-bench`: the benchmark program. Drives a real `chat-service serve` process over
 //! loopback with tonic clients on many HTTP/2 connections, closed-loop and open-loop, records
 //! latencies in HDR histograms, measures the machine's own limits in the same run (pgbench
-//! single-row INSERTs, a sqlx SQLite insert loop, a bare tonic server, sequential disk writes)
+//! single-row INSERTs, sqlx insert loops on SQLite and MySQL / MariaDB, a bare tonic server,
+//! sequential disk writes)
 //! and writes `BENCHMARKS.md` and `results.json`.
 //!
 //! ```text
-//! scripts/bench                      # everything, SQLite and PostgreSQL (~7.5 min after the build)
+//! scripts/bench                      # everything, SQLite, PostgreSQL and MySQL / MariaDB
+//! chat-bench --backends mysql        # one database (CHAT_BENCH_MYSQL_URL names the server)
 //! chat-bench --quick                 # a smoke run of every scenario in seconds (CI)
 //! chat-bench --backends sqlite --scenarios 1,2
 //! chat-bench soak --minutes 30       # mixed load for leaks and drift (scripts/soak; see soak.rs)
@@ -43,7 +45,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Databases to run on.
-    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,mysql")]
     backends: Vec<Backend>,
     /// Scenarios to run (1 sends, 2 latency, 3 fan-out, 4 idle streams, 5 history, 6 uploads).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
@@ -81,6 +83,15 @@ pub struct ServerArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     postgres_url: String,
+    /// MySQL / MariaDB for the server on `mysql`, and for its INSERT baseline. Only the server
+    /// part is used: every server and the baseline get a fresh database
+    /// (`chat_bench_<pid>_<n>`), dropped when they stop.
+    #[arg(
+        long,
+        env = "CHAT_BENCH_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/test"
+    )]
+    mysql_url: String,
 }
 
 impl ServerArgs {
@@ -103,6 +114,7 @@ impl ServerArgs {
             quick,
             server_bin,
             pg_url: self.postgres_url,
+            mysql_url: self.mysql_url,
             dir: std::fs::canonicalize(dir)?,
             secret: "bench-secret-0123456789abcdef".into(),
             ids: AtomicU64::new(0),
@@ -123,6 +135,8 @@ enum Command {
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// MySQL 8.0+ or MariaDB 10.6+.
+    Mysql,
 }
 
 impl Backend {
@@ -130,6 +144,7 @@ impl Backend {
         match self {
             Backend::Sqlite => "SQLite",
             Backend::Postgres => "PostgreSQL",
+            Backend::Mysql => "MySQL",
         }
     }
 }
@@ -210,6 +225,8 @@ pub struct Bench {
     pub quick: bool,
     pub server_bin: PathBuf,
     pub pg_url: String,
+    /// The MySQL / MariaDB server (its database part is ignored: see [`Bench::mysql_db_url`]).
+    pub mysql_url: String,
     pub dir: PathBuf,
     pub secret: String,
     ids: AtomicU64,
@@ -219,6 +236,26 @@ impl Bench {
     /// A number unique in this run (database files, schemas).
     pub fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// [`Bench::mysql_url`] with its database replaced by `db` (`mysql://user@host:port/db?…`).
+    /// The scheme is `mysql:` either way (the bench's own sqlx pools know no `mariadb:`).
+    pub fn mysql_db_url(&self, db: &str) -> String {
+        let url = with_database(&self.mysql_url, db);
+        match url.strip_prefix("mariadb:") {
+            Some(rest) => format!("mysql:{rest}"),
+            None => url,
+        }
+    }
+
+    /// A pool on the MySQL / MariaDB server with no default database (for CREATE / DROP
+    /// DATABASE).
+    pub async fn mysql_admin(&self) -> BenchResult<sqlx::MySqlPool> {
+        Ok(sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.mysql_db_url(""))
+            .await
+            .map_err(|e| format!("MySQL / MariaDB at {}: {e}", self.mysql_url))?)
     }
 
     /// A token for `user` with every permission, valid 4 h.
@@ -290,19 +327,53 @@ async fn run(args: Args) -> BenchResult<()> {
         say("baseline: bare tonic server (gRPC health check, no database)");
         results["baselines"]["echo"] = baselines::echo(&bench).await?;
     }
-    for &backend in &args.backends {
+    let outcome = run_backends(&args.backends, &wants, args.full_load, &bench, &mut results).await;
+    if args.backends.contains(&Backend::Mysql) {
+        // Databases a failed scenario left behind (each server drops its own when it stops).
+        drop_mysql_databases(&bench).await;
+    }
+    results["elapsed_seconds"] = json!(started.elapsed().as_secs_f64());
+    if let Err(e) = &outcome {
+        // What ran before the failure is kept (a full run takes many minutes).
+        results["error"] = json!(e.to_string());
+    }
+    let json_path = args.out.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
+    let md_path = args.out.join("BENCHMARKS.md");
+    std::fs::write(&md_path, report::markdown(&results))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome?;
+    say(&format!(
+        "done in {:.0} s: {} and {}",
+        started.elapsed().as_secs_f64(),
+        md_path.display(),
+        json_path.display()
+    ));
+    Ok(())
+}
+
+/// Every scenario `wants` on each of `backends`, into `results["backends"]`.
+async fn run_backends(
+    backends: &[Backend],
+    wants: &dyn Fn(u8) -> bool,
+    full_load: Option<f64>,
+    bench: &Bench,
+    results: &mut Value,
+) -> BenchResult<()> {
+    for &backend in backends {
         let mut out = json!({});
         if wants(1) {
             say(&format!("{}: baseline single-row INSERT", backend.name()));
             out["insert_baseline"] = match backend {
-                Backend::Postgres => baselines::pgbench(&bench).await?,
-                Backend::Sqlite => baselines::sqlite_loop(&bench).await?,
+                Backend::Postgres => baselines::pgbench(bench).await?,
+                Backend::Sqlite => baselines::sqlite_loop(bench).await?,
+                Backend::Mysql => baselines::mysql_loop(bench).await?,
             };
             say(&format!("{}: 1. persisted sends/s", backend.name()));
-            out["sends"] = scenarios::sends(&bench, backend).await?;
+            out["sends"] = scenarios::sends(bench, backend).await?;
         }
         if wants(2) {
-            let best = args.full_load.or_else(|| {
+            let best = full_load.or_else(|| {
                 out["sends"]["runs"]
                     .as_array()
                     .map(|runs| {
@@ -317,39 +388,66 @@ async fn run(args: Args) -> BenchResult<()> {
                 "{}: 2. latency at fixed load (best {best:.0}/s)",
                 backend.name()
             ));
-            out["latency"] = scenarios::latency(&bench, backend, best).await?;
+            out["latency"] = scenarios::latency(bench, backend, best).await?;
         }
         if wants(3) {
             say(&format!("{}: 3. fan-out", backend.name()));
-            out["fanout"] = scenarios::fanout(&bench, backend).await?;
+            out["fanout"] = scenarios::fanout(bench, backend).await?;
         }
         if wants(4) {
             say(&format!("{}: 4. idle streams", backend.name()));
-            out["idle"] = scenarios::idle(&bench, backend).await?;
+            out["idle"] = scenarios::idle(bench, backend).await?;
         }
         if wants(5) {
             say(&format!("{}: 5. history", backend.name()));
-            out["history"] = scenarios::history(&bench, backend).await?;
+            out["history"] = scenarios::history(bench, backend).await?;
         }
         if wants(6) {
             say(&format!("{}: 6. uploads", backend.name()));
-            out["upload"] = scenarios::upload(&bench, backend).await?;
+            out["upload"] = scenarios::upload(bench, backend).await?;
         }
         results["backends"][backend.name()] = out;
     }
-    results["elapsed_seconds"] = json!(started.elapsed().as_secs_f64());
-    let json_path = args.out.join("results.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
-    let md_path = args.out.join("BENCHMARKS.md");
-    std::fs::write(&md_path, report::markdown(&results))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    say(&format!(
-        "done in {:.0} s: {} and {}",
-        started.elapsed().as_secs_f64(),
-        md_path.display(),
-        json_path.display()
-    ));
     Ok(())
+}
+
+/// Drops the MySQL / MariaDB databases of this run (`chat_bench_<pid>_…`) that are still there.
+async fn drop_mysql_databases(bench: &Bench) {
+    let Ok(admin) = bench.mysql_admin().await else {
+        return;
+    };
+    let pattern = format!("chat\\_bench\\_{}\\_%", std::process::id());
+    let names: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT CAST(SCHEMA_NAME AS BINARY) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE ?",
+    )
+    .bind(&pattern)
+    .fetch_all(&admin)
+    .await
+    .unwrap_or_default();
+    for name in names {
+        let name = String::from_utf8_lossy(&name);
+        say(&format!("dropping leftover database {name}"));
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
+            .execute(&admin)
+            .await;
+    }
+    admin.close().await;
+}
+
+/// `url` (`scheme://authority[/database][?options]`) with its database part set to `db`.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("mysql", url));
+    let (before_query, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, Some(q)),
+        None => (rest, None),
+    };
+    let authority = before_query
+        .split_once('/')
+        .map_or(before_query, |(a, _)| a);
+    match query {
+        Some(q) => format!("{scheme}://{authority}/{db}?{q}"),
+        None => format!("{scheme}://{authority}/{db}"),
+    }
 }
 
 /// Progress on stderr.
@@ -377,4 +475,25 @@ pub fn summary(h: &hdrhistogram::Histogram<u64>) -> Value {
         "p999_ms": ms(0.999),
         "max_ms": h.max() as f64 / 1000.0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn the_database_part_is_replaced() {
+        assert_eq!(
+            with_database("mysql://root@127.0.0.1:3306/test", "b"),
+            "mysql://root@127.0.0.1:3306/b"
+        );
+        assert_eq!(
+            with_database("mysql://u:p@h:3306", "b"),
+            "mysql://u:p@h:3306/b"
+        );
+        assert_eq!(
+            with_database("mariadb://u@h/x?ssl-mode=disabled", "b"),
+            "mariadb://u@h/b?ssl-mode=disabled"
+        );
+    }
 }

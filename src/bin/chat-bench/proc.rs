@@ -17,6 +17,9 @@ pub struct Server {
     /// PostgreSQL schema to drop at the end, if any.
     schema: Option<String>,
     pg_url: String,
+    /// MySQL / MariaDB database to drop at the end, if any, and the URL of its server (with
+    /// no database).
+    mysql_db: Option<(String, String)>,
     /// The server's DATABASE_URL.
     pub database_url: String,
 }
@@ -58,6 +61,7 @@ impl Server {
             ),
         ];
         let mut schema = None;
+        let mut mysql_db = None;
         match backend {
             Backend::Sqlite => vars.push((
                 "DATABASE_URL".into(),
@@ -77,6 +81,16 @@ impl Server {
                 vars.push(("DB_SCHEMA".into(), name.clone()));
                 schema = Some(name);
             }
+            Backend::Mysql => {
+                let name = format!("chat_bench_{}_{n}", std::process::id());
+                let admin = bench.mysql_admin().await?;
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await?;
+                admin.close().await;
+                vars.push(("DATABASE_URL".into(), bench.mysql_db_url(&name)));
+                mysql_db = Some((name, bench.mysql_db_url("")));
+            }
         }
         for (k, v) in env {
             vars.retain(|(name, _)| name != k);
@@ -85,6 +99,7 @@ impl Server {
         let mut server = Self::spawn_logged(&bench.server_bin, &["serve"], &vars, log).await?;
         server.schema = schema;
         server.pg_url = bench.pg_url.clone();
+        server.mysql_db = mysql_db;
         server.database_url = vars
             .iter()
             .find(|(k, _)| k == "DATABASE_URL")
@@ -166,6 +181,7 @@ impl Server {
             pid,
             schema: None,
             pg_url: String::new(),
+            mysql_db: None,
             database_url: String::new(),
         })
     }
@@ -208,12 +224,20 @@ impl Server {
         cpu_seconds_of(self.pid)
     }
 
-    /// SIGKILL and drop the PostgreSQL schema.
+    /// SIGKILL and drop the PostgreSQL schema or the MySQL database.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
         if let Some(schema) = self.schema.take() {
             if let Ok(pool) = sqlx::PgPool::connect(&self.pg_url).await {
                 let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .execute(&pool)
+                    .await;
+                pool.close().await;
+            }
+        }
+        if let Some((db, url)) = self.mysql_db.take() {
+            if let Ok(pool) = sqlx::MySqlPool::connect(&url).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
                     .execute(&pool)
                     .await;
                 pool.close().await;
@@ -245,13 +269,15 @@ fn clock_ticks() -> f64 {
 
 /// CPU time spent so far by each part of a run, from /proc: the server, this load generator,
 /// PostgreSQL's processes (every process on the host named `postgres`, with the time of the
-/// ones that exited counted through their parent's reaped-children time), and the whole
+/// ones that exited counted through their parent's reaped-children time), the MySQL / MariaDB
+/// server (`mariadbd` or `mysqld`: one process, a thread per connection), and the whole
 /// machine.
 #[derive(Clone, Copy)]
 pub struct CpuSnapshot {
     server: f64,
     generator: f64,
     postgres: f64,
+    mysql: f64,
     /// Seconds the machine's cores were busy (user, system, interrupts, steal), summed.
     busy: f64,
     /// Seconds the machine's cores existed (busy + idle + I/O wait), summed.
@@ -261,7 +287,7 @@ pub struct CpuSnapshot {
 impl CpuSnapshot {
     /// Reads every counter now; `server_pid` is the server under test.
     pub fn take(server_pid: u32) -> CpuSnapshot {
-        let postgres = std::fs::read_dir("/proc")
+        let stats: Vec<String> = std::fs::read_dir("/proc")
             .into_iter()
             .flatten()
             .flatten()
@@ -272,28 +298,37 @@ impl CpuSnapshot {
                     .all(|b| b.is_ascii_digit())
             })
             .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-            .filter(|stat| stat.contains(" (postgres) "))
-            .map(|stat| stat_seconds(&stat) + reaped_seconds(&stat))
-            .sum();
+            .collect();
+        let named = |names: &[&str]| -> f64 {
+            stats
+                .iter()
+                .filter(|stat| names.iter().any(|n| stat.contains(&format!(" ({n}) "))))
+                .map(|stat| stat_seconds(stat) + reaped_seconds(stat))
+                .sum()
+        };
+        let postgres = named(&["postgres"]);
+        let mysql = named(&["mariadbd", "mysqld"]);
         let (busy, total) =
             machine_seconds(&std::fs::read_to_string("/proc/stat").unwrap_or_default());
         CpuSnapshot {
             server: cpu_seconds_of(server_pid),
             generator: cpu_seconds_of("self"),
             postgres,
+            mysql,
             busy,
             total,
         }
     }
 
     /// What was spent from `self` to `later` for `ops` operations: microseconds of CPU per
-    /// operation by the server, PostgreSQL and the generator, and the share of the machine's
+    /// operation by the server, PostgreSQL, MySQL / MariaDB and the generator, and the share of the machine's
     /// cores that were busy (0-1).
     pub fn per_op(&self, later: &CpuSnapshot, ops: f64) -> serde_json::Value {
         let us = |a: f64, b: f64| (b - a).max(0.0) * 1e6 / ops.max(1.0);
         serde_json::json!({
             "server_us": us(self.server, later.server),
             "postgres_us": us(self.postgres, later.postgres),
+            "mysql_us": us(self.mysql, later.mysql),
             "generator_us": us(self.generator, later.generator),
             // iowait may go backwards between reads, so the share is clamped.
             "machine_busy": ((later.busy - self.busy) / (later.total - self.total).max(1e-9))

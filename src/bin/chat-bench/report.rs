@@ -29,6 +29,16 @@ pub async fn machine(bench: &Bench) -> Value {
         }
         Err(e) => format!("unreachable: {e}"),
     };
+    let mysql = match bench.mysql_admin().await {
+        Ok(pool) => {
+            let v: Result<String, _> = sqlx::query_scalar("SELECT VERSION()")
+                .fetch_one(&pool)
+                .await;
+            pool.close().await;
+            v.unwrap_or_else(|e| e.to_string())
+        }
+        Err(e) => format!("unreachable: {e}"),
+    };
     let sqlite = match sqlx::SqlitePool::connect("sqlite::memory:").await {
         Ok(pool) => sqlx::query_scalar::<_, String>("SELECT sqlite_version()")
             .fetch_one(&pool)
@@ -43,6 +53,7 @@ pub async fn machine(bench: &Bench) -> Value {
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "rustc": version_of("rustc", &["--version"]),
         "postgresql": postgres,
+        "mysql": mysql,
         "sqlite": sqlite,
         "pgbench": version_of("pgbench", &["--version"]),
         "chat_service": env!("CARGO_PKG_VERSION"),
@@ -65,17 +76,33 @@ fn ok(pass: bool) -> &'static str {
     }
 }
 
-/// The heading of [`cpu_cell`]'s column.
-const CPU_COLUMN: &str = "CPU µs per send: server · PostgreSQL · generator (machine busy)";
+/// The heading of [`cpu_cell`]'s column on `backend` (a report name: "SQLite",
+/// "PostgreSQL", "MySQL").
+fn cpu_column(backend: &str) -> String {
+    format!(
+        "CPU µs per send: server · {} · generator (machine busy)",
+        db_process(backend).1
+    )
+}
 
-/// "server · PostgreSQL · generator (busy%)" from a `CpuSnapshot::per_op` value: microseconds
-/// of CPU per send and the share of the machine's cores that were busy. On SQLite the database
-/// runs inside the server, and PostgreSQL's column is only its idle processes.
-fn cpu_cell(c: &Value) -> String {
+/// The key of the database's CPU in a `CpuSnapshot::per_op` value, and its name in the
+/// report: MySQL / MariaDB's server on `MySQL`, PostgreSQL's processes otherwise (on SQLite,
+/// only their idle time: the database runs inside the server).
+fn db_process(backend: &str) -> (&'static str, &'static str) {
+    if backend == "MySQL" {
+        ("mysql_us", "MariaDB/MySQL")
+    } else {
+        ("postgres_us", "PostgreSQL")
+    }
+}
+
+/// "server · database · generator (busy%)" from a `CpuSnapshot::per_op` value: microseconds
+/// of CPU per send and the share of the machine's cores that were busy.
+fn cpu_cell(c: &Value, backend: &str) -> String {
     format!(
         "{:.0} · {:.0} · {:.0} ({:.0}%)",
         f(&c["server_us"]),
-        f(&c["postgres_us"]),
+        f(&c[db_process(backend).0]),
         f(&c["generator_us"]),
         f(&c["machine_busy"]) * 100.0
     )
@@ -101,7 +128,7 @@ pub fn markdown(r: &Value) -> String {
     w("# chat-service benchmark results".into());
     w(String::new());
     w(format!(
-        "Machine: {} cores ({}), {:.1} GiB RAM, Linux {}; {}; PostgreSQL {}, SQLite {}; \
+        "Machine: {} cores ({}), {:.1} GiB RAM, Linux {}; {}; PostgreSQL {}, MySQL server {}, SQLite {}; \
          chat-service {} ({} build); load generator on the same machine over loopback.{}",
         m["cores"],
         m["cpu"].as_str().unwrap_or("?"),
@@ -109,6 +136,7 @@ pub fn markdown(r: &Value) -> String {
         m["kernel"].as_str().unwrap_or("?"),
         m["rustc"].as_str().unwrap_or("?"),
         m["postgresql"].as_str().unwrap_or("?"),
+        m["mysql"].as_str().unwrap_or("?"),
         m["sqlite"].as_str().unwrap_or("?"),
         m["chat_service"].as_str().unwrap_or("?"),
         m["build"].as_str().unwrap_or("?"),
@@ -123,6 +151,9 @@ pub fn markdown(r: &Value) -> String {
         f(&r["elapsed_seconds"]),
         r["plan"]
     ));
+    if let Some(e) = r["error"].as_str() {
+        w(format!("\n**The run stopped early:** {e}"));
+    }
     w(String::new());
     let b = &r["baselines"];
     w("## Baselines (same run)".into());
@@ -151,7 +182,7 @@ pub fn markdown(r: &Value) -> String {
                     .into(),
             );
             w(String::new());
-            w(format!("| senders | sends/s | {name} single-row INSERT/s | ratio | ack p50 / p99 ms | peak RSS MiB | {CPU_COLUMN} | target |"));
+            w(format!("| senders | sends/s | {name} single-row INSERT/s | ratio | ack p50 / p99 ms | peak RSS MiB | {} | target |", cpu_column(name)));
             w("|---|---|---|---|---|---|---|---|".into());
             for run in s["sends"]["runs"].as_array().into_iter().flatten() {
                 let c = run["concurrency"].as_u64().unwrap_or(0);
@@ -160,15 +191,41 @@ pub fn markdown(r: &Value) -> String {
                 let rss = f(&run["peak_rss_mib"]);
                 w(format!("| {c} | {:.0} | {:.0} | **{:.2}×** | {:.2} / {:.2} | {:.1} | {} | {} ratio ≥ 1.0, {} RSS ≤ 75 MiB |",
                     f(&run["per_second"]), base, ratio, f(&run["ack"]["p50_ms"]), f(&run["ack"]["p99_ms"]), rss,
-                    cpu_cell(&run["cpu_per_send"]), ok(ratio >= 1.0), ok(rss <= 75.0)));
+                    cpu_cell(&run["cpu_per_send"], name), ok(ratio >= 1.0), ok(rss <= 75.0)));
             }
             w(format!(
                 "\nBaseline: {}. CPU: microseconds of CPU time per send used by the server, by \
-                 every PostgreSQL process (WAL writer included; on SQLite the database runs inside \
-                 the server) and by this load generator, read from /proc over the run; machine \
-                 busy is the share of all cores in use.",
+                 the database (every PostgreSQL process, WAL writer included; on SQLite the \
+                 database runs inside the server, and the column is PostgreSQL's idle processes; \
+                 on MySQL the mariadbd / mysqld process) and by this load generator, read from \
+                 /proc over the run; machine busy is the share of all cores in use.",
                 s["insert_baseline"]["tool"].as_str().unwrap_or("")
             ));
+            let base_cpu: Vec<String> = s["insert_baseline"]["runs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["cpu_per_insert"].is_object())
+                .map(|r| {
+                    let c = &r["cpu_per_insert"];
+                    format!(
+                        "{} connections {:.0} µs ({:.0}% busy)",
+                        r["concurrency"],
+                        f(&c[db_process(name).0]),
+                        f(&c["machine_busy"]) * 100.0
+                    )
+                })
+                .collect();
+            if !base_cpu.is_empty() {
+                w(format!(
+                    "\nThe baseline's {} CPU per INSERT: {}.",
+                    db_process(name).1,
+                    base_cpu.join(", ")
+                ));
+            }
+            if let Some(settings) = s["insert_baseline"]["server_settings"].as_str() {
+                w(format!("\nDatabase server settings: `{settings}`."));
+            }
             w(String::new());
         }
         if s["latency"].is_object() {
@@ -177,7 +234,7 @@ pub fn markdown(r: &Value) -> String {
                 f(&s["latency"]["best_per_second"])
             ));
             w(String::new());
-            w(format!("| load | sends/s | ack p50 / p99 / p99.9 ms | send → delivery p50 / p99 / p99.9 ms | generator lag p50 / p99 ms | {CPU_COLUMN} | target (50%: delivery p99 ≤ 5 ms) |"));
+            w(format!("| load | sends/s | ack p50 / p99 / p99.9 ms | send → delivery p50 / p99 / p99.9 ms | generator lag p50 / p99 ms | {} | target (50%: delivery p99 ≤ 5 ms) |", cpu_column(name)));
             w("|---|---|---|---|---|---|---|".into());
             for l in s["latency"]["levels"].as_array().into_iter().flatten() {
                 let lvl = f(&l["level"]);
@@ -194,7 +251,7 @@ pub fn markdown(r: &Value) -> String {
                     f(&l["delivery"]["p999_ms"]),
                     f(&l["generator_lag"]["p50_ms"]),
                     f(&l["generator_lag"]["p99_ms"]),
-                    cpu_cell(&l["cpu_per_send"]),
+                    cpu_cell(&l["cpu_per_send"], name),
                     if (lvl - 0.5).abs() < 1e-9 {
                         ok(d99 <= 5.0)
                     } else {

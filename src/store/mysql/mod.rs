@@ -243,14 +243,24 @@ impl MySqlStore {
 /// more (see [`history_fetch_limit`]). Binds, in order: channel, the thread's parent when
 /// `thread`, before, channel, user, tenant. It returns rows only to a member of the live
 /// channel (a constant sub-query, evaluated once per statement).
+///
+/// The index is forced. Left to itself, MariaDB 10.11 picks a `ref` scan on the channel id
+/// alone (key_len 146, not the range on `(channel_id, sequence)`) whenever its estimate of the
+/// rows below `before` is a large share of the table, and then walks the index backwards from
+/// the channel's newest message, filtering on `sequence < ?`: on a 1,000,000-message channel a
+/// page 100,000 messages back read 100,051 index entries and rows (Handler_read_prev) and took
+/// 330 ms, a page half-way back 500,051. With the hint it is a range scan that reads the 50
+/// (or 51) rows it returns, wherever the page is (0.1 ms). The hint names the index each
+/// variant's keyset walk needs: `messages_by_thread` for a thread.
 fn history_sql(thread: bool, limit: i64) -> String {
-    let thread = if thread {
-        "AND parent_message_id = ? "
+    let (index, thread) = if thread {
+        ("messages_by_thread", "AND parent_message_id = ? ")
     } else {
-        ""
+        ("messages_by_sequence", "")
     };
     format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel_id = ? {thread}AND sequence < ? \
+        "SELECT {MESSAGE_COLUMNS} FROM messages FORCE INDEX ({index}) \
+         WHERE channel_id = ? {thread}AND sequence < ? \
          AND delete_time IS NULL AND EXISTS (SELECT 1 FROM members mb \
          JOIN channels c ON c.id = mb.channel_id WHERE mb.channel_id = ? AND mb.user_id = ? \
          AND mb.tenant_id = ? AND c.delete_time IS NULL) \
