@@ -724,6 +724,8 @@ impl Backend for MySqlStore {
 
     /// Batches in flight at once, each for its own share of the channels, as on PostgreSQL:
     /// while one waits for its commit (the redo log flush), another gathers its statements.
+    /// One per core: on the 2-core bench box 8 workers did fewer sends at 16 senders than 2
+    /// (2.1k/s against 3.3k/s; smaller batches, more MariaDB CPU per send; BENCHMARKS.md).
     fn write_concurrency(&self) -> usize {
         std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 16))
     }
