@@ -136,11 +136,14 @@ pub(super) fn push_insert<'a, DB>(
     }
 }
 
-/// The rows of `plan` in chunks of [`insert_sizes`] (power-of-two sizes: each statement text
-/// is prepared once per connection), as ranges of `plan.rows`.
-pub(super) fn insert_chunks(plan: &BatchPlan<'_>) -> impl Iterator<Item = std::ops::Range<usize>> {
+/// The rows of `plan` in chunks of [`insert_sizes`] (with `power_of_two`, so each statement
+/// text is prepared once per connection), as ranges of `plan.rows`.
+pub(super) fn insert_chunks(
+    plan: &BatchPlan<'_>,
+    power_of_two: bool,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
     let mut at = 0;
-    insert_sizes(plan.rows.len(), true).map(move |size| {
+    insert_sizes(plan.rows.len(), power_of_two).map(move |size| {
         at += size;
         at - size..at
     })
@@ -207,6 +210,39 @@ impl<'b> Grouped<'b> {
         keys.sort_unstable();
         keys.dedup();
         keys
+    }
+
+    /// [`Grouped::plan`] from what a database read under the channel locks: `lasts`, each live
+    /// channel's `(id, tenant, last sequence)` — after the batch's count was added to it when
+    /// `advanced`, else as it was —, the `(channel, user)` membership rows found, and the
+    /// messages stored under the batch's keys.
+    pub fn plan_from(
+        &self,
+        lasts: &[(String, String, i64)],
+        advanced: bool,
+        members: &[(String, String)],
+        stored: &[MessageRow],
+        enc: Encoder<'_, MessageRow>,
+    ) -> BatchPlan<'b> {
+        let mut last_of: HashMap<(&str, &str), i64> = HashMap::new();
+        for (&(c, t), positions) in &self.by_channel {
+            if let Some((_, _, last)) = lasts.iter().find(|(a, b, _)| a == c && b == t) {
+                let taken = if advanced { positions.len() as i64 } else { 0 };
+                last_of.insert((c, t), last - taken);
+            }
+        }
+        let members: HashSet<(&str, &str)> = members
+            .iter()
+            .map(|(c, u)| (c.as_str(), u.as_str()))
+            .collect();
+        let stored: HashMap<(&str, &str, &str), &MessageRow> = stored
+            .iter()
+            .filter_map(|r| {
+                let key = r.client_message_id.as_deref()?;
+                Some(((r.channel_id.as_str(), r.sender_id.as_str(), key), r))
+            })
+            .collect();
+        self.plan(&last_of, |c, u| members.contains(&(c, u)), &stored, enc)
     }
 
     /// Lays the batch out on the channels' last sequences before it (`last_of`; a channel not
@@ -300,6 +336,30 @@ pub(super) struct BatchPlan<'b> {
 }
 
 impl BatchPlan<'_> {
+    /// `(channel, new last sequence)` of every channel whose sequence the batch moves.
+    pub fn moved(&self) -> Vec<(&str, i64)> {
+        self.channels
+            .iter()
+            .filter(|c| c.3 != c.2)
+            .map(|c| (c.0, c.3))
+            .collect()
+    }
+
+    /// `(channel, last sequence)` of every channel that `advanced` (`(id, tenant, last)`, as
+    /// moved on by the batch's full count) took further than the plan does, because some of
+    /// its messages were refused: their sequences are given back.
+    pub fn give_backs(&self, advanced: &[(String, String, i64)]) -> Vec<(&str, i64)> {
+        self.channels
+            .iter()
+            .filter(|&&(c, t, _, last)| {
+                advanced
+                    .iter()
+                    .any(|(a, b, taken)| a == c && b == t && *taken != last)
+            })
+            .map(|&(c, _, _, last)| (c, last))
+            .collect()
+    }
+
     /// The outcome of every position once the rows are committed.
     pub fn committed(self) -> Vec<StoreResult<Inserted>> {
         let BatchPlan {
@@ -344,21 +404,6 @@ fn batch_row(b: &BatchMessage, id: String, sequence: i64, create_time: i64) -> M
         delete_time: None,
         deleted_by: None,
     }
-}
-
-/// The membership rows a batch's check read, as a set of `(channel, user)`.
-pub(super) fn member_set(rows: &[(String, String)]) -> HashSet<(&str, &str)> {
-    rows.iter().map(|(c, u)| (c.as_str(), u.as_str())).collect()
-}
-
-/// Stored messages by `(channel, sender, client_message_id)`.
-pub(super) fn by_key(rows: &[MessageRow]) -> HashMap<(&str, &str, &str), &MessageRow> {
-    rows.iter()
-        .filter_map(|r| {
-            let key = r.client_message_id.as_deref()?;
-            Some(((r.channel_id.as_str(), r.sender_id.as_str(), key), r))
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -368,33 +368,16 @@ impl PostgresStore {
             );
             q.build_query_as().fetch_all(&mut *tx).await?
         };
-        let mut last_of: HashMap<(&str, &str), i64> = HashMap::new();
-        for (&(c, t), positions) in &grouped.by_channel {
-            if let Some((_, _, last)) = advanced.iter().find(|(a, b, _)| a == c && b == t) {
-                last_of.insert((c, t), last - positions.len() as i64);
-            }
+        let plan = grouped.plan_from(&advanced, true, &members, &stored_rows, enc);
+        for (channel, last) in plan.give_backs(&advanced) {
+            // Some were refused: give back the sequences they would have taken.
+            sqlx::query("UPDATE channels SET last_sequence = $1 WHERE id = $2")
+                .bind(last)
+                .bind(channel)
+                .execute(&mut *tx)
+                .await?;
         }
-        let member_set = batch::member_set(&members);
-        let plan = grouped.plan(
-            &last_of,
-            |c, u| member_set.contains(&(c, u)),
-            &batch::by_key(&stored_rows),
-            enc,
-        );
-        for &(channel, tenant, _, last) in &plan.channels {
-            let taken = advanced
-                .iter()
-                .find(|(c, t, _)| c == channel && t == tenant);
-            if taken.is_some_and(|&(_, _, taken)| taken != last) {
-                // Some were refused: give back the sequences they would have taken.
-                sqlx::query("UPDATE channels SET last_sequence = $1 WHERE id = $2")
-                    .bind(last)
-                    .bind(channel)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        for range in batch::insert_chunks(&plan) {
+        for range in batch::insert_chunks(&plan, true) {
             for table in batch::Insert::ALL {
                 let mut q = sqlx::QueryBuilder::<Postgres>::new("");
                 batch::push_insert(&mut q, &plan, range.clone(), table);

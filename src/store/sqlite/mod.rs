@@ -5,7 +5,6 @@
 //! another waits, so no lock order is needed; `$n` placeholders, `RETURNING` and
 //! `ON CONFLICT` as in SQLite 3.35+.
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -270,39 +269,22 @@ impl SqliteStore {
             );
             q.build_query_as().fetch_all(&mut *tx.conn).await?
         };
-        // The last sequence before the batch: the advanced one less the batch's count.
-        let mut last_of: HashMap<(&str, &str), i64> = HashMap::new();
-        for (&(c, t), positions) in &grouped.by_channel {
-            if let Some((_, _, last)) = advanced.iter().find(|(a, b, _)| a == c && b == t) {
-                last_of.insert((c, t), last - positions.len() as i64);
-            }
-        }
-        let member_set = batch::member_set(&members);
-        let plan = grouped.plan(
-            &last_of,
-            |c, u| member_set.contains(&(c, u)),
-            &batch::by_key(&stored_rows),
-            enc,
-        );
+        let plan = grouped.plan_from(&advanced, true, &members, &stored_rows, enc);
         let mut q = sqlx::QueryBuilder::<Sqlite>::new("");
-        for &(channel, tenant, _, last) in &plan.channels {
-            let taken = advanced
-                .iter()
-                .find(|(c, t, _)| c == channel && t == tenant);
-            if taken.is_some_and(|&(_, _, taken)| taken != last) {
-                // Some were refused: give back the sequences they would have taken.
-                q.push("UPDATE channels SET last_sequence = ")
-                    .push_bind(last)
-                    .push(" WHERE id = ")
-                    .push_bind(channel)
-                    .push("; ");
-            }
+        for (channel, last) in plan.give_backs(&advanced) {
+            // Some were refused: give back the sequences they would have taken.
+            q.push("UPDATE channels SET last_sequence = ")
+                .push_bind(last)
+                .push(" WHERE id = ")
+                .push_bind(channel)
+                .push("; ");
         }
-        // One INSERT per table, of the batch's exact size: SQLite parses a statement in
-        // microseconds, less than the round trip to its worker thread that a second costs.
-        if !plan.rows.is_empty() {
+        // INSERTs of the batch's exact size (up to 256 rows each; SQLite parses a statement
+        // in microseconds, less than the round trip to its worker thread that a second command
+        // costs), all in the one command with the COMMIT.
+        for range in batch::insert_chunks(&plan, false) {
             for table in batch::Insert::ALL {
-                batch::push_insert(&mut q, &plan, 0..plan.rows.len(), table);
+                batch::push_insert(&mut q, &plan, range.clone(), table);
                 q.push("; ");
             }
         }
@@ -360,15 +342,23 @@ impl Backend for SqliteStore {
         tenant: &str,
         channel_id: &str,
     ) -> StoreResult<()> {
-        // One writer: the transaction holds the database. Only the channel's existence counts.
-        let found: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM channels WHERE id = $1 AND tenant_id = $2 AND delete_time IS NULL",
+        // An UPDATE, not a SELECT: the transaction takes the database's write lock here,
+        // waiting out the busy timeout if another process holds it; a transaction that read
+        // first and writes later would fail at once with SQLITE_BUSY instead.
+        let n = sqlx::query(
+            "UPDATE channels SET last_sequence = last_sequence \
+             WHERE id = $1 AND tenant_id = $2 AND delete_time IS NULL",
         )
         .bind(channel_id)
         .bind(tenant)
-        .fetch_optional(&mut **tx)
-        .await?;
-        found.map(|_| ()).ok_or(StoreError::NotFound)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound)
+        }
     }
 
     async fn insert_channel(&self, tx: &mut Self::Tx, channel: &ChannelRow) -> StoreResult<()> {
