@@ -385,6 +385,20 @@ impl EncodedRows {
         }
     }
 
+    /// The first `limit` of `rows` (`limit` below 0 reads as 0), each as `columns` reads it.
+    pub(crate) fn of_rows<'r, R: 'r, C: MessageColumns>(
+        rows: impl IntoIterator<Item = &'r R>,
+        limit: i64,
+        write_row: RowWriter,
+        columns: impl Fn(&'r R) -> C,
+    ) -> StoreResult<EncodedRows> {
+        let mut page = EncodedRows::default();
+        for row in rows.into_iter().take(usize::try_from(limit).unwrap_or(0)) {
+            page.push(write_row, &columns(row))?;
+        }
+        Ok(page)
+    }
+
     /// Messages held.
     pub fn len(&self) -> usize {
         self.ends.len()

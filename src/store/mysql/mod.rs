@@ -1087,11 +1087,7 @@ impl Backend for MySqlStore {
         let found = self
             .history(&sql, channel_id, before, viewer, parent)
             .await?;
-        let mut page = EncodedRows::default();
-        for row in found.iter().take(usize::try_from(limit).unwrap_or(0)) {
-            page.push(write_row, &rows::HistoryRow(row))?;
-        }
-        Ok(page)
+        EncodedRows::of_rows(&found, limit, write_row, rows::HistoryRow)
     }
 
     async fn count_messages(&self, channel_id: &str) -> StoreResult<i64> {

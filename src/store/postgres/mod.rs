@@ -1178,11 +1178,7 @@ impl Backend for PostgresStore {
         let rows = self
             .history(&sql, channel_id, before, viewer, parent)
             .await?;
-        let mut page = EncodedRows::default();
-        for row in rows.iter().take(usize::try_from(limit).unwrap_or(0)) {
-            page.push(write_row, &SqlxRow(row))?;
-        }
-        Ok(page)
+        EncodedRows::of_rows(&rows, limit, write_row, SqlxRow)
     }
 
     async fn count_messages(&self, channel_id: &str) -> StoreResult<i64> {

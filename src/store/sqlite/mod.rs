@@ -1070,18 +1070,14 @@ impl Backend for SqliteStore {
     ) -> StoreResult<EncodedRows> {
         let before = before_sequence.unwrap_or(i64::MAX);
         let sql = history_sql(parent.is_some(), limit);
-        let limit = usize::try_from(limit).unwrap_or(0);
         let Some(history) = &self.history else {
             let rows = self
                 .sqlx_history(&sql, channel_id, before, (tenant, user), parent)
                 .await?;
-            let mut page = EncodedRows::default();
-            for row in rows.iter().take(limit) {
-                page.push(write_row, &SqlxRow(row))?;
-            }
-            return Ok(page);
+            return EncodedRows::of_rows(&rows, limit, write_row, SqlxRow);
         };
         let binds = HistoryBinds::new(channel_id, user, tenant, parent);
+        let limit = usize::try_from(limit).unwrap_or(0);
         history
             .run(move |conn| {
                 let mut stmt = conn.prepare_cached(&sql).map_err(read::store_error)?;
