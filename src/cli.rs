@@ -146,6 +146,7 @@ fn owner_only(path: &str) -> std::io::Result<()> {
 /// Errors: a bad setting (one line naming the variable) or a failure to start.
 pub async fn serve(args: ServeArgs) -> Result<(), String> {
     let url = args.db.url()?;
+    let fanout = args.fanout_settings(&url, args.db.db_schema.as_deref())?;
     if args.limits.max_unfinished_upload_bytes_per_user < args.max_upload_bytes {
         return Err(format!(
             "MAX_UNFINISHED_UPLOAD_BYTES_PER_USER: {} is less than MAX_UPLOAD_BYTES ({}), so the \
@@ -170,12 +171,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         unlinked_ttl: Duration::from_secs(args.attachment_unlinked_ttl),
         limits: args.limits.limits(),
     };
-    let chat = Arc::new(Chat::new(
-        store.clone(),
-        Arc::new(Hub::default()),
-        blobs,
-        settings,
-    ));
+    let hub = Arc::new(Hub::default());
+    let publisher = crate::fanout::start(&fanout, hub.clone(), store.clone()).await?;
+    let chat = Arc::new(Chat::new(store.clone(), hub, blobs, settings).with_publisher(publisher));
     tokio::spawn(sweep_forever(chat.clone()));
 
     // Before the listener exists, so no client can ask for a shutdown the process would not

@@ -249,9 +249,35 @@ pub struct ServeArgs {
     /// Seconds after which unlinked attachments and unfinished uploads are deleted (default 24 h).
     #[arg(long, env = "ATTACHMENT_UNLINKED_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..))]
     pub attachment_unlinked_ttl: u64,
-    /// Live fan-out: `memory` (single node). `nats` and `postgres` come with multi-node support.
-    #[arg(long, env = "FANOUT", default_value = "memory", value_parser = ["memory"])]
+    /// Whether every node sees the same `file://` directory (one machine, or a network file
+    /// system mounted at the same path on each). With `FANOUT` other than `memory`, `file://`
+    /// storage is refused unless this is set: nodes with a disk each would not find each
+    /// other's attachments.
+    #[arg(long, env = "STORAGE_SHARED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub storage_shared: bool,
+    /// Live fan-out: `memory` (one node), `nats` (events cross nodes over NATS at `NATS_URL`),
+    /// or `postgres` (LISTEN/NOTIFY wake-ups on the PostgreSQL database; small deployments).
+    #[arg(long, env = "FANOUT", default_value = "memory", value_parser = ["memory", "nats", "postgres"])]
     pub fanout: String,
+    /// NATS server(s) for `FANOUT=nats`: `nats://host:port`, several separated by commas.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Subject prefix of events on NATS (`<prefix>.<tenant>.<channel>`); every node of one
+    /// deployment must use the same, and two deployments on one NATS different ones.
+    #[arg(long, env = "NATS_SUBJECT_PREFIX", default_value = "chat.events")]
+    pub nats_subject_prefix: String,
+    /// Milliseconds between a node's checks of followed channels' heads against storage
+    /// (`FANOUT` other than `memory`): an event the bus lost reaches feeds within about twice
+    /// this (100 to 60,000).
+    #[arg(long, env = "FANOUT_CHECK_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub fanout_check_ms: u64,
+    /// Events waiting to go on the bus, at most; past it they are dropped and other nodes get
+    /// them from the check (1 to 10,000,000).
+    #[arg(long, env = "FANOUT_QUEUE", default_value_t = crate::fanout::DEFAULT_QUEUE as u64, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub fanout_queue: u64,
+    /// Test-only fault injection: the fraction of outgoing bus messages dropped on purpose.
+    #[arg(long, env = "FAULT_DROP_BUS_RATIO", default_value_t = 0.0, hide = true)]
+    pub fault_drop_bus_ratio: f64,
     /// Seconds that calls still open at shutdown (SIGTERM, Ctrl-C) may go on before they end
     /// with UNAVAILABLE; health watches end after half a second (0 to 3600).
     #[arg(long, env = "SHUTDOWN_DRAIN_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
@@ -259,6 +285,65 @@ pub struct ServeArgs {
     /// Do not apply migrations at start.
     #[arg(long)]
     pub no_migrate: bool,
+}
+
+impl ServeArgs {
+    /// The fan-out settings for a store at `url` (in `schema`).
+    ///
+    /// Errors, one line naming the variable: `FANOUT=postgres` on a database that is not
+    /// PostgreSQL; a cross-node `FANOUT` on SQLite (one node's file, not a shared server); a
+    /// cross-node `FANOUT` with `file://` storage not declared shared (`STORAGE_SHARED`);
+    /// `FAULT_DROP_BUS_RATIO` outside 0 to 1.
+    pub fn fanout_settings(
+        &self,
+        url: &str,
+        schema: Option<&str>,
+    ) -> Result<crate::fanout::FanoutSettings, String> {
+        use crate::fanout::Transport;
+        use crate::store::Database;
+        let database = Database::from_url(url);
+        let transport = match self.fanout.as_str() {
+            "nats" => Transport::Nats {
+                url: self.nats_url.clone(),
+                prefix: self.nats_subject_prefix.clone(),
+            },
+            "postgres" if database == Some(Database::Postgres) => Transport::Postgres {
+                url: url.to_owned(),
+                schema: schema.map(str::to_owned),
+            },
+            "postgres" => {
+                return Err(
+                    "FANOUT: postgres needs a PostgreSQL DATABASE_URL (use nats with MySQL)".into(),
+                )
+            }
+            _ => Transport::Memory,
+        };
+        if transport != Transport::Memory {
+            if database == Some(Database::Sqlite) {
+                return Err(format!(
+                    "FANOUT: {} is for several nodes on one database server; SQLite is one node's \
+                     file (use PostgreSQL or MySQL, or FANOUT=memory)",
+                    self.fanout
+                ));
+            }
+            if self.storage_url.starts_with("file://") && !self.storage_shared {
+                return Err(format!(
+                    "STORAGE_URL: {} is one machine's disk, and FANOUT={} runs several nodes: use \
+                     s3://, or set STORAGE_SHARED=true if every node sees this same directory",
+                    self.storage_url, self.fanout
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.fault_drop_bus_ratio) {
+            return Err("FAULT_DROP_BUS_RATIO: must be between 0 and 1".into());
+        }
+        Ok(crate::fanout::FanoutSettings {
+            transport,
+            check_every: std::time::Duration::from_millis(self.fanout_check_ms),
+            queue: self.fanout_queue as usize,
+            drop_ratio: self.fault_drop_bus_ratio,
+        })
+    }
 }
 
 /// `token` settings.

@@ -159,23 +159,38 @@ pub mod subscribe_response {
 /// a `MemberRemoved` event removes, if it is one. Decoded from the payload without building the
 /// event (prost skips the other fields).
 pub fn removed_user(payload: &[u8]) -> Result<Option<String>, DecodeError> {
-    let head: EventHead = prost::Message::decode(payload)?;
-    Ok(head
-        .member_removed
-        .and_then(|r| r.member)
-        .map(|m| m.user_id))
+    Ok(match member_change(payload)? {
+        Some((false, user)) => Some(user),
+        _ => None,
+    })
 }
 
-/// Field 8 (`member_removed`) of `chat.v1.SubscribeResponse` and nothing else.
+/// The membership change a stored event carries: `(true, user)` for `MemberAdded`,
+/// `(false, user)` for `MemberRemoved`, `None` for any other event. Decoded without building
+/// the event, for events that reach a node from storage rather than from its own commits.
+pub fn member_change(payload: &[u8]) -> Result<Option<(bool, String)>, DecodeError> {
+    let head: EventHead = prost::Message::decode(payload)?;
+    let user = |e: Option<MemberEventHead>| e.and_then(|e| e.member).map(|m| m.user_id);
+    Ok(match (user(head.member_added), user(head.member_removed)) {
+        (Some(u), _) => Some((true, u)),
+        (None, Some(u)) => Some((false, u)),
+        (None, None) => None,
+    })
+}
+
+/// Fields 7 (`member_added`) and 8 (`member_removed`) of `chat.v1.SubscribeResponse` and
+/// nothing else.
 #[derive(Clone, PartialEq, prost::Message)]
 struct EventHead {
+    #[prost(message, optional, tag = "7")]
+    member_added: Option<MemberEventHead>,
     #[prost(message, optional, tag = "8")]
-    member_removed: Option<MemberRemovedHead>,
+    member_removed: Option<MemberEventHead>,
 }
 
-/// Field 1 (`member`) of `chat.v1.MemberRemoved`.
+/// Field 1 (`member`) of `chat.v1.MemberAdded` and of `chat.v1.MemberRemoved`.
 #[derive(Clone, PartialEq, prost::Message)]
-struct MemberRemovedHead {
+struct MemberEventHead {
     #[prost(message, optional, tag = "1")]
     member: Option<MemberHead>,
 }
@@ -273,6 +288,20 @@ mod tests {
         assert!(
             removed_user(&[0x0a, 0x05, b'a']).is_err(),
             "truncated payload"
+        );
+        let mut added = removal("u-2");
+        if let Some(Event::MemberRemoved(r)) = added.event.take() {
+            added.event = Some(Event::MemberAdded(proto::MemberAdded { member: r.member }));
+        }
+        let bytes = added.encode_to_vec();
+        assert_eq!(removed_user(&bytes).expect("decodes"), None);
+        assert_eq!(
+            member_change(&bytes).expect("decodes"),
+            Some((true, "u-2".into()))
+        );
+        assert_eq!(
+            member_change(&removal("u-1").encode_to_vec()).expect("decodes"),
+            Some((false, "u-1".into()))
         );
     }
 }

@@ -182,6 +182,26 @@ fn describe() {
         "chat_limit_refusals_total",
         "Calls refused by a per-user limit, by limit."
     );
+    describe_counter!(
+        "chat_bus_published_total",
+        "Events this node handed to the cross-node transport (FANOUT=nats or postgres)."
+    );
+    describe_counter!(
+        "chat_bus_received_total",
+        "Events (or, with FANOUT=postgres, wake-ups) this node received from other nodes."
+    );
+    describe_counter!(
+        "chat_bus_dropped_total",
+        "Events not carried by the cross-node transport, by reason (queue_full, publish_failed, slow_consumer, fault); other nodes get them from the head check."
+    );
+    describe_counter!(
+        "chat_bus_recovered_total",
+        "Channel heads the head check delivered from storage because this node's hub had not published them."
+    );
+    describe_gauge!(
+        "chat_bus_connected",
+        "1 while the cross-node transport is connected, 0 while it is not (FANOUT=nats or postgres)."
+    );
 }
 
 /// Every handle with a fixed label set, registered once.
@@ -198,6 +218,10 @@ struct Handles {
     commit_seconds: Histogram,
     write_acquire: Histogram,
     db_retries: Counter,
+    bus_published: Counter,
+    bus_received: Counter,
+    bus_recovered: Counter,
+    bus_connected: Gauge,
     grpc: GrpcMethods,
 }
 
@@ -216,6 +240,10 @@ impl Handles {
             commit_seconds: metrics::histogram!("chat_commit_seconds"),
             write_acquire: metrics::histogram!("chat_db_acquire_seconds", "pool" => "write"),
             db_retries: metrics::counter!("chat_db_retries_total"),
+            bus_published: metrics::counter!("chat_bus_published_total"),
+            bus_received: metrics::counter!("chat_bus_received_total"),
+            bus_recovered: metrics::counter!("chat_bus_recovered_total"),
+            bus_connected: metrics::gauge!("chat_bus_connected"),
             grpc: GrpcMethods::register(),
         }
     }
@@ -326,6 +354,42 @@ pub fn write_acquired(took: Duration) {
 pub fn transaction_retried() {
     if let Some(m) = handles() {
         m.db_retries.increment(1);
+    }
+}
+
+/// An event handed to the cross-node transport: counts `chat_bus_published_total`.
+pub fn bus_published() {
+    if let Some(m) = handles() {
+        m.bus_published.increment(1);
+    }
+}
+
+/// An event (or wake-up) received from another node: counts `chat_bus_received_total`.
+pub fn bus_received() {
+    if let Some(m) = handles() {
+        m.bus_received.increment(1);
+    }
+}
+
+/// A channel head delivered from storage by the head check: counts `chat_bus_recovered_total`.
+pub fn bus_recovered() {
+    if let Some(m) = handles() {
+        m.bus_recovered.increment(1);
+    }
+}
+
+/// The cross-node transport connected or lost its connection: sets `chat_bus_connected`.
+pub fn bus_connected(up: bool) {
+    if let Some(m) = handles() {
+        m.bus_connected.set(if up { 1.0 } else { 0.0 });
+    }
+}
+
+/// An event the cross-node transport did not carry: counts `chat_bus_dropped_total{reason}`.
+/// `reason` is one of a fixed few (`queue_full`, `publish_failed`, `slow_consumer`, `fault`).
+pub fn bus_dropped(reason: &'static str) {
+    if enabled() {
+        metrics::counter!("chat_bus_dropped_total", "reason" => reason).increment(1);
     }
 }
 

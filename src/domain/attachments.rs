@@ -355,11 +355,13 @@ impl Chat {
     }
 
     /// Deletes an upload: the row first (so no chunk can commit after), then every object
-    /// under its prefix (committed chunks and stray attempts alike).
-    async fn discard_upload(&self, up: &UploadRow) -> Result<()> {
-        self.store.delete_upload(&up.id).await?;
+    /// under its prefix (committed chunks and stray attempts alike). False when its row was
+    /// gone already (another node's sweep, or a cancel, got there first); the objects are
+    /// deleted all the same.
+    async fn discard_upload(&self, up: &UploadRow) -> Result<bool> {
+        let deleted = self.store.delete_upload(&up.id).await?;
         self.delete_chunks(&up.id).await;
-        Ok(())
+        Ok(deleted)
     }
 
     /// Best effort: the upload's row is gone, so a leftover object is only wasted space.
@@ -817,10 +819,11 @@ impl Chat {
             let mut progressed = false;
             for up in &batch {
                 match self.discard_upload(up).await {
-                    Ok(()) => {
+                    Ok(true) => {
                         progressed = true;
                         uploads += 1;
                     }
+                    Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, id = up.id, "sweep: could not delete an upload")
                     }

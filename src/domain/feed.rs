@@ -356,7 +356,13 @@ impl Session {
                         next_heartbeat = now + heartbeat_every;
                         timer.as_mut().reset(next_heartbeat.min(self.deadline));
                         timer_waker = None;
-                        true
+                        // Across nodes a join notification can be lost on the bus: a feed of
+                        // all channels looks for channels it was not told of once per beat.
+                        if self.all && self.chat.hub.is_cross_node() {
+                            Box::pin(self.rejoin()).await?
+                        } else {
+                            true
+                        }
                     }
                 };
                 if !go || !self.flush().await? {
@@ -622,15 +628,22 @@ impl Session {
             }
         }
         if lag.memberships && self.all {
-            let now = self
-                .chat
-                .store
-                .memberships(&self.caller.tenant_id, &self.caller.user_id)
-                .await?;
-            for (ch, _) in now {
-                if !self.on_joined(&ch.id).await? {
-                    return Ok(false);
-                }
+            return self.rejoin().await;
+        }
+        Ok(true)
+    }
+
+    /// Follows every channel the caller is a member of now and the feed does not follow yet
+    /// (a feed of all channels whose join notification was not queued or was lost).
+    async fn rejoin(&mut self) -> Go {
+        let now = self
+            .chat
+            .store
+            .memberships(&self.caller.tenant_id, &self.caller.user_id)
+            .await?;
+        for (ch, _) in now {
+            if !self.on_joined(&ch.id).await? {
+                return Ok(false);
             }
         }
         Ok(true)

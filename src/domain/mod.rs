@@ -141,6 +141,13 @@ impl Chat {
         }
     }
 
+    /// Publishes committed events through `publisher` (a cross-node transport that delivers to
+    /// this chat's hub too) instead of the hub alone. Called before the first send.
+    pub fn with_publisher(mut self, publisher: Arc<dyn Publisher>) -> Chat {
+        self.publisher = publisher;
+        self
+    }
+
     /// The per-user limits (for the periodic clean-up of idle users' buckets).
     pub fn limits(&self) -> &crate::limits::Limits {
         &self.limits

@@ -1,19 +1,32 @@
-//! Live delivery of committed events to open feeds, from memory.
+//! Live delivery of committed events to open feeds: on this node through the in-process
+//! [`Hub`], and across nodes through one transport chosen by `FANOUT`.
 //!
-//! The [`Hub`] keeps, per channel, the feeds following it, and per user the feeds that follow
-//! "all my channels" (so a channel joined while a feed is open starts flowing). Publishing never
-//! waits: each feed has a bounded buffer, and when it is full the event is not queued but the
-//! feed is marked *lagged* for that channel and woken; the feed then reads what it missed from
-//! storage (the event log is the source of truth, the hub only a fast path). So a slow reader
-//! never blocks a sender, and never loses an event.
+//! - `memory` ([`Hub`] alone): one node; nothing crosses a process.
+//! - `nats` ([`nats`]): every committed event is published on a NATS subject of its tenant and
+//!   channel; every node delivers what it hears to its own hub.
+//! - `postgres` ([`postgres`]): `NOTIFY` carries only a wake-up (channel and sequence); nodes read
+//!   the events from the event log.
+//!
+//! In every mode the sender's node delivers its own events to its hub at once, and the event
+//! log stays the source of truth: a cross-node transport is a fast path that may lose messages
+//! (core NATS delivers at most once; a `LISTEN` connection can drop). What it loses the
+//! [`check`] finds: every `FANOUT_CHECK_MS` each node compares the heads of the channels its
+//! feeds follow with what its hub has published, and delivers a missed head from storage,
+//! from which each feed fills its own gap. See `docs/CLUSTER.md` for the bound.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+mod check;
+mod hub;
+pub mod nats;
+pub mod postgres;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::task::AtomicWaker;
-use tokio::sync::mpsc;
+
+pub use hub::{Feed, Hub, Lag, DEFAULT_FEED_BUFFER};
+
+use crate::store::Store;
 
 /// A membership change carried by an event, so feeds can follow it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,280 +72,153 @@ pub struct Joined {
     pub sequence: i64,
 }
 
-/// Publishes committed events to live feeds: the domain's view of fan-out, so a multi-node
-/// transport can stand behind it.
+/// Publishes committed events to live feeds: the domain's view of fan-out, behind which the
+/// hub alone (one node) or a cross-node transport stands.
 pub trait Publisher: Send + Sync {
-    /// Delivers an event to every feed following its channel. Never blocks.
+    /// Delivers an event to every feed following its channel, on every node. Never blocks.
     fn publish(&self, event: Arc<LiveEvent>);
 }
 
-/// What a lagged feed must read back from storage.
-#[derive(Debug, Default)]
-pub struct Lag {
-    /// Channels whose events were not queued.
-    pub channels: HashSet<String>,
-    /// A join notification was not queued: re-read memberships.
-    pub memberships: bool,
+/// Which transport carries events between nodes (`FANOUT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// One node: the hub alone.
+    Memory,
+    /// NATS core publish/subscribe at `url` (`NATS_URL`), on subjects
+    /// `<prefix>.<tenant>.<channel>` (`NATS_SUBJECT_PREFIX`).
+    Nats {
+        /// `nats://host:port`, or several separated by commas.
+        url: String,
+        /// Subject prefix; nodes of one deployment must share it.
+        prefix: String,
+    },
+    /// PostgreSQL `LISTEN/NOTIFY` on the store's database.
+    Postgres {
+        /// The store's `DATABASE_URL`.
+        url: String,
+        /// The store's schema (`DB_SCHEMA`), which names the notification channel.
+        schema: Option<String>,
+    },
 }
 
-/// One open feed's registration.
-#[derive(Debug)]
-pub struct Feed {
-    id: u64,
-    user_key: Option<UserKey>,
-    tx: mpsc::Sender<Item>,
-    lag: Mutex<Lag>,
-    /// Whether `lag` holds anything: a plain load for a feed that checks on every batch.
-    lagged: AtomicBool,
-    /// The waker of the feed's task: woken when `lag` gains an entry and on shutdown. The
-    /// feed registers it before it reads [`Feed::is_lagged`] and [`Hub::is_shut_down`].
-    pub waker: AtomicWaker,
-    /// When the feed's token expires. Past it the feed sends nothing more, so a feed the hub
-    /// cannot queue for (its client stopped reading) is dropped from the hub instead of being
-    /// marked lagged.
-    expires: tokio::time::Instant,
+/// How the fan-out runs (`FANOUT`, `NATS_URL`, `FANOUT_CHECK_MS`, `FANOUT_QUEUE`).
+#[derive(Debug, Clone)]
+pub struct FanoutSettings {
+    /// The transport.
+    pub transport: Transport,
+    /// How often each node compares the heads of followed channels with storage (cross-node
+    /// transports only). A lost event reaches its feeds within about twice this.
+    pub check_every: Duration,
+    /// Events waiting to be published on the bus, at most; past it, events are not published
+    /// (counted in `chat_bus_dropped_total`) and other nodes get them from the check.
+    pub queue: usize,
+    /// Test-only fault injection: the fraction (0 to 1) of outgoing bus messages dropped on
+    /// purpose (`FAULT_DROP_BUS_RATIO`). 0 in production.
+    pub drop_ratio: f64,
 }
 
-/// A feed counts as open (`chat_feeds_open`) from [`Hub::register`] until its last reference
-/// goes, which is when its Subscribe stream ends.
-impl Drop for Feed {
-    fn drop(&mut self) {
-        crate::metrics::feed_closed();
-    }
-}
+/// Default of [`FanoutSettings::check_every`].
+pub const DEFAULT_CHECK_EVERY: Duration = Duration::from_millis(1000);
+/// Default of [`FanoutSettings::queue`].
+pub const DEFAULT_QUEUE: usize = 65_536;
 
-impl Feed {
-    /// Takes what the feed missed so far.
-    pub fn take_lag(&self) -> Lag {
-        // Cleared first: a mark that lands meanwhile sets it again.
-        self.lagged.store(false, Ordering::Release);
-        std::mem::take(&mut *self.lag.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Whether the hub could not queue something since the last [`Feed::take_lag`].
-    pub fn is_lagged(&self) -> bool {
-        self.lagged.load(Ordering::Acquire)
-    }
-
-    /// Records a miss; wakes the feed only when the miss is new, so a feed that has stopped
-    /// reading costs each later publish a lock and a lookup, nothing more.
-    fn mark(&self, f: impl FnOnce(&mut Lag) -> bool) {
-        let new = f(&mut self.lag.lock().unwrap_or_else(|p| p.into_inner()));
-        if new {
-            self.lagged.store(true, Ordering::Release);
-            self.waker.wake();
-        }
-    }
-
-    /// Queues an item, or records the miss. False when the feed should leave the hub: its
-    /// queue is full and its token has expired.
-    fn offer(&self, item: Item, channel: Option<&str>) -> bool {
-        match self.tx.try_send(item) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_))
-                if tokio::time::Instant::now() >= self.expires =>
-            {
-                return false
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => self.mark(|lag| match channel {
-                Some(c) if lag.channels.contains(c) => false,
-                Some(c) => lag.channels.insert(c.to_owned()),
-                None => !std::mem::replace(&mut lag.memberships, true),
-            }),
-            // The feed is closing; its guard removes it.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
-        true
-    }
-}
-
-type FeedMap<K> = HashMap<K, HashMap<u64, Arc<Feed>>>;
-
-/// `(tenant, user)`: users are only unique within a tenant.
-type UserKey = (String, String);
-
-/// The in-process fan-out hub.
-#[derive(Debug)]
-pub struct Hub {
-    /// channel id → feeds. A read-write lock: publishing (read) far outnumbers joins (write).
-    channels: RwLock<FeedMap<String>>,
-    /// `(tenant, user)` → feeds of all that user's channels.
-    users: RwLock<FeedMap<UserKey>>,
-    next_id: AtomicU64,
-    /// Per-feed buffer, in events. Large enough to ride out bursts, small enough that a reader
-    /// that falls behind costs little memory before it is switched to catching up from storage.
-    /// A reader that stops reading altogether keeps this buffer's events until its stream is
-    /// dropped (its feed is not polled), and its registration until its token expires.
-    buffer: usize,
-    /// Set by [`Hub::shutdown`]; a plain load for the checks on every batch.
-    shut_down: AtomicBool,
-}
-
-/// Default per-feed buffer, in events.
-pub const DEFAULT_FEED_BUFFER: usize = 256;
-
-impl Default for Hub {
+impl Default for FanoutSettings {
     fn default() -> Self {
-        Hub::new(DEFAULT_FEED_BUFFER)
-    }
-}
-
-impl Hub {
-    /// A hub whose feeds buffer up to `buffer` events each.
-    pub fn new(buffer: usize) -> Hub {
-        Hub {
-            channels: RwLock::default(),
-            users: RwLock::default(),
-            next_id: AtomicU64::new(1),
-            buffer: buffer.max(1),
-            shut_down: AtomicBool::new(false),
-        }
-    }
-
-    /// Registers a feed whose token expires at `expires`; with `all_channels`, it also hears
-    /// of channels the user joins.
-    pub fn register(
-        &self,
-        tenant: &str,
-        user: &str,
-        all_channels: bool,
-        expires: tokio::time::Instant,
-    ) -> (Arc<Feed>, mpsc::Receiver<Item>) {
-        let (tx, rx) = mpsc::channel(self.buffer);
-        crate::metrics::feed_opened();
-        let user_key = all_channels.then(|| (tenant.to_owned(), user.to_owned()));
-        let feed = Arc::new(Feed {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            user_key: user_key.clone(),
-            tx,
-            lag: Mutex::default(),
-            lagged: AtomicBool::new(false),
-            waker: AtomicWaker::new(),
-            expires,
-        });
-        if let Some(k) = user_key {
-            write(&self.users)
-                .entry(k)
-                .or_default()
-                .insert(feed.id, feed.clone());
-        }
-        (feed, rx)
-    }
-
-    /// Starts delivering a channel's events to a feed.
-    pub fn follow(&self, feed: &Arc<Feed>, channel_id: &str) {
-        write(&self.channels)
-            .entry(channel_id.to_owned())
-            .or_default()
-            .insert(feed.id, feed.clone());
-    }
-
-    /// Stops delivering a channel's events to a feed.
-    pub fn unfollow(&self, feed: &Feed, channel_id: &str) {
-        let mut map = write(&self.channels);
-        if let Some(feeds) = map.get_mut(channel_id) {
-            feeds.remove(&feed.id);
-            if feeds.is_empty() {
-                map.remove(channel_id);
-            }
-        }
-    }
-
-    /// Removes a feed entirely (its channels and its user registration).
-    pub fn unregister<'a>(&self, feed: &Feed, channels: impl IntoIterator<Item = &'a String>) {
-        for c in channels {
-            self.unfollow(feed, c);
-        }
-        if let Some(k) = &feed.user_key {
-            let mut map = write(&self.users);
-            if let Some(feeds) = map.get_mut(k) {
-                feeds.remove(&feed.id);
-                if feeds.is_empty() {
-                    map.remove(k);
-                }
-            }
-        }
-    }
-
-    /// Number of channels with at least one feed (for metrics and tests).
-    pub fn followed_channels(&self) -> usize {
-        read(&self.channels).len()
-    }
-
-    /// Ends every feed (graceful shutdown): sets the flag every feed checks, then wakes every
-    /// registered feed. A feed registers its waker before it reads the flag, so none sleeps
-    /// through it; a feed that follows no channel and is not of all channels has ended
-    /// already, or its token has expired and its timer ends it.
-    pub fn shutdown(&self) {
-        self.shut_down.store(true, Ordering::Release);
-        for feeds in read(&self.channels).values() {
-            for feed in feeds.values() {
-                feed.waker.wake();
-            }
-        }
-        for feeds in read(&self.users).values() {
-            for feed in feeds.values() {
-                feed.waker.wake();
-            }
-        }
-    }
-
-    /// Whether [`Hub::shutdown`] was called.
-    pub fn is_shut_down(&self) -> bool {
-        self.shut_down.load(Ordering::Acquire)
-    }
-}
-
-impl Publisher for Hub {
-    fn publish(&self, event: Arc<LiveEvent>) {
-        let mut expired: Vec<Arc<Feed>> = Vec::new();
-        if let Some(feeds) = read(&self.channels).get(&event.channel_id) {
-            for feed in feeds.values() {
-                if !feed.offer(Item::Event(event.clone()), Some(&event.channel_id)) {
-                    expired.push(feed.clone());
-                }
-            }
-        }
-        // Feeds whose client stopped reading and whose token has expired: their stream is not
-        // polled, so they would stay registered until their connection closes. They leave this
-        // channel now (and every other one as it publishes); the feed ends with
-        // UNAUTHENTICATED if its client reads again.
-        for feed in expired {
-            self.unfollow(&feed, &event.channel_id);
-        }
-        if let Some(MembershipChange::Added(user)) = &event.membership {
-            let key = (event.tenant_id.clone(), user.clone());
-            let mut expired: Vec<u64> = Vec::new();
-            if let Some(feeds) = read(&self.users).get(&key) {
-                for feed in feeds.values() {
-                    let item = Item::Joined(Box::new(Joined {
-                        channel_id: event.channel_id.clone(),
-                        sequence: event.sequence,
-                    }));
-                    if !feed.offer(item, None) {
-                        expired.push(feed.id);
-                    }
-                }
-            }
-            if !expired.is_empty() {
-                let mut map = write(&self.users);
-                if let Some(feeds) = map.get_mut(&key) {
-                    for id in expired {
-                        feeds.remove(&id);
-                    }
-                    if feeds.is_empty() {
-                        map.remove(&key);
-                    }
-                }
-            }
+        FanoutSettings {
+            transport: Transport::Memory,
+            check_every: DEFAULT_CHECK_EVERY,
+            queue: DEFAULT_QUEUE,
+            drop_ratio: 0.0,
         }
     }
 }
 
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
+/// Starts the fan-out: returns what the domain publishes through. With a cross-node transport
+/// it also starts the transport's tasks and the head check, which run for the life of the
+/// process, and marks the hub cross-node.
+///
+/// A NATS server that cannot be reached is not an error: the node starts, and connects when
+/// NATS is there (until then other nodes hear of its events through the check).
+///
+/// Errors: a malformed `NATS_URL`, or the `LISTEN` connection cannot be opened, as one line.
+pub async fn start(
+    settings: &FanoutSettings,
+    hub: Arc<Hub>,
+    store: Arc<dyn Store>,
+) -> Result<Arc<dyn Publisher>, String> {
+    let recheck = Arc::new(tokio::sync::Notify::new());
+    let publisher: Arc<dyn Publisher> = match &settings.transport {
+        Transport::Memory => return Ok(hub),
+        Transport::Nats { url, prefix } => {
+            nats::NatsFanout::start(url, prefix, settings, hub.clone(), recheck.clone()).await?
+        }
+        Transport::Postgres { url, schema } => {
+            postgres::PgFanout::start(
+                url,
+                schema.as_deref(),
+                settings,
+                hub.clone(),
+                store.clone(),
+                recheck.clone(),
+            )
+            .await?
+        }
+    };
+    hub.set_cross_node();
+    tokio::spawn(check::run(hub, store, settings.check_every, recheck));
+    Ok(publisher)
 }
 
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
+/// A queue of events waiting for a transport, in front of its sending task: [`Publisher::publish`]
+/// puts without waiting, and drops (with `chat_bus_dropped_total`) when it is full.
+struct Outbox {
+    tx: tokio::sync::mpsc::Sender<Arc<LiveEvent>>,
+    drop_ratio: f64,
+}
+
+impl Outbox {
+    fn new(
+        capacity: usize,
+        drop_ratio: f64,
+    ) -> (Outbox, tokio::sync::mpsc::Receiver<Arc<LiveEvent>>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        (Outbox { tx, drop_ratio }, rx)
+    }
+
+    fn put(&self, event: Arc<LiveEvent>) {
+        if self.drop_ratio > 0.0 && rand::random::<f64>() < self.drop_ratio {
+            crate::metrics::bus_dropped("fault");
+            return;
+        }
+        if self.tx.try_send(event).is_err() {
+            crate::metrics::bus_dropped("queue_full");
+        }
+    }
+}
+
+impl LiveEvent {
+    /// A stored event of `channel_id` (of `tenant`) as read from the event log by a node that
+    /// did not commit it, its membership change decoded from the payload.
+    fn stored(tenant: &str, channel_id: &str, row: crate::store::EventRow) -> LiveEvent {
+        LiveEvent {
+            tenant_id: tenant.to_owned(),
+            channel_id: channel_id.to_owned(),
+            sequence: row.sequence,
+            membership: membership_of(&row.payload),
+            encoded: Bytes::from(row.payload),
+        }
+    }
+}
+
+/// The membership change a stored event's payload carries, for events read from storage.
+fn membership_of(payload: &[u8]) -> Option<MembershipChange> {
+    match crate::event::member_change(payload) {
+        Ok(Some((true, user))) => Some(MembershipChange::Added(user)),
+        Ok(Some((false, user))) => Some(MembershipChange::Removed(user)),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "a stored event does not decode; delivered without its membership change");
+            None
+        }
+    }
 }

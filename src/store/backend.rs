@@ -286,6 +286,11 @@ pub trait Backend: Send + Sync + 'static {
         channel_id: &str,
         user: &str,
     ) -> StoreResult<Option<MemberRow>>;
+    /// See [`ChannelStore::last_sequences`].
+    async fn last_sequences(
+        &self,
+        channel_ids: &[String],
+    ) -> StoreResult<Vec<(String, String, i64)>>;
     /// See [`ChannelStore::channel_heads`].
     async fn channel_heads(
         &self,

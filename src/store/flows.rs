@@ -450,6 +450,20 @@ impl<B: Backend> ChannelStore for B {
         Backend::member(self, tenant, channel_id, user).await
     }
 
+    async fn last_sequences(
+        &self,
+        channel_ids: &[String],
+    ) -> StoreResult<Vec<(String, String, i64)>> {
+        if channel_ids.len() > super::MAX_HEADS_PER_READ {
+            return Err(StoreError::Internal(format!(
+                "last_sequences: {} ids, at most {} per call",
+                channel_ids.len(),
+                super::MAX_HEADS_PER_READ
+            )));
+        }
+        Backend::last_sequences(self, channel_ids).await
+    }
+
     async fn channel_heads(
         &self,
         tenant: &str,
@@ -916,11 +930,12 @@ impl<B: Backend> AttachmentStore for B {
         Backend::uploads_before(self, before, limit).await
     }
 
-    async fn delete_upload(&self, id: &str) -> StoreResult<()> {
+    async fn delete_upload(&self, id: &str) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
-        self.delete_upload_row(&mut tx, id).await?;
+        let deleted = self.delete_upload_row(&mut tx, id).await?;
         self.delete_chunks(&mut tx, id).await?;
-        self.commit(tx).await
+        self.commit(tx).await?;
+        Ok(deleted)
     }
 
     async fn insert_download(&self, row: DownloadRow) -> StoreResult<()> {

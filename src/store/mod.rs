@@ -192,6 +192,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// `group` or `direct`, as stored in `channels.kind`.
 pub const KIND_GROUP: &str = "group";
+/// Most ids one [`ChannelStore::last_sequences`] call takes.
+pub const MAX_HEADS_PER_READ: usize = 1000;
 /// See [`KIND_GROUP`].
 pub const KIND_DIRECT: &str = "direct";
 
@@ -565,6 +567,13 @@ pub trait ChannelStore: Send + Sync {
         channel_id: &str,
         user: &str,
     ) -> StoreResult<Option<MemberRow>>;
+    /// The channels of `channel_ids` that exist (deleted or not), each as `(id, tenant, last
+    /// sequence)`, in no order, in one query for up to [`MAX_HEADS_PER_READ`] ids: what the
+    /// cross-node head check compares with what its node's feeds were sent.
+    async fn last_sequences(
+        &self,
+        channel_ids: &[String],
+    ) -> StoreResult<Vec<(String, String, i64)>>;
     /// Of `channel_ids`, the live channels `user` is a member of, with each one's last
     /// sequence, in one query whatever their number (Subscribe lists up to 1,000).
     async fn channel_heads(
@@ -842,8 +851,9 @@ pub trait AttachmentStore: Send + Sync {
     async fn uploads_of_deleted_channels(&self, limit: i64) -> StoreResult<Vec<UploadRow>>;
     /// Uploads created before `before` (for the sweep).
     async fn uploads_before(&self, before: i64, limit: i64) -> StoreResult<Vec<UploadRow>>;
-    /// Deletes an upload row and its chunk records.
-    async fn delete_upload(&self, id: &str) -> StoreResult<()>;
+    /// Deletes an upload row and its chunk records; false when there was no such row (another
+    /// call, say another node's sweep, deleted it first).
+    async fn delete_upload(&self, id: &str) -> StoreResult<bool>;
     /// Writes a download record.
     async fn insert_download(&self, row: DownloadRow) -> StoreResult<()>;
     /// Updates a download record when the download ends.

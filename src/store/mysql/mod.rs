@@ -961,6 +961,28 @@ impl Backend for MySqlStore {
 
     /// The ids as an `IN` list padded to a power of two (at most 1,024 binds for Subscribe's
     /// 1,000), so a handful of statement texts cover every call.
+    async fn last_sequences(
+        &self,
+        channel_ids: &[String],
+    ) -> StoreResult<Vec<(String, String, i64)>> {
+        if channel_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = sqlx::QueryBuilder::<MySql>::new(
+            "SELECT id, tenant_id, last_sequence FROM channels WHERE id IN (",
+        );
+        let mut list = q.separated(", ");
+        // Padded to a power of two, so a few statement texts are prepared, not one per count.
+        for i in 0..channel_ids.len().next_power_of_two() {
+            list.push_bind(channel_ids.get(i).map_or("", String::as_str));
+        }
+        q.push(")");
+        Ok(q.build()
+            .try_map(rows::text_text_int)
+            .fetch_all(&self.read)
+            .await?)
+    }
+
     async fn channel_heads(
         &self,
         tenant: &str,

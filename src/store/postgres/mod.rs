@@ -1062,6 +1062,18 @@ impl Backend for PostgresStore {
         .await?)
     }
 
+    async fn last_sequences(
+        &self,
+        channel_ids: &[String],
+    ) -> StoreResult<Vec<(String, String, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT id, tenant_id, last_sequence FROM channels WHERE id = ANY($1)")
+                .bind(channel_ids)
+                .fetch_all(&self.read)
+                .await?,
+        )
+    }
+
     async fn channel_heads(
         &self,
         tenant: &str,

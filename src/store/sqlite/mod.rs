@@ -956,6 +956,22 @@ impl Backend for SqliteStore {
         .await?)
     }
 
+    async fn last_sequences(
+        &self,
+        channel_ids: &[String],
+    ) -> StoreResult<Vec<(String, String, i64)>> {
+        // The ids travel as one JSON array, so the statement text is the same for any number.
+        let ids =
+            serde_json::to_string(channel_ids).map_err(|e| StoreError::Internal(e.to_string()))?;
+        Ok(sqlx::query_as(
+            "SELECT id, tenant_id, last_sequence FROM channels \
+             WHERE id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(ids)
+        .fetch_all(&self.read)
+        .await?)
+    }
+
     async fn channel_heads(
         &self,
         tenant: &str,
