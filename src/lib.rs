@@ -14,7 +14,8 @@
 //!    ▼
 //! domain::Chat            -- permission keys, membership, limits; one store call per change
 //!    ├──► store::Store    -- one transaction: row + audit row + the channel's next event
-//!    ├──► fanout::Hub     -- the committed event, fanned out from memory to live feeds
+//!    ├──► fanout          -- the committed event, to this node's feeds (fanout::Hub) and,
+//!    │                       with FANOUT=nats / postgres, to the other nodes' hubs
 //!    └──► blob::Blobs     -- attachment bytes, streamed (local disk or S3)
 //! ```
 //!
@@ -31,7 +32,9 @@
 //! - [`domain`]: the rules: validation, policy, use cases, the live feed session.
 //! - [`store`]: repository traits, each change's transaction written once (`flows`), and one
 //!   module per database (`sqlite`, `postgres`, `mysql`) with its own SQL.
-//! - [`fanout`]: in-process delivery of committed events to live feeds.
+//! - [`fanout`]: delivery of committed events to live feeds: this node's hub, and the
+//!   cross-node transports (NATS, PostgreSQL LISTEN/NOTIFY) with the head check that finds
+//!   what they lost.
 //! - [`limits`]: per-user rate limits, open feeds and unfinished uploads.
 //! - [`blob`]: attachment bytes on local disk or S3, through `object_store`.
 //! - [`api`]: the thin tonic services.

@@ -831,8 +831,8 @@ async fn direct_channel_race(backend: Backend) {
     }
 }
 
-/// A resumable upload whose chunks go to three different nodes completes, on S3, and
-/// downloads from a fourth client on another node.
+/// A resumable upload whose chunks go to three different nodes completes on a fourth call to
+/// another node, on S3, and downloads whole from a third.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_across_nodes_on_s3() {
     let bucket = std::env::var("CHAT_TEST_S3_BUCKET")
@@ -892,11 +892,9 @@ async fn upload_across_nodes_on_s3() {
         .attachment
         .expect("attachment");
     assert_eq!(done.size_bytes, content.len() as i64);
-    let mut bob = AttachmentServiceClient::with_interceptor(
-        nodes[2].channel().await,
-        Bearer::new(&token("bob")).expect("token"),
-    );
-    let mut stream = bob
+    // Unlinked, the attachment is its uploader's alone: alice reads it back on C.
+    let mut stream = att(&nodes[2])
+        .await
         .download_attachment(proto::DownloadAttachmentRequest {
             attachment_id: done.id.clone(),
             offset: 0,

@@ -358,8 +358,16 @@ impl Session {
                         timer_waker = None;
                         // Across nodes a join notification can be lost on the bus: a feed of
                         // all channels looks for channels it was not told of once per beat.
+                        // A failed read is tried again at the next beat: the feed stays open
+                        // through a database outage, as it does without this.
                         if self.all && self.chat.hub.is_cross_node() {
-                            Box::pin(self.rejoin()).await?
+                            match Box::pin(self.rejoin()).await {
+                                Ok(go) => go,
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "feed: memberships not re-read; next heartbeat");
+                                    true
+                                }
+                            }
                         } else {
                             true
                         }

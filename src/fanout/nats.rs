@@ -7,10 +7,10 @@
 //! node never hears its own events back (it delivered them to its hub when they committed), and
 //! the envelope's origin is checked as well.
 //!
-//! Publishing never waits on NATS: events go through a bounded queue ([`super::Outbox`]) to one
+//! Publishing never waits on NATS: events go through a bounded queue (`FANOUT_QUEUE`) to one
 //! task that hands them to the client. While NATS is down the client buffers a little, then the
 //! queue fills and events are dropped (`chat_bus_dropped_total`); the client reconnects by
-//! itself (every 100 ms to 2 s), and the head check (see [`super::check`]) delivers what other
+//! itself (every 100 ms to 2 s), and the head check (`src/fanout/check.rs`) delivers what other
 //! nodes missed meanwhile, from storage, and at once on reconnection. Live-only events (read
 //! markers) lost that way are not recovered: they are never stored.
 

@@ -12,7 +12,7 @@
 //! carries the event itself (base64, a few hundred bytes).
 //!
 //! A dropped `LISTEN` connection reconnects by itself; what was notified meanwhile is lost,
-//! so on reconnection the node runs the head check at once (see [`super::check`]), which
+//! so on reconnection the node runs the head check at once (`src/fanout/check.rs`), which
 //! reads every followed channel's head and delivers what its hub missed.
 //!
 //! The notification channel is `chat_events` with the schema's name when `DB_SCHEMA` is set,
