@@ -797,6 +797,61 @@ async fn assert_all_within_bound(got: &Received, acked: &[(i64, Instant)], what:
     }
 }
 
+/// Nodes started while NATS is down serve at once: sends succeed and the other node's feed
+/// gets them through the head check; once NATS is up, events cross over the bus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_start_and_serve_without_nats() {
+    let mut cluster = Cluster::new(Backend::Postgres, Bus::Nats).await;
+    cluster.nats.as_mut().expect("nats").stop();
+    let nodes = cluster.nodes(2);
+    let g = group_on(&nodes[0], "alice", &["bob"]).await;
+    let (got, _feed) = subscribe(&nodes[1], "bob", &g, Some(0)).await;
+    let mut alice = nodes[0].chat("alice").await;
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        acked.push(send(&mut alice, &g, format!("before {i}")).await);
+    }
+    assert_all_within_bound(&got, &acked, "without NATS").await;
+    cluster.nats.as_mut().expect("nats").resume();
+    // The client connects by itself; then events cross over the bus.
+    let start = Instant::now();
+    while nodes[1].counter("chat_bus_received_total").await < 1.0 {
+        assert!(start.elapsed() < WAIT, "the bus never carried an event");
+        acked.push(send(&mut alice, &g, "after".into()).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_all_within_bound(&got, &acked, "with NATS back").await;
+}
+
+/// FANOUT=postgres: the LISTEN connection is cut (pg_terminate_backend); the node reconnects,
+/// and what was notified meanwhile still reaches the feed, within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_listener_cut_recovers() {
+    let cluster = Cluster::new(Backend::Postgres, Bus::Postgres).await;
+    let nodes = cluster.nodes(2);
+    let g = group_on(&nodes[0], "alice", &["bob"]).await;
+    let (got, _feed) = subscribe(&nodes[1], "bob", &g, Some(0)).await;
+    let mut alice = nodes[0].chat("alice").await;
+    let mut acked = vec![send(&mut alice, &g, "first".into()).await];
+    assert_all_within_bound(&got, &acked, "before the cut").await;
+    let channel = chat_service::fanout::postgres::channel_name(cluster.db.schema.as_deref());
+    let pool = sqlx::PgPool::connect(&cluster.db.url)
+        .await
+        .expect("connect");
+    let cut: Vec<i32> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid)::int FROM pg_stat_activity WHERE query = $1",
+    )
+    .bind(format!("LISTEN \"{channel}\""))
+    .fetch_all(&pool)
+    .await
+    .expect("terminate");
+    assert_eq!(cut.len(), 2, "one LISTEN connection per node: {cut:?}");
+    for i in 0..20 {
+        acked.push(send(&mut alice, &g, format!("after {i}")).await);
+    }
+    assert_all_within_bound(&got, &acked, "after the cut").await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. What else a cluster needs.
 

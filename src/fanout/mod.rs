@@ -171,18 +171,18 @@ pub async fn start(
 
 /// A queue of events waiting for a transport, in front of its sending task: [`Publisher::publish`]
 /// puts without waiting, and drops (with `chat_bus_dropped_total`) when it is full.
-struct Outbox {
+struct BusQueue {
     tx: tokio::sync::mpsc::Sender<Arc<LiveEvent>>,
     drop_ratio: f64,
 }
 
-impl Outbox {
+impl BusQueue {
     fn new(
         capacity: usize,
         drop_ratio: f64,
-    ) -> (Outbox, tokio::sync::mpsc::Receiver<Arc<LiveEvent>>) {
+    ) -> (BusQueue, tokio::sync::mpsc::Receiver<Arc<LiveEvent>>) {
         let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
-        (Outbox { tx, drop_ratio }, rx)
+        (BusQueue { tx, drop_ratio }, rx)
     }
 
     fn put(&self, event: Arc<LiveEvent>) {

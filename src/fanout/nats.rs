@@ -23,7 +23,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use prost::Message as _;
 use tokio::sync::{mpsc, Notify};
 
-use super::{FanoutSettings, Hub, LiveEvent, MembershipChange, Outbox, Publisher};
+use super::{BusQueue, FanoutSettings, Hub, LiveEvent, MembershipChange, Publisher};
 
 /// Bytes of a subject token that are escaped: everything but ASCII letters, digits, `-` and
 /// `_` (NATS reserves `.`, `*`, `>` and whitespace; the rest is escaped so subjects stay plain
@@ -106,13 +106,13 @@ pub fn subject(prefix: &str, tenant: &str, channel: &str) -> String {
 /// The NATS fan-out: this node's hub first, then the bus.
 pub struct NatsFanout {
     hub: Arc<Hub>,
-    outbox: Outbox,
+    bus: BusQueue,
 }
 
 impl Publisher for NatsFanout {
     fn publish(&self, event: Arc<LiveEvent>) {
         self.hub.publish(event.clone());
-        self.outbox.put(event);
+        self.bus.put(event);
     }
 }
 
@@ -151,11 +151,11 @@ impl NatsFanout {
             .subscribe(format!("{prefix}.>"))
             .await
             .map_err(|e| format!("NATS_URL: cannot subscribe: {e}"))?;
-        let (outbox, queue) = Outbox::new(settings.queue, settings.drop_ratio);
+        let (bus, queue) = BusQueue::new(settings.queue, settings.drop_ratio);
         tokio::spawn(send(client, prefix.to_owned(), origin.clone(), queue));
         tokio::spawn(receive(subscriber, origin, hub.clone()));
         tracing::info!(url, subjects = %format!("{prefix}.>"), "fan-out over NATS");
-        Ok(Arc::new(NatsFanout { hub, outbox }))
+        Ok(Arc::new(NatsFanout { hub, bus }))
     }
 }
 

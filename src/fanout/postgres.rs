@@ -29,7 +29,7 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::{mpsc, Notify};
 
-use super::{FanoutSettings, Hub, LiveEvent, Outbox, Publisher};
+use super::{BusQueue, FanoutSettings, Hub, LiveEvent, Publisher};
 use crate::store::Store;
 
 /// Notifications per `NOTIFY` statement, at most.
@@ -46,13 +46,13 @@ const MAX_PAYLOAD: usize = 7_900;
 /// The PostgreSQL fan-out: this node's hub first, then a `NOTIFY`.
 pub struct PgFanout {
     hub: Arc<Hub>,
-    outbox: Outbox,
+    bus: BusQueue,
 }
 
 impl Publisher for PgFanout {
     fn publish(&self, event: Arc<LiveEvent>) {
         self.hub.publish(event.clone());
-        self.outbox.put(event);
+        self.bus.put(event);
     }
 }
 
@@ -148,13 +148,13 @@ impl PgFanout {
             .listen(&name)
             .await
             .map_err(|e| format!("DATABASE_URL: LISTEN {name}: {e}"))?;
-        let (outbox, queue) = Outbox::new(settings.queue, settings.drop_ratio);
+        let (bus, queue) = BusQueue::new(settings.queue, settings.drop_ratio);
         let (wakes, woken) = mpsc::channel(settings.queue.max(1));
         tokio::spawn(notify(pool, name.clone(), origin.clone(), queue));
         tokio::spawn(listen(listener, origin, hub.clone(), wakes, recheck));
         tokio::spawn(read(woken, hub.clone(), store));
         tracing::info!(channel = %name, "fan-out over PostgreSQL LISTEN/NOTIFY");
-        Ok(Arc::new(PgFanout { hub, outbox }))
+        Ok(Arc::new(PgFanout { hub, bus }))
     }
 }
 
