@@ -173,7 +173,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let hub = Arc::new(Hub::default());
     let publisher = crate::fanout::start(&fanout, hub.clone(), store.clone()).await?;
-    let chat = Arc::new(Chat::new(store.clone(), hub, blobs, settings).with_publisher(publisher));
+    let chat =
+        Arc::new(Chat::new(store.clone(), hub, blobs, settings).with_publisher(publisher.clone()));
     tokio::spawn(sweep_forever(chat.clone()));
 
     // Before the listener exists, so no client can ask for a shutdown the process would not
@@ -215,6 +216,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     crate::server::serve(listener, chat, verifier, options, shutdown)
         .await
         .map_err(|e| format!("server: {e}"))?;
+    // Every call has ended: hand other nodes this node's last events.
+    publisher.flush(Duration::from_secs(2)).await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

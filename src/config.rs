@@ -303,6 +303,13 @@ impl ServeArgs {
         use crate::store::Database;
         let database = Database::from_url(url);
         let transport = match self.fanout.as_str() {
+            "nats" if !crate::fanout::nats::valid_prefix(&self.nats_subject_prefix) => {
+                return Err(format!(
+                    "NATS_SUBJECT_PREFIX: {:?} is not a subject prefix (dot-separated tokens, \
+                     none empty, without spaces, `*` or `>`)",
+                    self.nats_subject_prefix
+                ))
+            }
             "nats" => Transport::Nats {
                 url: self.nats_url.clone(),
                 prefix: self.nats_subject_prefix.clone(),

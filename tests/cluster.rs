@@ -35,12 +35,13 @@ use tonic::transport::Channel;
 const WAIT: Duration = Duration::from_secs(30);
 
 /// The head check's interval in the fault tests (`FANOUT_CHECK_MS`).
-const CHECK_MS: u64 = 300;
+const CHECK_MS: u64 = 500;
 
-/// The documented bound on a lost event's delay is two check intervals plus the reads; this
-/// adds room for a loaded two-core test machine.
+/// The documented bound on a lost event's delay is two check intervals plus the check's reads
+/// (milliseconds); this adds 700 ms for debug-build nodes on a loaded two-core machine. (The
+/// cluster tests run one at a time: `.config/nextest.toml`.)
 fn lost_event_bound() -> Duration {
-    Duration::from_millis(2 * CHECK_MS) + Duration::from_millis(1_500)
+    Duration::from_millis(2 * CHECK_MS + 700)
 }
 
 fn free_port() -> u16 {
@@ -515,6 +516,26 @@ async fn events_cross_nodes_in_order(backend: Backend, bus: Bus) {
         let expected: Vec<String> = (0..per_sender).map(|i| format!("{user} {i}")).collect();
         assert_eq!(mine, expected);
     }
+    // A read marker (live only, never stored, so no sequence to drop a repeat by) reaches a
+    // feed on the node that made it and one on another node exactly once each.
+    let (on_a, _a) = subscribe(&nodes[0], "carol", &g, None).await;
+    let (on_b, _b) = subscribe(&nodes[1], "carol", &g, None).await;
+    nodes[0]
+        .chat("bob")
+        .await
+        .mark_read(proto::MarkReadRequest {
+            channel_id: g.clone(),
+            sequence: head + 1,
+        })
+        .await
+        .expect("mark read");
+    wait_for(&on_a, 1, "marker on A").await;
+    wait_for(&on_b, 1, "marker on B").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (feed, node) in [(&on_a, "A"), (&on_b, "B")] {
+        let seqs: Vec<i64> = feed.lock().expect("lock").iter().map(|e| e.0).collect();
+        assert_eq!(seqs, vec![0], "one read marker on {node}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -526,6 +547,8 @@ async fn concurrent_senders_on_three_nodes(backend: Backend, bus: Bus) {
     let users: Vec<String> = (0..30).map(|i| format!("u{i}")).collect();
     let members: Vec<&str> = users.iter().map(String::as_str).collect();
     let g = group_on(&nodes[0], "owner", &members).await;
+    // Live on a fourth connection all along.
+    let (live, _live) = subscribe(&nodes[0], "owner", &g, Some(0)).await;
     let per_sender = 10;
     let mut tasks = Vec::new();
     for (i, user) in users.iter().enumerate() {
@@ -546,6 +569,13 @@ async fn concurrent_senders_on_three_nodes(backend: Backend, bus: Bus) {
     assert_eq!(acked.len(), 30 * per_sender);
     let unique: HashSet<i64> = acked.iter().copied().collect();
     assert_eq!(unique.len(), acked.len(), "a sequence given twice");
+    wait_for(
+        &live,
+        *acked.iter().max().expect("some") as usize,
+        "live feed",
+    )
+    .await;
+    assert_contiguous(&live, 1, "live feed");
     // The whole channel replayed from storage on another node: 1..N, every one once.
     let (got, _feed) = subscribe(&nodes[1], "owner", &g, Some(0)).await;
     let last = *acked.iter().max().expect("some");
@@ -560,6 +590,60 @@ async fn concurrent_senders_on_three_nodes(backend: Backend, bus: Bus) {
     assert_eq!(messages, 30 * per_sender);
 }
 
+/// A feed of all bob's channels on A learns of a group made for him on B and of a first direct
+/// message sent on C, from the join events alone (its heartbeat re-read is an hour away).
+async fn joins_cross_nodes(backend: Backend, bus: Bus) {
+    let mut cluster = Cluster::new(backend, bus).await;
+    cluster.set("HEARTBEAT_SECONDS", "3600");
+    let nodes = cluster.nodes(3);
+    let mut bob = nodes[0].chat("bob").await;
+    let mut feed = bob
+        .subscribe(proto::SubscribeRequest::default())
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let g = group_on(&nodes[1], "alice", &["bob"]).await;
+    let mut alice = nodes[2].chat("alice").await;
+    let (_, sent_at) = send(&mut alice, &g, "in the group".into()).await;
+    let direct = nodes[2]
+        .chat("carol")
+        .await
+        .send_message(proto::SendMessageRequest {
+            recipient_id: "bob".into(),
+            body: "direct".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("direct")
+        .into_inner()
+        .message
+        .expect("message");
+    let mut seen: Vec<(String, String)> = Vec::new();
+    while seen.len() < 2 {
+        let ev = tokio::time::timeout(WAIT, feed.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("event");
+        if let Some(Event::MessageCreated(m)) = ev.event {
+            let m = m.message.expect("message");
+            seen.push((m.channel_id, m.body));
+        }
+    }
+    assert!(
+        sent_at.elapsed() <= lost_event_bound() + Duration::from_millis(500),
+        "joins took {:?}",
+        sent_at.elapsed()
+    );
+    assert_eq!(
+        seen,
+        vec![
+            (g.clone(), "in the group".to_owned()),
+            (direct.channel_id, "direct".to_owned())
+        ]
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Removal and deletion end feeds on every node.
 
@@ -568,7 +652,7 @@ async fn removal_ends_feeds_on_every_node(backend: Backend, bus: Bus) {
     let nodes = cluster.nodes(3);
     let g = group_on(&nodes[0], "alice", &["bob", "carol"]).await;
     let (bob_a, bob_feed) = subscribe(&nodes[0], "bob", &g, None).await;
-    let (_carol_c, carol_feed) = subscribe(&nodes[2], "carol", &g, None).await;
+    let (carol_c, carol_feed) = subscribe(&nodes[2], "carol", &g, None).await;
     nodes[1]
         .groups("alice")
         .await
@@ -595,6 +679,13 @@ async fn removal_ends_feeds_on_every_node(backend: Backend, bus: Bus) {
         })
         .await
         .expect("send");
+    wait_for(&carol_c, 2, "carol on C: the removal, then after").await;
+    assert_eq!(carol_c.lock().expect("lock")[1].1, "after");
+    assert_eq!(
+        bob_a.lock().expect("lock").len(),
+        1,
+        "nothing after the removal"
+    );
     // DeleteGroup on B ends carol's feed on C.
     nodes[1]
         .groups("alice")
@@ -615,13 +706,15 @@ async fn removal_ends_feeds_on_every_node(backend: Backend, bus: Bus) {
 // 4. Faults.
 
 /// Sends on `client` every `every` until `stop`, returning each acknowledged sequence and its
-/// time; a send that fails is tried again (a node being killed is not this sender's).
+/// time. A failed send fails the test, unless `until_error` (a sender on the node about to be
+/// killed), when it ends the sending.
 async fn send_until(
     mut client: ChatClient,
     channel: String,
     tag: String,
     every: Duration,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    until_error: bool,
 ) -> Vec<(i64, Instant)> {
     let mut acked = Vec::new();
     let mut i = 0;
@@ -633,11 +726,11 @@ async fn send_until(
                 ..Default::default()
             })
             .await;
-        let m = r
-            .unwrap_or_else(|e| panic!("{tag}: send {i} failed: {e}"))
-            .into_inner()
-            .message
-            .expect("message");
+        let m = match r {
+            Ok(r) => r.into_inner().message.expect("message"),
+            Err(_) if until_error => break,
+            Err(e) => panic!("{tag}: send {i} failed: {e}"),
+        };
         acked.push((m.sequence, Instant::now()));
         i += 1;
         tokio::time::sleep(every).await;
@@ -645,20 +738,31 @@ async fn send_until(
     acked
 }
 
-/// Kill -9 node B under load: its subscribers reconnect to A with their cursors and miss
-/// nothing that was acknowledged.
+/// Kill -9 node B under load (senders on A, B and C): B's subscribers reconnect to A with their
+/// cursors and miss nothing that was acknowledged, B's own last sends included (those only the
+/// head check can bring, if B died before publishing them); a subscriber on C misses nothing
+/// either.
 async fn killed_node_subscribers_resume_elsewhere(backend: Backend) {
     let cluster = Cluster::new(backend, Bus::Nats).await;
     let mut nodes = cluster.nodes(3);
     let subscribers: Vec<String> = (0..5).map(|i| format!("s{i}")).collect();
     let mut members: Vec<&str> = subscribers.iter().map(String::as_str).collect();
-    members.push("carol");
+    members.extend(["carol", "dave", "erin"]);
     let g = group_on(&nodes[0], "alice", &members).await;
     let mut feeds = Vec::new();
     for s in &subscribers {
         feeds.push(subscribe(&nodes[1], s, &g, Some(0)).await);
     }
+    let (on_c, _c) = subscribe(&nodes[2], "erin", &g, Some(0)).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_b = tokio::spawn(send_until(
+        nodes[1].chat("dave").await,
+        g.clone(),
+        "dave".into(),
+        Duration::from_millis(5),
+        stop.clone(),
+        true,
+    ));
     let senders = vec![
         tokio::spawn(send_until(
             nodes[0].chat("alice").await,
@@ -666,6 +770,7 @@ async fn killed_node_subscribers_resume_elsewhere(backend: Backend) {
             "alice".into(),
             Duration::from_millis(5),
             stop.clone(),
+            false,
         )),
         tokio::spawn(send_until(
             nodes[2].chat("carol").await,
@@ -673,6 +778,7 @@ async fn killed_node_subscribers_resume_elsewhere(backend: Backend) {
             "carol".into(),
             Duration::from_millis(5),
             stop.clone(),
+            false,
         )),
     ];
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -694,11 +800,19 @@ async fn killed_node_subscribers_resume_elsewhere(backend: Backend) {
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut acked: Vec<i64> = Vec::new();
+    let mut acked: Vec<i64> = on_b
+        .await
+        .expect("sender on B")
+        .into_iter()
+        .map(|a| a.0)
+        .collect();
+    assert!(!acked.is_empty(), "B acknowledged sends before it died");
     for s in senders {
         acked.extend(s.await.expect("sender").into_iter().map(|a| a.0));
     }
     let last = *acked.iter().max().expect("sent");
+    wait_for(&on_c, last as usize, "erin on C").await;
+    assert_contiguous(&on_c, 1, "erin on C");
     for (s, got, before, again, _task) in resumed {
         wait_for(&again, (last as usize).saturating_sub(before), s.as_str()).await;
         let mut all: Vec<(i64, String, Instant)> = got.lock().expect("lock").clone();
@@ -727,21 +841,33 @@ async fn nats_outage_loses_nothing(backend: Backend) {
         "alice".into(),
         Duration::from_millis(10),
         stop.clone(),
+        false,
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.nats.as_mut().expect("nats").stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let received_before = nodes[1].counter("chat_bus_received_total").await;
     cluster.nats.as_mut().expect("nats").resume();
+    // Reconnected (within 2 s), events cross over the bus again: in the second after, the
+    // receiving node hears tens of them and the check delivers none. (A sender drops, not
+    // queues, while NATS is away, so nothing stale is replayed to make this true.)
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let received = nodes[1].counter("chat_bus_received_total").await;
+    let recovered = nodes[1].counter("chat_bus_recovered_total").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = sender.await.expect("sender");
     assert_all_within_bound(&got, &acked, "bob on B").await;
     let received_after = nodes[1].counter("chat_bus_received_total").await;
+    let recovered_after = nodes[1].counter("chat_bus_recovered_total").await;
     assert!(
-        received_after > received_before + 50.0,
-        "the bus did not resume: {received_before} then {received_after} received"
+        received_after >= received + 20.0,
+        "the bus did not resume: {received} then {received_after} received"
     );
+    assert_eq!(
+        recovered_after, recovered,
+        "the check still had to deliver events after NATS was back"
+    );
+    assert!(recovered > 0.0, "the check delivered during the outage");
 }
 
 /// Every bus message dropped on purpose (a quiet channel: no later event reveals the gap),
@@ -780,6 +906,8 @@ async fn dropped_bus_messages_recovered(backend: Backend, bus: Bus) {
 async fn assert_all_within_bound(got: &Received, acked: &[(i64, Instant)], what: &str) {
     let last = acked.iter().map(|a| a.0).max().expect("sent");
     wait_for(got, last as usize, what).await;
+    // Long enough for a late duplicate to show.
+    tokio::time::sleep(Duration::from_millis(2 * CHECK_MS)).await;
     assert_contiguous(got, 1, what);
     let arrived: HashMap<i64, Instant> = got
         .lock()
@@ -787,14 +915,20 @@ async fn assert_all_within_bound(got: &Received, acked: &[(i64, Instant)], what:
         .iter()
         .map(|e| (e.0, e.2))
         .collect();
-    for (seq, at) in acked {
-        let delay = arrived[seq].saturating_duration_since(*at);
-        assert!(
-            delay <= lost_event_bound(),
-            "{what}: event {seq} took {delay:?}, beyond the bound {:?}",
-            lost_event_bound()
-        );
-    }
+    let (seq, worst) = acked
+        .iter()
+        .map(|(seq, at)| (*seq, arrived[seq].saturating_duration_since(*at)))
+        .max_by_key(|(_, d)| *d)
+        .expect("sent");
+    eprintln!(
+        "{what}: the slowest of {} events arrived {worst:?} after its acknowledgement",
+        acked.len()
+    );
+    assert!(
+        worst <= lost_event_bound(),
+        "{what}: event {seq} took {worst:?}, beyond the bound {:?}",
+        lost_event_bound()
+    );
 }
 
 /// Nodes started while NATS is down serve at once: sends succeed and the other node's feed
@@ -1113,6 +1247,9 @@ cluster_tests! {
     postgres_nats_in_order: events_cross_nodes_in_order(Backend::Postgres, Bus::Nats);
     mysql_nats_in_order: events_cross_nodes_in_order(Backend::Mysql, Bus::Nats);
     postgres_notify_in_order: events_cross_nodes_in_order(Backend::Postgres, Bus::Postgres);
+    postgres_nats_joins: joins_cross_nodes(Backend::Postgres, Bus::Nats);
+    mysql_nats_joins: joins_cross_nodes(Backend::Mysql, Bus::Nats);
+    postgres_notify_joins: joins_cross_nodes(Backend::Postgres, Bus::Postgres);
     postgres_nats_concurrent_senders: concurrent_senders_on_three_nodes(Backend::Postgres, Bus::Nats);
     mysql_nats_concurrent_senders: concurrent_senders_on_three_nodes(Backend::Mysql, Bus::Nats);
     postgres_notify_concurrent_senders: concurrent_senders_on_three_nodes(Backend::Postgres, Bus::Postgres);

@@ -306,6 +306,10 @@ impl Session {
         let heartbeat_every = self.chat.settings.heartbeat;
         // One timer for both the next heartbeat and the token's expiry, whichever is first.
         let mut next_heartbeat = tokio::time::Instant::now() + heartbeat_every;
+        // Across nodes a join notification can be lost on the bus: a feed of all channels
+        // looks for channels it was not told of once per heartbeat interval, busy or idle.
+        let rejoins = self.all && self.chat.hub.is_cross_node();
+        let mut next_rejoin = next_heartbeat;
         let timer = tokio::time::sleep_until(next_heartbeat.min(self.deadline));
         tokio::pin!(timer);
         // The waker the timer was last polled with (see `Session::wait`).
@@ -329,6 +333,21 @@ impl Session {
                     && (!Box::pin(self.catch_up()).await? || !self.flush().await?)
                 {
                     return Ok(());
+                }
+                if rejoins && tokio::time::Instant::now() >= next_rejoin {
+                    next_rejoin = tokio::time::Instant::now() + heartbeat_every;
+                    // A failed read is tried again next time: the feed stays open through a
+                    // database outage, as it does without this.
+                    match Box::pin(self.rejoin()).await {
+                        Ok(true) => {}
+                        Ok(false) => return Ok(()),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "feed: memberships not re-read; next interval")
+                        }
+                    }
+                    if !self.flush().await? {
+                        return Ok(());
+                    }
                 }
                 let wake = match rx.try_recv() {
                     Ok(item) => Wake::Item(Some(item)),
@@ -356,21 +375,7 @@ impl Session {
                         next_heartbeat = now + heartbeat_every;
                         timer.as_mut().reset(next_heartbeat.min(self.deadline));
                         timer_waker = None;
-                        // Across nodes a join notification can be lost on the bus: a feed of
-                        // all channels looks for channels it was not told of once per beat.
-                        // A failed read is tried again at the next beat: the feed stays open
-                        // through a database outage, as it does without this.
-                        if self.all && self.chat.hub.is_cross_node() {
-                            match Box::pin(self.rejoin()).await {
-                                Ok(go) => go,
-                                Err(e) => {
-                                    tracing::debug!(error = %e, "feed: memberships not re-read; next heartbeat");
-                                    true
-                                }
-                            }
-                        } else {
-                            true
-                        }
+                        true
                     }
                 };
                 if !go || !self.flush().await? {

@@ -13,40 +13,58 @@
 //! interval to arrive by the fast path before it counts as lost, so a busy channel does not
 //! read storage on every check. The bound: an event committed at time t is in the heads read
 //! by the first check after t (within `every`), and found missing by the check after that (one
-//! more `every`): a lost event reaches its feeds within 2 × `every` plus one storage read. When
-//! the transport says it reconnected ([`run`]'s `now`), the node checks at once against the
-//! heads it reads then.
+//! more `every`): a lost event is offered to its feeds within 2 × `every` plus the check's own
+//! reads (heads, then the missed head events, [`CONCURRENCY`] at a time). When the transport
+//! says it reconnected ([`run`]'s `now`), the node checks at once against the heads it reads
+//! then.
 //!
-//! The cost is one indexed read of `followed channels / 1000` statements per interval per
-//! node, whatever the traffic, and one single-row read per channel that actually lost
-//! something (or that was followed since the last check and is quiet: its hub has published
-//! nothing there yet).
+//! The cost is `followed channels / 1000` indexed reads per interval per node, whatever the
+//! traffic, and one single-row read per channel that actually lost something, or that was
+//! followed since the last check and is quiet (its hub has published nothing there yet, so
+//! the check cannot tell; the feeds drop the event as one they have).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::sync::Notify;
 
 use super::{Hub, LiveEvent, Publisher};
-use crate::store::{Store, MAX_HEADS_PER_READ};
+use crate::store::{Store, StoreResult, MAX_HEADS_PER_READ};
+
+/// Missed head events read at once.
+const CONCURRENCY: usize = 16;
+
+/// A storage failure is logged at most this often (the check runs every interval).
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs the head check every `every`, and at once whenever `now` is notified, for the life of
-/// the process. A failed storage read is logged and tried again at the next interval.
+/// the process. A failed storage read is logged (at most once a minute) and tried again at the
+/// next interval.
 pub(super) async fn run(hub: Arc<Hub>, store: Arc<dyn Store>, every: Duration, now: Arc<Notify>) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // channel → (tenant, last sequence) as read at the previous check.
     let mut previous: HashMap<String, (String, i64)> = HashMap::new();
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         let at_once = tokio::select! {
             _ = ticks.tick() => false,
             _ = now.notified() => true,
         };
         match check(&hub, store.as_ref(), &previous, at_once).await {
-            Ok(heads) => previous = heads,
+            Ok(heads) => {
+                previous = heads;
+                if warned.take().is_some() {
+                    tracing::info!("fan-out head check: storage answers again");
+                }
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "fan-out head check: storage read failed; trying again")
+                if warned.is_none_or(|w| w.elapsed() >= WARN_EVERY) {
+                    tracing::warn!(error = %e, "fan-out head check: storage read failed; trying again each interval");
+                    warned = Some(tokio::time::Instant::now());
+                }
             }
         }
     }
@@ -54,18 +72,22 @@ pub(super) async fn run(hub: Arc<Hub>, store: Arc<dyn Store>, every: Duration, n
 
 /// One check: delivers the heads that `previous` (or, `at_once`, the heads read now) shows
 /// this node's hub has not published; returns the heads read now.
+///
+/// Errors: the heads cannot be read (a head event that cannot be read is logged and left to
+/// the next check).
 async fn check(
     hub: &Hub,
     store: &dyn Store,
     previous: &HashMap<String, (String, i64)>,
     at_once: bool,
-) -> crate::store::StoreResult<HashMap<String, (String, i64)>> {
+) -> StoreResult<HashMap<String, (String, i64)>> {
     let followed = hub.followed();
-    let mut behind: Vec<(String, String, i64)> = Vec::new();
+    // channel → (tenant, head) of the channels behind.
+    let mut behind: HashMap<String, (String, i64)> = HashMap::new();
     for (channel, seen) in &followed {
         if let Some((tenant, head)) = previous.get(channel) {
             if *head > *seen {
-                behind.push((channel.clone(), tenant.clone(), *head));
+                behind.insert(channel.clone(), (tenant.clone(), *head));
             }
         }
     }
@@ -79,15 +101,22 @@ async fn check(
     if at_once {
         let seen: HashMap<&String, i64> = followed.iter().map(|(c, s)| (c, *s)).collect();
         for (channel, (tenant, head)) in &heads {
-            let published = seen.get(channel).copied().unwrap_or(0);
-            if *head > published && !behind.iter().any(|b| &b.0 == channel) {
-                behind.push((channel.clone(), tenant.clone(), *head));
+            if *head > seen.get(channel).copied().unwrap_or(0) {
+                behind
+                    .entry(channel.clone())
+                    .or_insert_with(|| (tenant.clone(), *head));
             }
         }
     }
-    for (channel, tenant, head) in behind {
-        deliver_head(hub, store, &tenant, &channel, head).await?;
-    }
+    // A head event that cannot be read is looked for again at the next check: the heads just
+    // read are at least as far on.
+    futures::stream::iter(behind)
+        .for_each_concurrent(CONCURRENCY, |(channel, (tenant, head))| async move {
+            if let Err(e) = deliver_head(hub, store, &tenant, &channel, head).await {
+                tracing::debug!(error = %e, channel, "fan-out head check: head event not read");
+            }
+        })
+        .await;
     Ok(heads)
 }
 
@@ -99,7 +128,7 @@ async fn deliver_head(
     tenant: &str,
     channel: &str,
     head: i64,
-) -> crate::store::StoreResult<()> {
+) -> StoreResult<()> {
     for row in store.events(channel, head - 1, head, 1).await? {
         crate::metrics::bus_recovered();
         hub.publish(Arc::new(LiveEvent::stored(tenant, channel, row)));

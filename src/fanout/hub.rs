@@ -243,6 +243,11 @@ impl Hub {
             .map(|f| f.seen.load(Ordering::Acquire))
     }
 
+    /// Whether `(tenant, user)` has a feed of all their channels on this node.
+    pub fn has_all_channels_feed(&self, tenant: &str, user: &str) -> bool {
+        read(&self.users).contains_key(&(tenant.to_owned(), user.to_owned()))
+    }
+
     /// Declares that events also reach this hub from other nodes, over a bus that may lose
     /// some: feeds of all their channels then re-read their memberships with each heartbeat,
     /// so a lost join notification is noticed within one heartbeat.

@@ -8,12 +8,15 @@
 //! the envelope's origin is checked as well.
 //!
 //! Publishing never waits on NATS: events go through a bounded queue (`FANOUT_QUEUE`) to one
-//! task that hands them to the client. While NATS is down the client buffers a little, then the
-//! queue fills and events are dropped (`chat_bus_dropped_total`); the client reconnects by
-//! itself (every 100 ms to 2 s), and the head check (`src/fanout/check.rs`) delivers what other
-//! nodes missed meanwhile, from storage, and at once on reconnection. Live-only events (read
-//! markers) lost that way are not recovered: they are never stored.
+//! task that hands them to the client. While NATS is down events are not queued but dropped
+//! (`chat_bus_dropped_total{reason="disconnected"}`): sent after the outage they would reach
+//! other nodes stale and hold memory meanwhile. The client reconnects by itself (every 100 ms
+//! to 2 s), and the head check (`src/fanout/check.rs`) delivers what other nodes missed, from
+//! storage, and at once on reconnection. Live-only events (read markers) lost that way are not
+//! recovered: they are never stored. At shutdown [`Publisher::flush`] hands NATS what is still
+//! queued.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,16 +106,46 @@ pub fn subject(prefix: &str, tenant: &str, channel: &str) -> String {
     )
 }
 
+/// How long a starting node waits for NATS before it serves without it.
+const CONNECT_WAIT: Duration = Duration::from_secs(3);
+
+/// Messages the client holds for the subscription before NATS counts this node a slow
+/// consumer and drops for it (async-nats' default is 65,536); the head check covers a drop.
+const SUBSCRIPTION_CAPACITY: usize = 8_192;
+
+/// Whether `prefix` can start a subject: dot-separated tokens, none empty, without
+/// whitespace, `*` or `>`.
+pub fn valid_prefix(prefix: &str) -> bool {
+    prefix
+        .split('.')
+        .all(|t| !t.is_empty() && !t.chars().any(|c| c.is_whitespace() || c == '*' || c == '>'))
+}
+
 /// The NATS fan-out: this node's hub first, then the bus.
 pub struct NatsFanout {
     hub: Arc<Hub>,
     bus: BusQueue,
+    client: async_nats::Client,
 }
 
 impl Publisher for NatsFanout {
     fn publish(&self, event: Arc<LiveEvent>) {
         self.hub.publish(event.clone());
         self.bus.put(event);
+    }
+
+    fn flush(&self, within: Duration) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let start = tokio::time::Instant::now();
+            self.bus.drained(within).await;
+            let left = within.saturating_sub(start.elapsed());
+            if tokio::time::timeout(left, self.client.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("fan-out: NATS did not take the last events in time; other nodes get them from the head check");
+            }
+        })
     }
 }
 
@@ -130,6 +163,8 @@ impl NatsFanout {
         recheck: Arc<Notify>,
     ) -> Result<Arc<NatsFanout>, String> {
         let origin = uuid::Uuid::new_v4().as_bytes().to_vec();
+        let (bus, queue) = BusQueue::new(settings.queue, settings.drop_ratio);
+        let connected = bus.connected();
         let on_event = recheck.clone();
         let client = async_nats::ConnectOptions::new()
             .name(format!("chat-service {}", hex::encode(&origin[..4])))
@@ -140,9 +175,10 @@ impl NatsFanout {
                 Duration::from_millis((100 * attempts as u64).clamp(100, 2_000))
             })
             .ping_interval(Duration::from_secs(10))
+            .subscription_capacity(SUBSCRIPTION_CAPACITY)
             .event_callback(move |event| {
-                let recheck = on_event.clone();
-                async move { on_connection_event(event, &recheck) }
+                let (recheck, connected) = (on_event.clone(), connected.clone());
+                async move { on_connection_event(event, &recheck, &connected) }
             })
             .connect(url)
             .await
@@ -151,23 +187,40 @@ impl NatsFanout {
             .subscribe(format!("{prefix}.>"))
             .await
             .map_err(|e| format!("NATS_URL: cannot subscribe: {e}"))?;
-        let (bus, queue) = BusQueue::new(settings.queue, settings.drop_ratio);
-        tokio::spawn(send(client, prefix.to_owned(), origin.clone(), queue));
+        // Serve once the subscription is in place (a flush is answered after the server has
+        // taken it), so events other nodes publish from then on reach this node's feeds; if
+        // NATS cannot be reached in a few seconds, serve without it and catch up by the check.
+        match tokio::time::timeout(CONNECT_WAIT, client.flush()).await {
+            Ok(Ok(())) => {
+                tracing::info!(url, subjects = %format!("{prefix}.>"), "fan-out over NATS")
+            }
+            _ => tracing::warn!(url, "fan-out: NATS is not reachable yet; serving, and connecting in the background (other nodes' events arrive through the head check meanwhile)"),
+        }
+        tokio::spawn(send(
+            client.clone(),
+            prefix.to_owned(),
+            origin.clone(),
+            queue,
+        ));
         tokio::spawn(receive(subscriber, origin, hub.clone()));
-        tracing::info!(url, subjects = %format!("{prefix}.>"), "fan-out over NATS");
-        Ok(Arc::new(NatsFanout { hub, bus }))
+        Ok(Arc::new(NatsFanout { hub, bus, client }))
     }
 }
 
-fn on_connection_event(event: async_nats::Event, recheck: &Notify) {
+/// Follows the connection: `connected` gates the queue, and a (re)connection runs the head
+/// check at once. (The client sends its subscription again just after it reports the
+/// connection, so an event in that instant waits for the next regular check.)
+fn on_connection_event(event: async_nats::Event, recheck: &Notify, connected: &AtomicBool) {
     match event {
         async_nats::Event::Connected => {
             tracing::info!("fan-out: connected to NATS");
+            connected.store(true, Ordering::Release);
             crate::metrics::bus_connected(true);
             recheck.notify_one();
         }
         async_nats::Event::Disconnected => {
             tracing::warn!("fan-out: lost NATS; other nodes get this node's events from storage until it is back");
+            connected.store(false, Ordering::Release);
             crate::metrics::bus_connected(false);
         }
         async_nats::Event::SlowConsumer(_) => {
@@ -234,6 +287,15 @@ mod tests {
             "chat.events.a%2Eb%20%2A%3Ec.x"
         );
         assert_eq!(subject("p", "ה", "x"), "p.%D7%94.x");
+    }
+
+    #[test]
+    fn prefixes_are_checked() {
+        assert!(valid_prefix("chat.events"));
+        assert!(valid_prefix("prod-eu_1"));
+        for bad in ["", "a..b", ".a", "a.", "a b", "a.*", "a.>", "a\tb"] {
+            assert!(!valid_prefix(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! Notifications are sent in batches, one statement per batch, on a connection of their own.
 //!
 //! Live-only events (read markers, sequence 0) are not in the log, so their notification
-//! carries the event itself (base64, a few hundred bytes).
+//! carries the event itself (base64, a few hundred bytes). A `MemberAdded` names the user, so a
+//! node whose feeds do not follow the channel yet still reads that one event when the user has
+//! a feed of all channels there: that is how the feed learns of the channel.
 //!
 //! A dropped `LISTEN` connection reconnects by itself; what was notified meanwhile is lost,
 //! so on reconnection the node runs the head check at once (`src/fanout/check.rs`), which
@@ -19,6 +21,7 @@
 //! so deployments in different schemas of one database do not hear each other.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +32,7 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::{mpsc, Notify};
 
-use super::{BusQueue, FanoutSettings, Hub, LiveEvent, Publisher};
+use super::{BusQueue, FanoutSettings, Hub, LiveEvent, MembershipChange, Publisher};
 use crate::store::Store;
 
 /// Notifications per `NOTIFY` statement, at most.
@@ -37,6 +40,9 @@ const NOTIFY_BATCH: usize = 512;
 /// Events read from the log per channel per wake-up; a node further behind than this reads
 /// only the newest, and its feeds fill the rest from storage as they do for any gap.
 const READ_LIMIT: i64 = 256;
+/// Events read for a channel this node has published nothing on since it was followed: its
+/// feeds started at most a few events back, and one further back fills its own gap.
+const NEWEST: i64 = 8;
 /// Channels read at once by one node after a burst of wake-ups.
 const READ_CONCURRENCY: usize = 8;
 /// The longest notification payload PostgreSQL takes is 8,000 bytes; a live-only event whose
@@ -53,6 +59,10 @@ impl Publisher for PgFanout {
     fn publish(&self, event: Arc<LiveEvent>) {
         self.hub.publish(event.clone());
         self.bus.put(event);
+    }
+
+    fn flush(&self, within: Duration) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(self.bus.drained(within))
     }
 }
 
@@ -71,22 +81,29 @@ pub fn channel_name(schema: Option<&str>) -> String {
     }
 }
 
-/// What a notification says: `origin \t sequence \t channel \t tenant [\t event]`, the tenant
-/// percent-encoded and the event (live-only events only) base64.
+/// What a notification says: `origin \t sequence \t channel \t tenant \t added user
+/// [\t event]`, tenant and user percent-encoded (the user empty unless the event adds one) and
+/// the event (live-only events only) base64.
 struct Wake {
     origin: String,
     tenant: String,
     channel: String,
     sequence: i64,
+    added: Option<String>,
     live_only: Option<Bytes>,
 }
 
 fn encode_wake(origin: &str, ev: &LiveEvent) -> Option<String> {
+    let added = match &ev.membership {
+        Some(MembershipChange::Added(user)) => user.as_str(),
+        _ => "",
+    };
     let mut s = format!(
-        "{origin}\t{}\t{}\t{}",
+        "{origin}\t{}\t{}\t{}\t{}",
         ev.sequence,
         ev.channel_id,
-        utf8_percent_encode(&ev.tenant_id, NON_ALPHANUMERIC)
+        utf8_percent_encode(&ev.tenant_id, NON_ALPHANUMERIC),
+        utf8_percent_encode(added, NON_ALPHANUMERIC)
     );
     if ev.sequence == 0 {
         s.push('\t');
@@ -100,10 +117,9 @@ fn decode_wake(payload: &str) -> Option<Wake> {
     let origin = parts.next()?.to_owned();
     let sequence = parts.next()?.parse().ok()?;
     let channel = parts.next()?.to_owned();
-    let tenant = percent_decode_str(parts.next()?)
-        .decode_utf8()
-        .ok()?
-        .into_owned();
+    let decoded = |s: &str| Some(percent_decode_str(s).decode_utf8().ok()?.into_owned());
+    let tenant = decoded(parts.next()?)?;
+    let added = Some(decoded(parts.next()?)?).filter(|u| !u.is_empty());
     let live_only = match parts.next() {
         Some(b) => Some(Bytes::from(
             base64::engine::general_purpose::STANDARD.decode(b).ok()?,
@@ -115,6 +131,7 @@ fn decode_wake(payload: &str) -> Option<Wake> {
         tenant,
         channel,
         sequence,
+        added,
         live_only,
     })
 }
@@ -149,9 +166,19 @@ impl PgFanout {
             .await
             .map_err(|e| format!("DATABASE_URL: LISTEN {name}: {e}"))?;
         let (bus, queue) = BusQueue::new(settings.queue, settings.drop_ratio);
+        let connected = bus.connected();
+        connected.store(true, Ordering::Release);
+        crate::metrics::bus_connected(true);
         let (wakes, woken) = mpsc::channel(settings.queue.max(1));
         tokio::spawn(notify(pool, name.clone(), origin.clone(), queue));
-        tokio::spawn(listen(listener, origin, hub.clone(), wakes, recheck));
+        tokio::spawn(listen(
+            listener,
+            origin,
+            hub.clone(),
+            wakes,
+            recheck,
+            connected,
+        ));
         tokio::spawn(read(woken, hub.clone(), store));
         tracing::info!(channel = %name, "fan-out over PostgreSQL LISTEN/NOTIFY");
         Ok(Arc::new(PgFanout { hub, bus }))
@@ -170,7 +197,13 @@ async fn notify(
     while queue.recv_many(&mut batch, NOTIFY_BATCH).await > 0 {
         let payloads: Vec<String> = batch
             .drain(..)
-            .filter_map(|ev| encode_wake(&origin, &ev))
+            .filter_map(|ev| {
+                let wake = encode_wake(&origin, &ev);
+                if wake.is_none() {
+                    crate::metrics::bus_dropped("too_large");
+                }
+                wake
+            })
             .collect();
         let n = payloads.len();
         let sent = sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
@@ -195,10 +228,16 @@ async fn listen(
     hub: Arc<Hub>,
     wakes: mpsc::Sender<Wake>,
     recheck: Arc<Notify>,
+    connected: Arc<AtomicBool>,
 ) {
+    let up = |yes: bool| {
+        connected.store(yes, Ordering::Release);
+        crate::metrics::bus_connected(yes);
+    };
     loop {
         match listener.try_recv().await {
             Ok(Some(n)) => {
+                up(true);
                 let Some(wake) = decode_wake(n.payload()) else {
                     tracing::warn!(
                         payload = n.payload(),
@@ -222,16 +261,17 @@ async fn listen(
                     crate::metrics::bus_dropped("queue_full");
                 }
             }
-            // The connection was lost; the next call reconnects. What was notified meanwhile
-            // is found by the head check, run now.
+            // The connection was lost and sqlx has opened another (it reconnects eagerly);
+            // what was notified in between is found by the head check, run now.
             Ok(None) => {
-                tracing::warn!("fan-out: the LISTEN connection was lost; reconnecting");
-                crate::metrics::bus_connected(false);
+                tracing::warn!("fan-out: the LISTEN connection was lost; listening again");
+                up(true);
                 recheck.notify_one();
             }
+            // No connection: the next call tries again.
             Err(e) => {
                 tracing::warn!(error = %e, "fan-out: LISTEN failed; trying again in 1 s");
-                crate::metrics::bus_connected(false);
+                up(false);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 recheck.notify_one();
             }
@@ -239,31 +279,43 @@ async fn listen(
     }
 }
 
-/// Reads woken channels' new events from the log and publishes them to this node's hub.
+/// Reads woken channels' new events from the log and publishes them to this node's hub: for
+/// a channel its feeds follow, the events after what the hub has published (at most
+/// [`READ_LIMIT`]); for one they do not, the event that adds a user with a feed of all
+/// channels on this node. One read per channel per burst of wake-ups, [`READ_CONCURRENCY`] at
+/// once.
 async fn read(mut woken: mpsc::Receiver<Wake>, hub: Arc<Hub>, store: Arc<dyn Store>) {
     let mut batch = Vec::with_capacity(1024);
     while woken.recv_many(&mut batch, 1024).await > 0 {
-        // channel → (tenant, highest sequence notified)
-        let mut due: HashMap<String, (String, i64)> = HashMap::new();
+        // channel → (tenant, highest sequence notified, a join to deliver)
+        let mut due: HashMap<String, (String, i64, Option<i64>)> = HashMap::new();
         for w in batch.drain(..) {
-            let e = due.entry(w.channel).or_insert((w.tenant, 0));
+            let joins = w
+                .added
+                .as_deref()
+                .is_some_and(|u| hub.has_all_channels_feed(&w.tenant, u));
+            let e = due.entry(w.channel).or_insert((w.tenant, 0, None));
             e.1 = e.1.max(w.sequence);
+            if joins {
+                e.2 = e.2.max(Some(w.sequence));
+            }
         }
-        let reads = due.into_iter().filter_map(|(channel, (tenant, up_to))| {
-            let seen = hub.seen(&channel)?;
-            (up_to > seen).then_some((channel, tenant, seen, up_to))
-        });
-        let store = &store;
-        let hub = &hub;
-        futures::stream::iter(reads)
-            .for_each_concurrent(READ_CONCURRENCY, |(channel, tenant, seen, up_to)| async move {
-                // Nothing published here yet, or far behind: the newest only; feeds fill the
-                // rest themselves.
-                let after = if seen == 0 || up_to - seen > READ_LIMIT {
-                    up_to - 1
-                } else {
-                    seen
+        let reads = due
+            .into_iter()
+            .filter_map(|(channel, (tenant, up_to, join))| {
+                let after = match hub.seen(&channel) {
+                    Some(seen) if up_to <= seen => return None,
+                    // Nothing published here since it was followed, or far behind: the
+                    // newest few; a feed further back fills the rest itself.
+                    Some(seen) if seen == 0 || up_to - seen > READ_LIMIT => (up_to - NEWEST).max(0),
+                    Some(seen) => seen,
+                    None => join? - 1,
                 };
+                Some((channel, tenant, after, up_to))
+            });
+        let (store, hub) = (&store, &hub);
+        futures::stream::iter(reads)
+            .for_each_concurrent(READ_CONCURRENCY, |(channel, tenant, after, up_to)| async move {
                 match store.events(&channel, after, up_to, READ_LIMIT).await {
                     Ok(rows) => {
                         for row in rows {
@@ -302,10 +354,16 @@ mod tests {
             ("n1", "a\tb", "c", 0)
         );
         assert_eq!(w.live_only.as_deref(), Some(&b"\x00\x01\xff"[..]));
-        let stored = LiveEvent { sequence: 7, ..ev };
+        let stored = LiveEvent {
+            sequence: 7,
+            membership: Some(MembershipChange::Added("ב b".into())),
+            ..ev
+        };
         let w = decode_wake(&encode_wake("n1", &stored).expect("short")).expect("parses");
         assert_eq!((w.sequence, w.live_only), (7, None));
-        assert!(decode_wake("n1\tx\tc\tt").is_none());
+        assert_eq!(w.added.as_deref(), Some("ב b"));
+        assert!(decode_wake("n1\tx\tc\tt\t").is_none());
+        assert!(decode_wake("n1\t1\tc\tt").is_none(), "no user field");
         assert_eq!(channel_name(None), "chat_events");
         assert!(channel_name(Some(&"s".repeat(63))).len() <= 63);
     }

@@ -959,8 +959,6 @@ impl Backend for MySqlStore {
         .await?)
     }
 
-    /// The ids as an `IN` list padded to a power of two (at most 1,024 binds for Subscribe's
-    /// 1,000), so a handful of statement texts cover every call.
     async fn last_sequences(
         &self,
         channel_ids: &[String],
@@ -983,6 +981,8 @@ impl Backend for MySqlStore {
             .await?)
     }
 
+    /// The ids as an `IN` list padded to a power of two (at most 1,024 binds for Subscribe's
+    /// 1,000), so a handful of statement texts cover every call.
     async fn channel_heads(
         &self,
         tenant: &str,
