@@ -444,6 +444,32 @@ async fn membership_changes_and_listing(backend: Backend) {
         .is_empty());
 }
 
+/// The head check's read: every existing channel of the list, deleted or not, with its tenant
+/// and last sequence; unknown ids are left out; 1,000 ids in one call.
+async fn last_sequences_of_any_channels(backend: Backend) {
+    let (_db, s) = open(backend).await;
+    let quiet = group_with(&s, &[]).await;
+    let busy = group_with(&s, &["a", "b"]).await;
+    let gone = group_with(&s, &["c"]).await;
+    s.delete_group(actor("owner"), &gone, &enc)
+        .await
+        .expect("delete group");
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let mut ids = vec![quiet.clone(), busy.clone(), gone.clone(), unknown];
+    let mut got = s.last_sequences(&ids).await.expect("heads");
+    got.sort();
+    let mut want = vec![
+        (quiet, "t1".to_owned(), 1),
+        (busy, "t1".to_owned(), 3),
+        (gone, "t1".to_owned(), 4),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    ids.extend((ids.len()..store::MAX_HEADS_PER_READ).map(|_| uuid::Uuid::now_v7().to_string()));
+    assert_eq!(s.last_sequences(&ids).await.expect("1,000 ids").len(), 3);
+    assert!(s.last_sequences(&[]).await.expect("none").is_empty());
+}
+
 async fn the_last_owner_stays_under_races(backend: Backend) {
     let (_db, s) = open(backend).await;
     let ch = group_with(&s, &["second"]).await;
@@ -1807,6 +1833,7 @@ on_every_backend!(
     read_markers_favorites_and_unread,
     encoded_history_equals_the_converted_rows,
     membership_changes_and_listing,
+    last_sequences_of_any_channels,
     the_last_owner_stays_under_races,
     concurrent_add_members_skip_each_other,
     attachments_are_tenant_scoped_and_audited,
