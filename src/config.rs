@@ -269,7 +269,7 @@ pub struct ServeArgs {
     /// Milliseconds between a node's checks of followed channels' heads against storage
     /// (`FANOUT` other than `memory`): an event the bus lost reaches feeds within about twice
     /// this (100 to 60,000).
-    #[arg(long, env = "FANOUT_CHECK_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    #[arg(long, env = "FANOUT_CHECK_MS", default_value_t = crate::fanout::DEFAULT_CHECK_EVERY.as_millis() as u64, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub fanout_check_ms: u64,
     /// Events waiting to go on the bus, at most; past it they are dropped and other nodes get
     /// them from the check (1 to 10,000,000).

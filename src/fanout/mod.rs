@@ -9,10 +9,10 @@
 //!
 //! In every mode the sender's node delivers its own events to its hub at once, and the event
 //! log stays the source of truth: a cross-node transport is a fast path that may lose messages
-//! (core NATS delivers at most once; a `LISTEN` connection can drop). What it loses the
-//! head check (`check.rs`) finds: every `FANOUT_CHECK_MS` each node compares the heads of the channels its
-//! feeds follow with what its hub has published, and delivers a missed head from storage,
-//! from which each feed fills its own gap. See `docs/CLUSTER.md` for the bound.
+//! (core NATS delivers at most once; a `LISTEN` connection can drop). What it loses the head
+//! check (`check.rs`) finds: every `FANOUT_CHECK_MS` each node compares the heads of the
+//! channels its feeds follow with what its hub has published, and delivers a missed head from
+//! storage, from which each feed fills its own gap. See `docs/CLUSTER.md` for the bound.
 
 mod check;
 mod hub;
