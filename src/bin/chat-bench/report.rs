@@ -403,14 +403,33 @@ fn cluster_section(w: &mut impl FnMut(String), x: &Value, backend: &str) {
         f(&fan2["delivery"]["p50_ms"]),
         f(&fan2["delivery"]["p99_ms"])
     ));
-    let us = |v: &Value, i: usize| f(&v["cpu_per_send"]["servers_us"][i]);
+    // "node 1 · node 2 · NATS · database · generator (busy%)", in µs of CPU per operation.
+    let cpu = |c: &Value, digits: usize| {
+        let us = |v: &Value| format!("{:.digits$}", f(v));
+        format!(
+            "{} · {} · {} · {} · {} ({:.0}%)",
+            us(&c["servers_us"][0]),
+            if c["servers_us"][1].is_number() {
+                us(&c["servers_us"][1])
+            } else {
+                "–".to_owned()
+            },
+            us(&c["nats_us"]),
+            us(&c[db_process(backend).0]),
+            us(&c["generator_us"]),
+            f(&c["machine_busy"]) * 100.0
+        )
+    };
     w(format!(
-        "| CPU µs per send: node 1 · node 2 · NATS · {} · generator (busy) | {:.0} · {:.0} · {:.0} · {:.0} · {:.0} ({:.0}%) | {:.0} · {:.0} · {:.0} · {:.0} · {:.0} ({:.0}%) | – | – |",
+        "| CPU µs per send: node 1 · node 2 · NATS · {} · generator (machine busy) | {} | {} | – | – |",
         db_process(backend).1,
-        us(one, 0), us(one, 1), f(&one["cpu_per_send"]["nats_us"]), f(&one["cpu_per_send"][db_process(backend).0]),
-        f(&one["cpu_per_send"]["generator_us"]), f(&one["cpu_per_send"]["machine_busy"]) * 100.0,
-        us(two, 0), us(two, 1), f(&two["cpu_per_send"]["nats_us"]), f(&two["cpu_per_send"][db_process(backend).0]),
-        f(&two["cpu_per_send"]["generator_us"]), f(&two["cpu_per_send"]["machine_busy"]) * 100.0,
+        cpu(&one["cpu_per_send"], 0),
+        cpu(&two["cpu_per_send"], 0)
+    ));
+    w(format!(
+        "| fan-out CPU µs per delivery: same columns | {} | {} | – | – |",
+        cpu(&fan1["cpu_per_delivery"], 2),
+        cpu(&fan2["cpu_per_delivery"], 2)
     ));
     w(String::new());
     let bus = |v: &Value| -> String {

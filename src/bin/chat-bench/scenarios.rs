@@ -261,7 +261,10 @@ pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<
         let senders = connect_many(&server.url(), 8).await?;
         let listener = connect_many(&server.url(), 1).await?;
         let label = format!("{:.0}%", level * 100.0);
-        let mut run = open_loop(bench, &senders, &listener[0], rate, &[server.pid], &label).await?;
+        let seconds = bench.plan.open_loop_seconds;
+        let pids = [server.pid];
+        let mut run =
+            open_loop(bench, &senders, &listener[0], rate, seconds, &pids, &label).await?;
         run["level"] = json!(level);
         levels.push(run);
         server.stop().await;
@@ -269,7 +272,7 @@ pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<
     Ok(json!({ "best_per_second": best, "levels": levels }))
 }
 
-/// Open-loop sends at `rate` per second for `open_loop_seconds`, by alice over `senders` (in
+/// Open-loop sends at `rate` per second for `seconds`, by alice over `senders` (in
 /// turn) on 16 new groups, with bob following them all on `listener` (a connection to the
 /// same node or to another node of a cluster); ack latency and send → delivery, both from the
 /// intended send time (no coordinated omission), the generator's own lag, and CPU per send
@@ -279,6 +282,7 @@ pub async fn open_loop(
     senders: &[Channel],
     listener: &Channel,
     rate: f64,
+    seconds: f64,
     pids: &[u32],
     label: &str,
 ) -> BenchResult<Value> {
@@ -307,7 +311,7 @@ pub async fn open_loop(
     warmed
         .await
         .map_err(|_| "the warm-up message was not delivered within 30 s")??;
-    let total = (rate * bench.plan.open_loop_seconds).round() as u64;
+    let total = (rate * seconds).round().max(1.0) as u64;
     let received = Arc::new(AtomicU64::new(0));
     let receiver = {
         let received = received.clone();
@@ -423,10 +427,10 @@ pub async fn fanout_on(bench: &Bench, nodes: &[&Server]) -> BenchResult<Value> {
     let alice = bench.token("alice");
     let first = nodes.first().ok_or("fan-out needs a node")?;
     let sender_conn = connect_many(&first.url(), 1).await?;
-    let per_node = plan.fanout_connections.div_ceil(nodes.len()).max(1);
+    let conns_per_node = plan.fanout_connections.div_ceil(nodes.len()).max(1);
     let mut conns = Vec::new();
     for node in nodes {
-        conns.extend(connect_many(&node.url(), per_node).await?);
+        conns.extend(connect_many(&node.url(), conns_per_node).await?);
     }
     let users: Vec<String> = (0..plan.fanout_subscribers)
         .map(|i| format!("sub-{i}"))
@@ -494,7 +498,8 @@ pub async fn fanout_on(bench: &Bench, nodes: &[&Server]) -> BenchResult<Value> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let samplers: Vec<RssSampler> = nodes.iter().map(|n| RssSampler::start(n.pid)).collect();
-    let cpu0: Vec<f64> = nodes.iter().map(|n| n.cpu_seconds()).collect();
+    let pids: Vec<u32> = nodes.iter().map(|n| n.pid).collect();
+    let cpu0 = CpuSnapshot::take(&pids);
     let start = Instant::now();
     // Four senders in a closed loop on the sender's connection.
     let next = Arc::new(AtomicU64::new(0));
@@ -525,15 +530,17 @@ pub async fn fanout_on(bench: &Bench, nodes: &[&Server]) -> BenchResult<Value> {
         last_at = last_at.max(at);
     }
     let secs = last_at.duration_since(start).as_secs_f64();
-    let per_node: Vec<Value> = nodes
+    // CPU per delivery of each node, the database, NATS and this generator, and how busy
+    // the machine was: on two cores the generator's decoding is a large share.
+    let cpu_per_delivery = cpu0.per_op(&CpuSnapshot::take(&pids), delivered as f64);
+    let per_node: Vec<Value> = samplers
         .iter()
-        .zip(&cpu0)
-        .zip(&samplers)
         .enumerate()
-        .map(|(k, ((node, cpu0), sampler))| {
+        .map(|(k, sampler)| {
+            let us = cpu_per_delivery["servers_us"][k].as_f64().unwrap_or(0.0);
             json!({
-                "subscribers": (0..users.len()).filter(|i| i % conns.len() / per_node == k).count(),
-                "server_cpu_seconds": node.cpu_seconds() - cpu0,
+                "subscribers": (0..users.len()).filter(|i| i % conns.len() / conns_per_node == k).count(),
+                "server_cpu_seconds": us * delivered as f64 / 1e6,
                 "peak_rss_mib": sampler.max() as f64 / 1024.0,
             })
         })
@@ -560,6 +567,7 @@ pub async fn fanout_on(bench: &Bench, nodes: &[&Server]) -> BenchResult<Value> {
         "subscribers_with_gaps": gaps,
         "subscribers_missing_events": short,
         "server_cpu_seconds": cpu,
+        "cpu_per_delivery": cpu_per_delivery,
         "peak_rss_mib": rss,
         "nodes": per_node,
     }))
