@@ -331,7 +331,7 @@ pub async fn mysql_loop(bench: &Bench) -> BenchResult<Value> {
                     n
                 }));
             }
-            let (t, cpu0) = (Instant::now(), CpuSnapshot::take(std::process::id()));
+            let (t, cpu0) = (Instant::now(), CpuSnapshot::take(&[std::process::id()]));
             tokio::time::sleep(Duration::from_secs_f64(bench.plan.send_seconds)).await;
             stop.store(true, Ordering::Relaxed);
             let mut total = 0;
@@ -340,7 +340,7 @@ pub async fn mysql_loop(bench: &Bench) -> BenchResult<Value> {
             }
             let rate = total as f64 / t.elapsed().as_secs_f64();
             // The "server" here is this process (the loop), as is the generator.
-            let cpu = cpu0.per_op(&CpuSnapshot::take(std::process::id()), total as f64);
+            let cpu = cpu0.per_op(&CpuSnapshot::take(&[std::process::id()]), total as f64);
             let errors = errors.load(Ordering::Relaxed);
             if errors > 0 {
                 return Err(format!("{errors} baseline INSERTs failed").into());

@@ -3,18 +3,21 @@
 //! latencies in HDR histograms, measures the machine's own limits in the same run (pgbench
 //! single-row INSERTs, sqlx insert loops on SQLite and MySQL / MariaDB, a bare tonic server,
 //! sequential disk writes)
-//! and writes `BENCHMARKS.md` and `results.json`.
+//! and writes `BENCHMARKS.md` and `results.json`. Scenario 7 runs two nodes with `FANOUT=nats`
+//! over a `nats-server` of its own (CHAT_BENCH_NATS_SERVER names the binary).
 //!
 //! ```text
 //! scripts/bench                      # everything, SQLite, PostgreSQL and MySQL / MariaDB
 //! chat-bench --backends mysql        # one database (CHAT_BENCH_MYSQL_URL names the server)
 //! chat-bench --quick                 # a smoke run of every scenario in seconds (CI)
 //! chat-bench --backends sqlite --scenarios 1,2
+//! chat-bench --backends postgres --scenarios 1,7   # two nodes over NATS against one
 //! chat-bench soak --minutes 30       # mixed load for leaks and drift (scripts/soak; see soak.rs)
 //! chat-bench soak --quick            # its 20-second smoke run (CI)
 //! ```
 
 mod baselines;
+mod cluster;
 mod proc;
 mod report;
 mod scenarios;
@@ -47,8 +50,9 @@ struct Args {
     /// Databases to run on.
     #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,mysql")]
     backends: Vec<Backend>,
-    /// Scenarios to run (1 sends, 2 latency, 3 fan-out, 4 idle streams, 5 history, 6 uploads).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
+    /// Scenarios to run (1 sends, 2 latency, 3 fan-out, 4 idle streams, 5 history, 6 uploads,
+    /// 7 cluster: two nodes over NATS; not on SQLite).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7")]
     scenarios: Vec<u8>,
     #[command(flatten)]
     server: ServerArgs,
@@ -61,8 +65,10 @@ struct Args {
     /// Override the seconds per open-loop level.
     #[arg(long)]
     open_loop_seconds: Option<f64>,
-    /// Scenario 2's full load in sends/s (its levels are fractions of it). Without it, scenario
-    /// 1 runs too and its best rate is the full load.
+    /// Scenario 2's full load in sends/s (its levels are fractions of it), and scenario 7's.
+    /// Without it, scenario 2 brings scenario 1 along and its best rate is the full load;
+    /// scenario 7 takes scenario 1's best rate when it ran, else measures a closed-loop rate
+    /// of its own.
     #[arg(long)]
     full_load: Option<f64>,
     /// Internal: serve only gRPC health on 127.0.0.1:0 (the bare-tonic baseline).
@@ -92,6 +98,9 @@ pub struct ServerArgs {
         default_value = "mysql://root@127.0.0.1:3306/test"
     )]
     mysql_url: String,
+    /// `nats-server` for scenario 7 (default: the one on PATH, else /usr/sbin/nats-server).
+    #[arg(long, env = "CHAT_BENCH_NATS_SERVER")]
+    nats_server: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -115,6 +124,7 @@ impl ServerArgs {
             server_bin,
             pg_url: self.postgres_url,
             mysql_url: self.mysql_url,
+            nats_server: self.nats_server,
             dir: std::fs::canonicalize(dir)?,
             secret: "bench-secret-0123456789abcdef".into(),
             ids: AtomicU64::new(0),
@@ -227,6 +237,8 @@ pub struct Bench {
     pub pg_url: String,
     /// The MySQL / MariaDB server (its database part is ignored: see [`Bench::mysql_db_url`]).
     pub mysql_url: String,
+    /// `nats-server` as given (CHAT_BENCH_NATS_SERVER); see [`cluster::nats_binary`].
+    pub nats_server: Option<PathBuf>,
     pub dir: PathBuf,
     pub secret: String,
     ids: AtomicU64,
@@ -372,18 +384,19 @@ async fn run_backends(
             say(&format!("{}: 1. persisted sends/s", backend.name()));
             out["sends"] = scenarios::sends(bench, backend).await?;
         }
+        // The best closed-loop rate of scenario 1 in this run, if it ran.
+        let best_sends = out["sends"]["runs"]
+            .as_array()
+            .map(|runs| {
+                runs.iter()
+                    .filter_map(|r| r["per_second"].as_f64())
+                    .fold(0.0, f64::max)
+            })
+            .filter(|&best| best > 0.0);
         if wants(2) {
-            let best = full_load.or_else(|| {
-                out["sends"]["runs"]
-                    .as_array()
-                    .map(|runs| {
-                        runs.iter()
-                            .filter_map(|r| r["per_second"].as_f64())
-                            .fold(0.0, f64::max)
-                    })
-                    .filter(|&best| best > 0.0)
-            });
-            let best = best.ok_or("scenario 2 needs scenario 1 in the same run, or --full-load")?;
+            let best = full_load
+                .or(best_sends)
+                .ok_or("scenario 2 needs scenario 1 in the same run, or --full-load")?;
             say(&format!(
                 "{}: 2. latency at fixed load (best {best:.0}/s)",
                 backend.name()
@@ -405,6 +418,18 @@ async fn run_backends(
         if wants(6) {
             say(&format!("{}: 6. uploads", backend.name()));
             out["upload"] = scenarios::upload(bench, backend).await?;
+        }
+        if wants(7) {
+            say(&format!(
+                "{}: 7. cluster (two nodes over NATS)",
+                backend.name()
+            ));
+            let full = match (full_load, best_sends) {
+                (Some(r), _) => Some(cluster::FullLoad::Given(r)),
+                (None, Some(r)) => Some(cluster::FullLoad::Scenario1(r)),
+                (None, None) => None,
+            };
+            out["cluster"] = cluster::cluster(bench, backend, full).await?;
         }
         results["backends"][backend.name()] = out;
     }

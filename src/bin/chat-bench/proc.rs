@@ -22,6 +22,12 @@ pub struct Server {
     mysql_db: Option<(String, String)>,
     /// The server's DATABASE_URL.
     pub database_url: String,
+    /// The variables naming its database (DATABASE_URL, and DB_SCHEMA on PostgreSQL), for
+    /// [`Server::start_beside`].
+    database: Vec<(String, String)>,
+    /// `HOST:PORT` of its `/metrics` endpoint, when started with `METRICS_ADDR` (its
+    /// `metrics_addr=` log line).
+    pub metrics_addr: Option<String>,
 }
 
 impl Server {
@@ -44,6 +50,66 @@ impl Server {
         log: Option<&Path>,
     ) -> BenchResult<Server> {
         let n = bench.next_id();
+        let mut schema = None;
+        let mut mysql_db = None;
+        let database: Vec<(String, String)> = match backend {
+            Backend::Sqlite => vec![(
+                "DATABASE_URL".into(),
+                format!(
+                    "sqlite://{}",
+                    bench.dir.join(format!("chat-{n}.db")).display()
+                ),
+            )],
+            Backend::Postgres => {
+                let name = format!("bench_{}_{n}", std::process::id());
+                let pool = sqlx::PgPool::connect(&bench.pg_url).await?;
+                sqlx::query(&format!("CREATE SCHEMA {name}"))
+                    .execute(&pool)
+                    .await?;
+                pool.close().await;
+                schema = Some(name.clone());
+                vec![
+                    ("DATABASE_URL".into(), bench.pg_url.clone()),
+                    ("DB_SCHEMA".into(), name),
+                ]
+            }
+            Backend::Mysql => {
+                let name = format!("chat_bench_{}_{n}", std::process::id());
+                let admin = bench.mysql_admin().await?;
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await?;
+                admin.close().await;
+                mysql_db = Some((name.clone(), bench.mysql_db_url("")));
+                vec![("DATABASE_URL".into(), bench.mysql_db_url(&name))]
+            }
+        };
+        let mut server = Self::launch(bench, n, database, env, log).await?;
+        server.schema = schema;
+        server.mysql_db = mysql_db;
+        Ok(server)
+    }
+
+    /// Starts another `chat-service serve` on the database (and schema) of `first`, which
+    /// keeps owning it: this one drops nothing when it stops, and must stop before `first`
+    /// does. `env` adds or overrides variables, as for [`Server::start`].
+    pub async fn start_beside(
+        bench: &Bench,
+        first: &Server,
+        env: &[(&str, String)],
+    ) -> BenchResult<Server> {
+        Self::launch(bench, bench.next_id(), first.database.clone(), env, None).await
+    }
+
+    /// Spawns `chat-service serve` with the bench's settings, the `database` variables, then
+    /// `env` on top; scratch files are numbered `n`.
+    async fn launch(
+        bench: &Bench,
+        n: u64,
+        database: Vec<(String, String)>,
+        env: &[(&str, String)],
+        log: Option<&Path>,
+    ) -> BenchResult<Server> {
         let mut vars: Vec<(String, String)> = vec![
             ("JWT_SECRET".into(), bench.secret.clone()),
             ("GRPC_ADDR".into(), "127.0.0.1:0".into()),
@@ -60,51 +126,19 @@ impl Server {
                 format!("file://{}", bench.dir.join(format!("blobs-{n}")).display()),
             ),
         ];
-        let mut schema = None;
-        let mut mysql_db = None;
-        match backend {
-            Backend::Sqlite => vars.push((
-                "DATABASE_URL".into(),
-                format!(
-                    "sqlite://{}",
-                    bench.dir.join(format!("chat-{n}.db")).display()
-                ),
-            )),
-            Backend::Postgres => {
-                let name = format!("bench_{}_{n}", std::process::id());
-                let pool = sqlx::PgPool::connect(&bench.pg_url).await?;
-                sqlx::query(&format!("CREATE SCHEMA {name}"))
-                    .execute(&pool)
-                    .await?;
-                pool.close().await;
-                vars.push(("DATABASE_URL".into(), bench.pg_url.clone()));
-                vars.push(("DB_SCHEMA".into(), name.clone()));
-                schema = Some(name);
-            }
-            Backend::Mysql => {
-                let name = format!("chat_bench_{}_{n}", std::process::id());
-                let admin = bench.mysql_admin().await?;
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&admin)
-                    .await?;
-                admin.close().await;
-                vars.push(("DATABASE_URL".into(), bench.mysql_db_url(&name)));
-                mysql_db = Some((name, bench.mysql_db_url("")));
-            }
-        }
+        vars.extend(database.iter().cloned());
         for (k, v) in env {
             vars.retain(|(name, _)| name != k);
             vars.push(((*k).into(), v.clone()));
         }
         let mut server = Self::spawn_logged(&bench.server_bin, &["serve"], &vars, log).await?;
-        server.schema = schema;
         server.pg_url = bench.pg_url.clone();
-        server.mysql_db = mysql_db;
         server.database_url = vars
             .iter()
             .find(|(k, _)| k == "DATABASE_URL")
             .map(|(_, v)| v.clone())
             .unwrap_or_default();
+        server.database = database;
         Ok(server)
     }
 
@@ -151,15 +185,20 @@ impl Server {
             let mut lines = BufReader::new(stderr).lines();
             let mut tx = Some(tx);
             let mut log = String::new();
+            let mut metrics_addr = None;
+            let value_of = |line: &str, key: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .map(str::to_owned)
+            };
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(tx) = tx.take_if(|_| line.contains("listening")) {
-                    let addr = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                        .unwrap_or_default()
-                        .to_owned();
-                    let _ = tx.send(Ok(addr));
+                    let addr = value_of(&line, "addr=").unwrap_or_default();
+                    let _ = tx.send(Ok((addr, metrics_addr.take())));
                 } else if tx.is_some() {
+                    if metrics_addr.is_none() {
+                        metrics_addr = value_of(&line, "metrics_addr=");
+                    }
                     log.push_str(&line);
                     log.push('\n');
                 } else if let Some(file) = log_file.as_mut() {
@@ -170,8 +209,8 @@ impl Server {
                 let _ = tx.send(Err(log));
             }
         });
-        let addr = match tokio::time::timeout(Duration::from_secs(60), rx).await {
-            Ok(Ok(Ok(addr))) if !addr.is_empty() => addr,
+        let (addr, metrics_addr) = match tokio::time::timeout(Duration::from_secs(60), rx).await {
+            Ok(Ok(Ok((addr, metrics)))) if !addr.is_empty() => (addr, metrics),
             Ok(Ok(Err(log))) => return Err(format!("server did not start:\n{log}").into()),
             _ => return Err("server did not report its address within 60 s".into()),
         };
@@ -183,6 +222,8 @@ impl Server {
             pg_url: String::new(),
             mysql_db: None,
             database_url: String::new(),
+            database: Vec::new(),
+            metrics_addr,
         })
     }
 
@@ -267,17 +308,20 @@ fn clock_ticks() -> f64 {
     100.0
 }
 
-/// CPU time spent so far by each part of a run, from /proc: the server, this load generator,
-/// PostgreSQL's processes (every process on the host named `postgres`, with the time of the
-/// ones that exited counted through their parent's reaped-children time), the MySQL / MariaDB
-/// server (`mariadbd` or `mysqld`: one process, a thread per connection), and the whole
-/// machine.
-#[derive(Clone, Copy)]
+/// CPU time spent so far by each part of a run, from /proc: the server(s) under test, this
+/// load generator, PostgreSQL's processes (every process on the host named `postgres`, with
+/// the time of the ones that exited counted through their parent's reaped-children time), the
+/// MySQL / MariaDB server (`mariadbd` or `mysqld`: one process, a thread per connection),
+/// `nats-server` (scenario 7's bus), and the whole machine.
+#[derive(Clone)]
 pub struct CpuSnapshot {
-    server: f64,
+    /// Seconds of each server under test, in the order of the pids given to
+    /// [`CpuSnapshot::take`].
+    servers: Vec<f64>,
     generator: f64,
     postgres: f64,
     mysql: f64,
+    nats: f64,
     /// Seconds the machine's cores were busy (user, system, interrupts, steal), summed.
     busy: f64,
     /// Seconds the machine's cores existed (busy + idle + I/O wait), summed.
@@ -285,8 +329,9 @@ pub struct CpuSnapshot {
 }
 
 impl CpuSnapshot {
-    /// Reads every counter now; `server_pid` is the server under test.
-    pub fn take(server_pid: u32) -> CpuSnapshot {
+    /// Reads every counter now; `server_pids` are the servers under test (one, or the nodes
+    /// of a cluster).
+    pub fn take(server_pids: &[u32]) -> CpuSnapshot {
         let stats: Vec<String> = std::fs::read_dir("/proc")
             .into_iter()
             .flatten()
@@ -308,25 +353,36 @@ impl CpuSnapshot {
         };
         let postgres = named(&["postgres"]);
         let mysql = named(&["mariadbd", "mysqld"]);
+        let nats = named(&["nats-server"]);
         let (busy, total) =
             machine_seconds(&std::fs::read_to_string("/proc/stat").unwrap_or_default());
         CpuSnapshot {
-            server: cpu_seconds_of(server_pid),
+            servers: server_pids.iter().map(|&p| cpu_seconds_of(p)).collect(),
             generator: cpu_seconds_of("self"),
             postgres,
             mysql,
+            nats,
             busy,
             total,
         }
     }
 
     /// What was spent from `self` to `later` for `ops` operations: microseconds of CPU per
-    /// operation by the server, PostgreSQL, MySQL / MariaDB and the generator, and the share of the machine's
-    /// cores that were busy (0-1).
+    /// operation by the server(s) (`server_us` all of them, `servers_us` each), PostgreSQL,
+    /// MySQL / MariaDB, NATS and the generator, and the share of the machine's cores that
+    /// were busy (0-1).
     pub fn per_op(&self, later: &CpuSnapshot, ops: f64) -> serde_json::Value {
         let us = |a: f64, b: f64| (b - a).max(0.0) * 1e6 / ops.max(1.0);
+        let servers: Vec<f64> = self
+            .servers
+            .iter()
+            .zip(&later.servers)
+            .map(|(&a, &b)| us(a, b))
+            .collect();
         serde_json::json!({
-            "server_us": us(self.server, later.server),
+            "server_us": servers.iter().sum::<f64>(),
+            "servers_us": servers,
+            "nats_us": us(self.nats, later.nats),
             "postgres_us": us(self.postgres, later.postgres),
             "mysql_us": us(self.mysql, later.mysql),
             "generator_us": us(self.generator, later.generator),
@@ -472,7 +528,7 @@ mod tests {
     #[test]
     fn a_snapshot_counts_this_process() {
         let me = std::process::id();
-        let before = CpuSnapshot::take(me);
+        let before = CpuSnapshot::take(&[me]);
         // Spin until this process has used 300 ms of CPU, however busy the machine is.
         let own = || cpu_seconds_of("self");
         let (start, t) = (own(), Instant::now());
@@ -482,7 +538,7 @@ mod tests {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
         }
-        let spent = before.per_op(&CpuSnapshot::take(me), 2.0);
+        let spent = before.per_op(&CpuSnapshot::take(&[me]), 2.0);
         let server = spent["server_us"].as_f64().unwrap_or(0.0);
         // Half of at least 300 ms per "operation"; ticks are 10 ms.
         assert!(server >= 145_000.0, "{spent}");

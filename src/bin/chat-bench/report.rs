@@ -325,6 +325,138 @@ pub fn markdown(r: &Value) -> String {
                 x["bytes"].as_u64().unwrap_or(0) >> 20, f(&x["mb_per_second"]), ratio, disk, x["rounds"].as_u64().unwrap_or(1), ok(ratio >= 0.8), growth, ok(growth < 64.0), x["peak_from"].as_str().unwrap_or("")));
             w(String::new());
         }
+        if s["cluster"].is_object() {
+            cluster_section(&mut w, &s["cluster"], name);
+        }
     }
     out
+}
+
+/// Scenario 7's section: one node against two, each figure and the ratio.
+fn cluster_section(w: &mut impl FnMut(String), x: &Value, backend: &str) {
+    w("### 7. Cluster: two nodes over NATS".into());
+    w(String::new());
+    if let Some(why) = x["skipped"].as_str() {
+        w(format!("Not run: {why}."));
+        w(String::new());
+        return;
+    }
+    let (one, two) = (&x["latency"]["single"], &x["latency"]["cross"]);
+    let (fan1, fan2) = (&x["fanout"]["single"], &x["fanout"]["cross"]);
+    let r = &x["ratios"];
+    w(format!(
+        "Two `chat-service serve` nodes on one {backend} database, `FANOUT=nats` ({}), \
+         `FANOUT_CHECK_MS={}`. Latency: open loop at {:.0}% of {:.0} sends/s ({}) = **{:.0} sends/s**, \
+         senders on node 1; the subscriber on node 1 (one node) or node 2 (across nodes). \
+         Fan-out: {} subscribers of one channel, all on node 1 or half on each node, senders on \
+         node 1.",
+        x["nats_server"].as_str().unwrap_or("nats-server"),
+        x["fanout_check_ms"],
+        f(&x["load"]) * 100.0,
+        f(&x["full_per_second"]),
+        x["full_from"].as_str().unwrap_or(""),
+        f(&one["target_per_second"]),
+        fan1["subscribers"],
+    ));
+    w(String::new());
+    w("| figure | one node | across nodes | across / one | target (across nodes) |".into());
+    w("|---|---|---|---|---|".into());
+    let p99 = f(&two["delivery"]["p99_ms"]);
+    for (label, key, target) in [
+        ("send → delivery p50 ms", "p50_ms", "–".to_owned()),
+        (
+            "send → delivery p99 ms",
+            "p99_ms",
+            format!("≤ 10 ms {}", ok(p99 <= 10.0)),
+        ),
+        ("send → delivery max ms", "max_ms", "–".to_owned()),
+    ] {
+        let ratio_key = format!("delivery_{}", key.trim_end_matches("_ms"));
+        w(format!(
+            "| {label} | {:.2} | {:.2} | **{:.2}×** | {target} |",
+            f(&one["delivery"][key]),
+            f(&two["delivery"][key]),
+            f(&r[&ratio_key])
+        ));
+    }
+    w(format!(
+        "| ack p99 ms | {:.2} | {:.2} | – | – |",
+        f(&one["ack"]["p99_ms"]),
+        f(&two["ack"]["p99_ms"])
+    ));
+    let complete = |v: &Value| {
+        v["subscribers_missing_events"].as_u64() == Some(0)
+            && v["subscribers_with_gaps"].as_u64() == Some(0)
+    };
+    let rate2 = f(&fan2["deliveries_per_second"]);
+    w(format!(
+        "| fan-out deliveries/s | {:.0} | {:.0} | **{:.2}×** | ≥ 250,000 with nothing missed {} |",
+        f(&fan1["deliveries_per_second"]),
+        rate2,
+        f(&r["fanout_deliveries_per_second"]),
+        ok(rate2 >= 250_000.0 && complete(fan2) && complete(fan1))
+    ));
+    w(format!(
+        "| fan-out delivery p50 / p99 ms | {:.2} / {:.2} | {:.2} / {:.2} | – | – |",
+        f(&fan1["delivery"]["p50_ms"]),
+        f(&fan1["delivery"]["p99_ms"]),
+        f(&fan2["delivery"]["p50_ms"]),
+        f(&fan2["delivery"]["p99_ms"])
+    ));
+    // "node 1 · node 2 · NATS · database · generator (busy%)", in µs of CPU per operation.
+    let cpu = |c: &Value, digits: usize| {
+        let us = |v: &Value| format!("{:.digits$}", f(v));
+        format!(
+            "{} · {} · {} · {} · {} ({:.0}%)",
+            us(&c["servers_us"][0]),
+            if c["servers_us"][1].is_number() {
+                us(&c["servers_us"][1])
+            } else {
+                "–".to_owned()
+            },
+            us(&c["nats_us"]),
+            us(&c[db_process(backend).0]),
+            us(&c["generator_us"]),
+            f(&c["machine_busy"]) * 100.0
+        )
+    };
+    w(format!(
+        "| CPU µs per send: node 1 · node 2 · NATS · {} · generator (machine busy) | {} | {} | – | – |",
+        db_process(backend).1,
+        cpu(&one["cpu_per_send"], 0),
+        cpu(&two["cpu_per_send"], 0)
+    ));
+    w(format!(
+        "| fan-out CPU µs per delivery: same columns | {} | {} | – | – |",
+        cpu(&fan1["cpu_per_delivery"], 2),
+        cpu(&fan2["cpu_per_delivery"], 2)
+    ));
+    w(String::new());
+    let bus = |v: &Value| -> String {
+        let nodes: Vec<String> = v["bus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, n)| {
+                format!(
+                    "node {}: published {:.0}, received {:.0}, recovered by the check {:.0}, dropped {:.0}, feed catch-ups {:.0}",
+                    i + 1,
+                    f(&n["chat_bus_published_total"]),
+                    f(&n["chat_bus_received_total"]),
+                    f(&n["chat_bus_recovered_total"]),
+                    f(&n["chat_bus_dropped_total"]),
+                    f(&n["chat_feed_catchups_total"])
+                )
+            })
+            .collect();
+        nodes.join("; ")
+    };
+    w(format!(
+        "Bus counters (from each node's `/metrics`) during the cross-node latency run: {}. \
+         During the spread fan-out: {}.",
+        bus(two),
+        bus(fan2)
+    ));
+    w(String::new());
 }

@@ -1,4 +1,5 @@
-//! The six scenarios, each against a fresh `chat-service serve` process.
+//! Scenarios 1-6, each against a fresh `chat-service serve` process, and the measurements
+//! scenario 7 (`cluster.rs`) runs again on two nodes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -122,7 +123,7 @@ pub fn groups(ch: &Channel, token: &str) -> BenchResult<GroupClient> {
 }
 
 /// Alice makes `n` groups with `members`; their channel ids.
-async fn make_groups(
+pub async fn make_groups(
     g: &mut GroupClient,
     n: usize,
     members: &[String],
@@ -186,54 +187,68 @@ pub async fn sends(bench: &Bench, backend: Backend) -> BenchResult<Value> {
     let rss_idle = server.rss_kib();
     let mut runs = Vec::new();
     for &c in &bench.plan.send_concurrency {
-        let sampler = RssSampler::start(server.pid);
-        let stop = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(AtomicU64::new(0));
-        let n_conns = c.div_ceil(4);
-        let mut tasks = Vec::new();
-        for i in 0..c {
-            let mut client = chat(&conns[i % n_conns], &alice)?;
-            let channel = channels[i % channels.len()].clone();
-            let (stop, errors) = (stop.clone(), errors.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut h = histogram();
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    match client.send_message(send_req(&channel, BODY.into())).await {
-                        Ok(_) => record(&mut h, t.elapsed()),
-                        Err(_) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                h
-            }));
-        }
-        let (t, cpu0) = (Instant::now(), CpuSnapshot::take(server.pid));
-        tokio::time::sleep(Duration::from_secs_f64(bench.plan.send_seconds)).await;
-        stop.store(true, Ordering::Relaxed);
-        let mut h = histogram();
-        for task in tasks {
-            h.add(task.await?)?;
-        }
-        let rate = h.len() as f64 / t.elapsed().as_secs_f64();
-        let cpu = cpu0.per_op(&CpuSnapshot::take(server.pid), h.len() as f64);
-        say(&format!(
-            "  c={c}: {rate:.0} sends/s, p99 {:.2} ms",
-            h.value_at_quantile(0.99) as f64 / 1000.0
-        ));
-        runs.push(json!({
-            "concurrency": c,
-            "connections": n_conns,
-            "per_second": rate,
-            "errors": errors.load(Ordering::Relaxed),
-            "ack": summary(&h),
-            "peak_rss_mib": sampler.max() as f64 / 1024.0,
-            "cpu_per_send": cpu,
-        }));
+        runs.push(closed_loop(bench, &server, &conns, &channels, c).await?);
     }
     server.stop().await;
     Ok(json!({ "channels": 16, "idle_rss_mib": rss_idle as f64 / 1024.0, "runs": runs }))
+}
+
+/// `c` senders in a closed loop for `send_seconds` on `channels` (taken in turn), over the
+/// first `c / 4` of `conns` (connections to `server`); sends/s (`per_second`), ack latency,
+/// errors, the server's peak RSS and CPU per send.
+pub async fn closed_loop(
+    bench: &Bench,
+    server: &Server,
+    conns: &[Channel],
+    channels: &[String],
+    c: usize,
+) -> BenchResult<Value> {
+    let alice = bench.token("alice");
+    let sampler = RssSampler::start(server.pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let n_conns = c.div_ceil(4).min(conns.len());
+    let mut tasks = Vec::new();
+    for i in 0..c {
+        let mut client = chat(&conns[i % n_conns], &alice)?;
+        let channel = channels[i % channels.len()].clone();
+        let (stop, errors) = (stop.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match client.send_message(send_req(&channel, BODY.into())).await {
+                    Ok(_) => record(&mut h, t.elapsed()),
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            h
+        }));
+    }
+    let (t, cpu0) = (Instant::now(), CpuSnapshot::take(&[server.pid]));
+    tokio::time::sleep(Duration::from_secs_f64(bench.plan.send_seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut h = histogram();
+    for task in tasks {
+        h.add(task.await?)?;
+    }
+    let rate = h.len() as f64 / t.elapsed().as_secs_f64();
+    let cpu = cpu0.per_op(&CpuSnapshot::take(&[server.pid]), h.len() as f64);
+    say(&format!(
+        "  c={c}: {rate:.0} sends/s, p99 {:.2} ms",
+        h.value_at_quantile(0.99) as f64 / 1000.0
+    ));
+    Ok(json!({
+        "concurrency": c,
+        "connections": n_conns,
+        "per_second": rate,
+        "errors": errors.load(Ordering::Relaxed),
+        "ack": summary(&h),
+        "peak_rss_mib": sampler.max() as f64 / 1024.0,
+        "cpu_per_send": cpu,
+    }))
 }
 
 /// Scenario 2: open loop at fractions of `best` sends/s; ack latency and send → delivery to a
@@ -243,141 +258,184 @@ pub async fn latency(bench: &Bench, backend: Backend, best: f64) -> BenchResult<
     for &level in &bench.plan.load_levels {
         let rate = (best * level).max(1.0);
         let server = Server::start(bench, backend, &[]).await?;
-        let (alice, bob) = (bench.token("alice"), bench.token("bob"));
-        let conns = connect_many(&server.url(), 9).await?;
-        let channels = make_groups(&mut groups(&conns[0], &alice)?, 16, &["bob".into()]).await?;
-        let epoch = Instant::now();
-        // Bob follows the 16 channels on a connection of his own.
-        let mut feed = chat(&conns[8], &bob)?
-            .subscribe(proto::SubscribeRequest {
-                channel_ids: channels.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let mut warm = chat(&conns[0], &alice)?;
-        warm.send_message(send_req(&channels[0], "warm-up".into()))
-            .await?;
-        loop {
-            let ev = feed.message().await?.ok_or("feed ended")?;
-            if matches!(ev.event, Some(Event::MessageCreated(_))) {
-                break;
-            }
-        }
-        let total = (rate * bench.plan.open_loop_seconds).round() as u64;
-        let received = Arc::new(AtomicU64::new(0));
-        let receiver = {
-            let received = received.clone();
-            tokio::spawn(async move {
-                let mut h = histogram();
-                while let Ok(Some(ev)) = feed.message().await {
-                    if let Some(Event::MessageCreated(m)) = ev.event {
-                        if let Some(at) = m.message.as_ref().and_then(|m| stamp_of(epoch, &m.body))
-                        {
-                            record(&mut h, at.elapsed());
-                        }
-                        if received.fetch_add(1, Ordering::Relaxed) + 1 >= total {
-                            break;
-                        }
-                    }
-                }
-                h
-            })
-        };
-        let clients: Vec<ChatClient> = (0..8)
-            .map(|i| chat(&conns[i], &alice))
-            .collect::<BenchResult<_>>()?;
-        let acks = Arc::new(std::sync::Mutex::new(histogram()));
-        let errors = Arc::new(AtomicU64::new(0));
-        // The /proc scan first: read after `start`, it would make the first sends late.
-        let cpu0 = CpuSnapshot::take(server.pid);
-        let start = Instant::now();
-        let mut inflight = tokio::task::JoinSet::new();
-        // The arrival schedule is kept by a thread of its own: tokio's timer fires on whole
-        // milliseconds, which issued every send up to 1 ms late and in bunches, one per tick.
-        // A thread's sleep wakes within tens of microseconds of the due time.
-        let (ticks, mut due_times) = tokio::sync::mpsc::unbounded_channel();
-        let pacer = std::thread::spawn(move || {
-            for k in 0..total {
-                let due = start + Duration::from_secs_f64(k as f64 / rate);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-                if ticks.send((k, due)).is_err() {
-                    return;
-                }
-            }
-        });
-        // How late the generator itself issues each send (waking, scheduling): part of every
-        // latency below, reported so it is not mistaken for the server's.
-        let mut lag = histogram();
-        while let Some((k, due)) = due_times.recv().await {
-            record(&mut lag, due.elapsed());
-            let mut client = clients[(k % 8) as usize].clone();
-            let req = send_req(&channels[(k % 16) as usize], stamped(epoch, due));
-            let (acks, errors) = (acks.clone(), errors.clone());
-            inflight.spawn(async move {
-                match client.send_message(req).await {
-                    Ok(_) => {
-                        if let Ok(mut h) = acks.lock() {
-                            record(&mut h, due.elapsed());
-                        }
-                    }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
-            while inflight.try_join_next().is_some() {}
-        }
-        pacer.join().map_err(|_| "the pacer thread panicked")?;
-        while inflight.join_next().await.is_some() {}
-        let sent_secs = start.elapsed().as_secs_f64();
-        let cpu = cpu0.per_op(&CpuSnapshot::take(server.pid), total as f64);
-        let delivery = match tokio::time::timeout(Duration::from_secs(30), receiver).await {
-            Ok(h) => h?,
-            Err(_) => {
-                return Err(format!(
-                    "deliveries stopped at {} of {total}",
-                    received.load(Ordering::Relaxed)
-                )
-                .into())
-            }
-        };
-        let ack = acks.lock().map(|h| h.clone()).map_err(|_| "poisoned")?;
-        say(&format!(
-            "  {:.0}% ({rate:.0}/s): ack p99 {:.2} ms, delivery p99 {:.2} ms",
-            level * 100.0,
-            ack.value_at_quantile(0.99) as f64 / 1000.0,
-            delivery.value_at_quantile(0.99) as f64 / 1000.0
-        ));
-        levels.push(json!({
-            "level": level,
-            "target_per_second": rate,
-            "achieved_per_second": total as f64 / sent_secs,
-            "errors": errors.load(Ordering::Relaxed),
-            "ack": summary(&ack),
-            "delivery": summary(&delivery),
-            "generator_lag": summary(&lag),
-            "cpu_per_send": cpu,
-        }));
+        let senders = connect_many(&server.url(), 8).await?;
+        let listener = connect_many(&server.url(), 1).await?;
+        let label = format!("{:.0}%", level * 100.0);
+        let seconds = bench.plan.open_loop_seconds;
+        let pids = [server.pid];
+        let mut run =
+            open_loop(bench, &senders, &listener[0], rate, seconds, &pids, &label).await?;
+        run["level"] = json!(level);
+        levels.push(run);
         server.stop().await;
     }
     Ok(json!({ "best_per_second": best, "levels": levels }))
+}
+
+/// Open-loop sends at `rate` per second for `seconds`, by alice over `senders` (in
+/// turn) on 16 new groups, with bob following them all on `listener` (a connection to the
+/// same node or to another node of a cluster); ack latency and send → delivery, both from the
+/// intended send time (no coordinated omission), the generator's own lag, and CPU per send
+/// of the servers `pids`. `label` names the run in the progress line.
+pub async fn open_loop(
+    bench: &Bench,
+    senders: &[Channel],
+    listener: &Channel,
+    rate: f64,
+    seconds: f64,
+    pids: &[u32],
+    label: &str,
+) -> BenchResult<Value> {
+    let (alice, bob) = (bench.token("alice"), bench.token("bob"));
+    let channels = make_groups(&mut groups(&senders[0], &alice)?, 16, &["bob".into()]).await?;
+    let epoch = Instant::now();
+    // Bob follows the 16 channels on a connection of his own.
+    let mut feed = chat(listener, &bob)?
+        .subscribe(proto::SubscribeRequest {
+            channel_ids: channels.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut warm = chat(&senders[0], &alice)?;
+    warm.send_message(send_req(&channels[0], "warm-up".into()))
+        .await?;
+    let warmed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let ev = feed.message().await?.ok_or("feed ended")?;
+            if matches!(ev.event, Some(Event::MessageCreated(_))) {
+                return BenchResult::Ok(());
+            }
+        }
+    });
+    warmed
+        .await
+        .map_err(|_| "the warm-up message was not delivered within 30 s")??;
+    let total = (rate * seconds).round().max(1.0) as u64;
+    let received = Arc::new(AtomicU64::new(0));
+    let receiver = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            let mut h = histogram();
+            while let Ok(Some(ev)) = feed.message().await {
+                if let Some(Event::MessageCreated(m)) = ev.event {
+                    if let Some(at) = m.message.as_ref().and_then(|m| stamp_of(epoch, &m.body)) {
+                        record(&mut h, at.elapsed());
+                    }
+                    if received.fetch_add(1, Ordering::Relaxed) + 1 >= total {
+                        break;
+                    }
+                }
+            }
+            h
+        })
+    };
+    let clients: Vec<ChatClient> = senders
+        .iter()
+        .map(|c| chat(c, &alice))
+        .collect::<BenchResult<_>>()?;
+    let acks = Arc::new(std::sync::Mutex::new(histogram()));
+    let errors = Arc::new(AtomicU64::new(0));
+    // The /proc scan first: read after `start`, it would make the first sends late.
+    let cpu0 = CpuSnapshot::take(pids);
+    let start = Instant::now();
+    let mut inflight = tokio::task::JoinSet::new();
+    // The arrival schedule is kept by a thread of its own: tokio's timer fires on whole
+    // milliseconds, which issued every send up to 1 ms late and in bunches, one per tick.
+    // A thread's sleep wakes within tens of microseconds of the due time.
+    let (ticks, mut due_times) = tokio::sync::mpsc::unbounded_channel();
+    let pacer = std::thread::spawn(move || {
+        for k in 0..total {
+            let due = start + Duration::from_secs_f64(k as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if ticks.send((k, due)).is_err() {
+                return;
+            }
+        }
+    });
+    // How late the generator itself issues each send (waking, scheduling): part of every
+    // latency below, reported so it is not mistaken for the server's.
+    let mut lag = histogram();
+    while let Some((k, due)) = due_times.recv().await {
+        record(&mut lag, due.elapsed());
+        let mut client = clients[k as usize % clients.len()].clone();
+        let req = send_req(&channels[(k % 16) as usize], stamped(epoch, due));
+        let (acks, errors) = (acks.clone(), errors.clone());
+        inflight.spawn(async move {
+            match client.send_message(req).await {
+                Ok(_) => {
+                    if let Ok(mut h) = acks.lock() {
+                        record(&mut h, due.elapsed());
+                    }
+                }
+                Err(_) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        while inflight.try_join_next().is_some() {}
+    }
+    pacer.join().map_err(|_| "the pacer thread panicked")?;
+    while inflight.join_next().await.is_some() {}
+    let sent_secs = start.elapsed().as_secs_f64();
+    let cpu = cpu0.per_op(&CpuSnapshot::take(pids), total as f64);
+    let delivery = match tokio::time::timeout(Duration::from_secs(30), receiver).await {
+        Ok(h) => h?,
+        Err(_) => {
+            return Err(format!(
+                "deliveries stopped at {} of {total}",
+                received.load(Ordering::Relaxed)
+            )
+            .into())
+        }
+    };
+    let ack = acks.lock().map(|h| h.clone()).map_err(|_| "poisoned")?;
+    say(&format!(
+        "  {label} ({rate:.0}/s): ack p99 {:.2} ms, delivery p99 {:.2} ms",
+        ack.value_at_quantile(0.99) as f64 / 1000.0,
+        delivery.value_at_quantile(0.99) as f64 / 1000.0
+    ));
+    Ok(json!({
+        "target_per_second": rate,
+        "achieved_per_second": total as f64 / sent_secs,
+        "errors": errors.load(Ordering::Relaxed),
+        "ack": summary(&ack),
+        "delivery": summary(&delivery),
+        "generator_lag": summary(&lag),
+        "cpu_per_send": cpu,
+    }))
 }
 
 /// Scenario 3: one channel, `fanout_subscribers` subscribers over `fanout_connections`
 /// connections; `fanout_messages` messages of ~100 bytes; deliveries/s, delivery latency, and
 /// a check that every subscriber saw every sequence exactly once, in order.
 pub async fn fanout(bench: &Bench, backend: Backend) -> BenchResult<Value> {
-    let plan = &bench.plan;
     let server = Server::start(bench, backend, &[]).await?;
+    let out = fanout_on(bench, &[&server]).await;
+    server.stop().await;
+    out
+}
+
+/// Scenario 3's measurement on `nodes` (one server, or the nodes of a cluster on one
+/// database): the senders on the first node, the `fanout_subscribers` spread evenly over the
+/// nodes, each node's share over `fanout_connections / nodes` connections (at least one).
+/// Server CPU is the nodes' sum; peak RSS the highest node's (each node's is in `nodes`).
+pub async fn fanout_on(bench: &Bench, nodes: &[&Server]) -> BenchResult<Value> {
+    let plan = &bench.plan;
     let alice = bench.token("alice");
-    let conns = connect_many(&server.url(), plan.fanout_connections + 1).await?;
+    let first = nodes.first().ok_or("fan-out needs a node")?;
+    let sender_conn = connect_many(&first.url(), 1).await?;
+    let conns_per_node = plan.fanout_connections.div_ceil(nodes.len()).max(1);
+    let mut conns = Vec::new();
+    for node in nodes {
+        conns.extend(connect_many(&node.url(), conns_per_node).await?);
+    }
     let users: Vec<String> = (0..plan.fanout_subscribers)
         .map(|i| format!("sub-{i}"))
         .collect();
-    let (channel, cursor) = make_groups_at(&mut groups(&conns[0], &alice)?, 1, &users)
+    let (channel, cursor) = make_groups_at(&mut groups(&sender_conn[0], &alice)?, 1, &users)
         .await?
         .remove(0);
     let epoch = Instant::now();
@@ -385,7 +443,7 @@ pub async fn fanout(bench: &Bench, backend: Backend) -> BenchResult<Value> {
     let want = plan.fanout_messages as u64;
     let mut subs = Vec::new();
     for (i, user) in users.iter().enumerate() {
-        let conn = conns[1 + i % plan.fanout_connections].clone();
+        let conn = conns[i % conns.len()].clone();
         let token = bench.token(user);
         let (channel, ready) = (channel.clone(), ready.clone());
         subs.push(tokio::spawn(async move {
@@ -423,7 +481,7 @@ pub async fn fanout(bench: &Bench, backend: Backend) -> BenchResult<Value> {
         }));
     }
     // Warm-up: every subscriber has its stream open once it has seen this message.
-    let mut sender = chat(&conns[0], &alice)?;
+    let mut sender = chat(&sender_conn[0], &alice)?;
     sender
         .send_message(send_req(&channel, "warm-up".into()))
         .await?;
@@ -439,8 +497,9 @@ pub async fn fanout(bench: &Bench, backend: Backend) -> BenchResult<Value> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let sampler = RssSampler::start(server.pid);
-    let cpu0 = server.cpu_seconds();
+    let samplers: Vec<RssSampler> = nodes.iter().map(|n| RssSampler::start(n.pid)).collect();
+    let pids: Vec<u32> = nodes.iter().map(|n| n.pid).collect();
+    let cpu0 = CpuSnapshot::take(&pids);
     let start = Instant::now();
     // Four senders in a closed loop on the sender's connection.
     let next = Arc::new(AtomicU64::new(0));
@@ -471,14 +530,35 @@ pub async fn fanout(bench: &Bench, backend: Backend) -> BenchResult<Value> {
         last_at = last_at.max(at);
     }
     let secs = last_at.duration_since(start).as_secs_f64();
-    let cpu = server.cpu_seconds() - cpu0;
+    // CPU per delivery of each node, the database, NATS and this generator, and how busy
+    // the machine was: on two cores the generator's decoding is a large share.
+    let cpu_per_delivery = cpu0.per_op(&CpuSnapshot::take(&pids), delivered as f64);
+    let per_node: Vec<Value> = samplers
+        .iter()
+        .enumerate()
+        .map(|(k, sampler)| {
+            let us = cpu_per_delivery["servers_us"][k].as_f64().unwrap_or(0.0);
+            json!({
+                "subscribers": (0..users.len()).filter(|i| i % conns.len() / conns_per_node == k).count(),
+                "server_cpu_seconds": us * delivered as f64 / 1e6,
+                "peak_rss_mib": sampler.max() as f64 / 1024.0,
+            })
+        })
+        .collect();
+    let cpu: f64 = per_node
+        .iter()
+        .filter_map(|n| n["server_cpu_seconds"].as_f64())
+        .sum();
+    let rss = per_node
+        .iter()
+        .filter_map(|n| n["peak_rss_mib"].as_f64())
+        .fold(0.0, f64::max);
     let rate = delivered as f64 / secs;
     say(&format!("  {delivered} deliveries in {secs:.2} s = {rate:.0}/s, p99 {:.2} ms, gaps {gaps}, short {short}",
         h.value_at_quantile(0.99) as f64 / 1000.0));
-    server.stop().await;
     Ok(json!({
         "subscribers": users.len(),
-        "connections": plan.fanout_connections,
+        "connections": conns.len(),
         "messages": want,
         "deliveries": delivered,
         "seconds": secs,
@@ -487,7 +567,9 @@ pub async fn fanout(bench: &Bench, backend: Backend) -> BenchResult<Value> {
         "subscribers_with_gaps": gaps,
         "subscribers_missing_events": short,
         "server_cpu_seconds": cpu,
-        "peak_rss_mib": sampler.max() as f64 / 1024.0,
+        "cpu_per_delivery": cpu_per_delivery,
+        "peak_rss_mib": rss,
+        "nodes": per_node,
     }))
 }
 
