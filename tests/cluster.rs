@@ -346,19 +346,7 @@ fn spawn(mut cmd: Command, name: &str) -> Result<(Child, String), String> {
 
 /// Creates a group owned by `owner` with `members` on `node`; returns its id.
 async fn group_on(node: &Node, owner: &str, members: &[&str]) -> String {
-    node.groups(owner)
-        .await
-        .create_group(proto::CreateGroupRequest {
-            name: "cluster".into(),
-            member_ids: members.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .await
-        .expect("create group")
-        .into_inner()
-        .channel
-        .expect("channel")
-        .id
+    common::create_group(node.groups(owner).await, members).await
 }
 
 /// A subscriber's events of one channel: `(sequence, body or "", when received)`.

@@ -81,25 +81,24 @@ async fn check(
     previous: &HashMap<String, (String, i64)>,
     at_once: bool,
 ) -> StoreResult<HashMap<String, (String, i64)>> {
-    let followed = hub.followed();
+    let (ids, seen): (Vec<String>, Vec<i64>) = hub.followed().into_iter().unzip();
     // channel → (tenant, head) of the channels behind.
     let mut behind: HashMap<String, (String, i64)> = HashMap::new();
-    for (channel, seen) in &followed {
+    for (channel, seen) in ids.iter().zip(&seen) {
         if let Some((tenant, head)) = previous.get(channel) {
-            if *head > *seen {
+            if head > seen {
                 behind.insert(channel.clone(), (tenant.clone(), *head));
             }
         }
     }
-    let mut heads = HashMap::with_capacity(followed.len());
-    let ids: Vec<String> = followed.iter().map(|(c, _)| c.clone()).collect();
+    let mut heads = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(MAX_HEADS_PER_READ) {
         for (channel, tenant, last) in store.last_sequences(chunk).await? {
             heads.insert(channel, (tenant, last));
         }
     }
     if at_once {
-        let seen: HashMap<&String, i64> = followed.iter().map(|(c, s)| (c, *s)).collect();
+        let seen: HashMap<&String, i64> = ids.iter().zip(seen).collect();
         for (channel, (tenant, head)) in &heads {
             if *head > seen.get(channel).copied().unwrap_or(0) {
                 behind

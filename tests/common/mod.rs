@@ -616,18 +616,23 @@ pub fn all_but(missing: &str) -> Vec<String> {
 
 /// Creates a group owned by `owner` with `members`; returns its id.
 pub async fn group(server: &TestServer, owner: &str, members: &[&str]) -> String {
-    let mut g = server.groups(&token(owner)).await;
-    g.create_group(proto::CreateGroupRequest {
-        name: "test group".into(),
-        member_ids: members.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    })
-    .await
-    .expect("create group")
-    .into_inner()
-    .channel
-    .expect("channel")
-    .id
+    create_group(server.groups(&token(owner)).await, members).await
+}
+
+/// Creates a group with `members`, owned by `owner`'s client (on any server); returns its id.
+pub async fn create_group(mut owner: GroupClient, members: &[&str]) -> String {
+    owner
+        .create_group(proto::CreateGroupRequest {
+            name: "test group".into(),
+            member_ids: members.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("create group")
+        .into_inner()
+        .channel
+        .expect("channel")
+        .id
 }
 
 /// Sends `body` to `channel` as `user`; returns the message.

@@ -272,6 +272,17 @@ async fn delete_locked_attachment(
     Ok(row)
 }
 
+/// Appends `ids` as the `IN (…)` list of `q` and closes it, padded to a power of two with ids
+/// that match nothing (ids are never empty): at most 1,024 binds for 1,000 ids, so a handful
+/// of statement texts are prepared, not one per count.
+fn push_padded_ids<'a>(q: &mut sqlx::QueryBuilder<'a, MySql>, ids: &'a [String]) {
+    let mut list = q.separated(", ");
+    for i in 0..ids.len().next_power_of_two() {
+        list.push_bind(ids.get(i).map_or("", String::as_str));
+    }
+    q.push(")");
+}
+
 #[async_trait]
 impl Backend for MySqlStore {
     type Tx = Transaction<'static, MySql>;
@@ -969,20 +980,13 @@ impl Backend for MySqlStore {
         let mut q = sqlx::QueryBuilder::<MySql>::new(
             "SELECT id, tenant_id, last_sequence FROM channels WHERE id IN (",
         );
-        let mut list = q.separated(", ");
-        // Padded to a power of two, so a few statement texts are prepared, not one per count.
-        for i in 0..channel_ids.len().next_power_of_two() {
-            list.push_bind(channel_ids.get(i).map_or("", String::as_str));
-        }
-        q.push(")");
+        push_padded_ids(&mut q, channel_ids);
         Ok(q.build()
             .try_map(rows::text_text_int)
             .fetch_all(&self.read)
             .await?)
     }
 
-    /// The ids as an `IN` list padded to a power of two (at most 1,024 binds for Subscribe's
-    /// 1,000), so a handful of statement texts cover every call.
     async fn channel_heads(
         &self,
         tenant: &str,
@@ -1000,11 +1004,7 @@ impl Backend for MySqlStore {
             .push(" AND m.user_id = ")
             .push_bind(user)
             .push(" AND c.delete_time IS NULL AND c.id IN (");
-        let mut list = q.separated(", ");
-        for i in 0..channel_ids.len().next_power_of_two() {
-            list.push_bind(channel_ids.get(i).map_or("", String::as_str));
-        }
-        q.push(")");
+        push_padded_ids(&mut q, channel_ids);
         Ok(q.build()
             .try_map(rows::text_int)
             .fetch_all(&self.read)
